@@ -1,0 +1,3 @@
+//! Model adapters: named wire tensors <-> each architecture's typed candle model.
+
+pub mod flux;

@@ -1,0 +1,163 @@
+//! Command-line flags (each with an environment variable) and turning them into a loader.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use clap::{Parser, ValueEnum};
+
+use crate::error::DenoiserError;
+use crate::loader::{HubOptions, ModelFiles, resolve};
+use crate::registry::{LoadOptions, ModelAdapter, lookup};
+use crate::server::{Limits, ServeOptions};
+
+/// Compute dtype of the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    /// 32-bit float (default; the CPU's fast path).
+    F32,
+    /// 16-bit float.
+    F16,
+    /// bfloat16 (the usual GPU choice).
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `denoiser`: serves one diffusion transformer over gRPC (teaserve.v1.Denoiser).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "denoiser", version, about)]
+pub struct Args {
+    /// Model: a local diffusers folder (config.json + *.safetensors, or a pipeline folder with
+    /// transformer/) or a Hugging Face Hub repo id such as black-forest-labs/FLUX.1-dev.
+    #[arg(long, env = "TEASERVE_MODEL")]
+    pub model: String,
+    /// Pipeline class name to serve it as (e.g. FluxPipeline); default: inferred from
+    /// config.json's _class_name.
+    #[arg(long, env = "TEASERVE_MODEL_CLASS_NAME")]
+    pub model_class_name: Option<String>,
+    /// Subfolder of the model holding the transformer; default: the root, or transformer/ for
+    /// pipeline folders.
+    #[arg(long, env = "TEASERVE_MODEL_SUBFOLDER")]
+    pub subfolder: Option<String>,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, env = "TEASERVE_MODEL_REVISION")]
+    pub revision: Option<String>,
+    /// Compute device: cpu, cuda or cuda:N (cuda needs a build with --features cuda).
+    #[arg(long, env = "TEASERVE_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute dtype of the weights.
+    #[arg(long, env = "TEASERVE_DTYPE", value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    /// Address to listen on.
+    #[arg(long, env = "TEASERVE_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Largest gRPC message (and tensor) accepted or sent, in bytes.
+    #[arg(long, env = "TEASERVE_MAX_MESSAGE_BYTES", default_value_t = 512 << 20)]
+    pub max_message_bytes: usize,
+    /// Largest batch per call.
+    #[arg(long, env = "TEASERVE_MAX_BATCH", default_value_t = 16)]
+    pub max_batch: usize,
+    /// Calls that may wait for the compute thread; more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TEASERVE_QUEUE_DEPTH", default_value_t = 64)]
+    pub queue_depth: usize,
+    /// Hugging Face home; the Hub cache is $HF_HOME/hub.
+    #[arg(long, env = "HF_HOME")]
+    pub hf_home: Option<PathBuf>,
+    /// Use only files already in the Hub cache (1/true/yes/on).
+    #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_flag, default_value = "0",
+          num_args = 0..=1, default_missing_value = "1")]
+    pub hf_hub_offline: bool,
+    /// Log format (filter with RUST_LOG, default info).
+    #[arg(long, env = "TEASERVE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Parses the truthy spellings environment flags use.
+pub fn parse_flag(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "off" => Ok(false),
+        other => Err(format!("'{other}' is not a boolean; use 1/0, true/false, yes/no, on/off")),
+    }
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N` into a candle device.
+pub fn parse_device(s: &str) -> Result<Device, DenoiserError> {
+    let bad = |why: String| DenoiserError::Config(format!("--device {s}: {why}"));
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => new_cuda(0).map_err(bad),
+        _ => match s.strip_prefix("cuda:") {
+            Some(n) => {
+                let n: usize = n.parse().map_err(|_| bad("expected cuda:N with N a GPU index".into()))?;
+                new_cuda(n).map_err(bad)
+            }
+            None => Err(bad("accepted: cpu, cuda, cuda:N".into())),
+        },
+    }
+}
+
+fn new_cuda(n: usize) -> Result<Device, String> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err("this denoiser was built without CUDA; rebuild with --features cuda".into());
+    }
+    Device::new_cuda(n).map_err(|e| e.to_string())
+}
+
+impl Args {
+    /// Resolves the model's files (local or Hub) without loading them.
+    pub fn model_files(&self) -> Result<ModelFiles, DenoiserError> {
+        let hub = HubOptions {
+            hf_home: self.hf_home.clone(),
+            offline: self.hf_hub_offline,
+            revision: self.revision.clone(),
+        };
+        resolve(&self.model, self.subfolder.as_deref(), &hub)
+    }
+
+    /// Server options derived from the flags.
+    pub fn serve_options(&self, model_source: String) -> ServeOptions {
+        ServeOptions {
+            limits: Limits {
+                max_message_bytes: self.max_message_bytes,
+                max_batch: self.max_batch,
+            },
+            queue_depth: self.queue_depth,
+            model_source,
+        }
+    }
+
+    /// A loader for the compute thread: picks the registry entry and builds the model.
+    pub fn loader(
+        &self,
+        files: ModelFiles,
+    ) -> Result<
+        impl FnOnce() -> Result<Box<dyn ModelAdapter>, DenoiserError> + Send + 'static,
+        DenoiserError,
+    > {
+        let entry = lookup(self.model_class_name.as_deref(), files.class_name.as_deref())?;
+        let opts = LoadOptions {
+            device: parse_device(&self.device)?,
+            dtype: self.dtype.into(),
+        };
+        Ok(move || (entry.load)(&files, &opts))
+    }
+}

@@ -1,0 +1,16 @@
+//! teaserve's denoiser: a stateless compute worker that loads a diffusion transformer with
+//! candle and serves it over gRPC split into Preprocess / RunBlocks / Postprocess, so a
+//! cache-controller can skip the transformer blocks on steps where TeaCache reuses a residual.
+
+pub mod adapters;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod limits;
+pub mod loader;
+pub mod models;
+pub mod registry;
+pub mod server;
+pub mod spec;
+
+pub use error::DenoiserError;

@@ -1,0 +1,297 @@
+//! Finding a model's files: a local diffusers folder or a Hugging Face Hub repo id, with the
+//! transformer's `config.json` and its `*.safetensors` weights (sharded via
+//! `*.safetensors.index.json` too). Pipeline folders (with `model_index.json`) resolve to
+//! their `transformer/` subfolder.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_nn::VarBuilder;
+
+use crate::error::DenoiserError;
+use crate::registry::LoadOptions;
+
+/// Where the Hub cache lives and whether the network may be used.
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    /// `HF_HOME`; the cache is `$HF_HOME/hub` (default `~/.cache/huggingface/hub`).
+    pub hf_home: Option<PathBuf>,
+    /// `HF_HUB_OFFLINE`: only files already in the cache are used.
+    pub offline: bool,
+    /// Branch, tag or commit; default `main`.
+    pub revision: Option<String>,
+}
+
+/// The resolved files of one transformer checkpoint.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// Path of `config.json`.
+    pub config_path: PathBuf,
+    /// Its contents.
+    pub config_json: String,
+    /// Its `_class_name`, if any.
+    pub class_name: Option<String>,
+    /// Weight files, in shard order.
+    pub weights: Vec<PathBuf>,
+    /// Where the files came from, for logs and Describe.
+    pub source: String,
+}
+
+const INDEX_NAMES: [&str; 2] = [
+    "diffusion_pytorch_model.safetensors.index.json",
+    "model.safetensors.index.json",
+];
+const SINGLE_NAMES: [&str; 2] = ["diffusion_pytorch_model.safetensors", "model.safetensors"];
+
+fn load_err(msg: impl Into<String>) -> DenoiserError {
+    DenoiserError::Load(msg.into())
+}
+
+/// Resolves `model` (a local directory or a Hub repo id) to its transformer files.
+pub fn resolve(
+    model: &str,
+    subfolder: Option<&str>,
+    hub: &HubOptions,
+) -> Result<ModelFiles, DenoiserError> {
+    let path = Path::new(model);
+    if path.exists() {
+        return resolve_local(path, subfolder);
+    }
+    if model.starts_with('.') || model.starts_with('/') || model.split('/').count() != 2 {
+        return Err(load_err(format!(
+            "'{model}' is neither an existing directory nor a Hub repo id of the form \
+             'owner/name'"
+        )));
+    }
+    resolve_hub(model, subfolder, hub)
+}
+
+fn resolve_local(path: &Path, subfolder: Option<&str>) -> Result<ModelFiles, DenoiserError> {
+    if !path.is_dir() {
+        return Err(load_err(format!(
+            "{} is not a directory; pass the folder holding config.json and *.safetensors",
+            path.display()
+        )));
+    }
+    let dir = match subfolder {
+        Some(s) => path.join(s),
+        None if path.join("model_index.json").exists() => path.join("transformer"),
+        None => path.to_path_buf(),
+    };
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(load_err(format!("{} not found", config_path.display())));
+    }
+    let index = INDEX_NAMES.iter().map(|n| dir.join(n)).find(|p| p.is_file());
+    let weights = match index {
+        Some(index) => shards(&index, |f| Ok(dir.join(f)))?,
+        None => {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| load_err(format!("reading {}: {e}", dir.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            found
+        }
+    };
+    if weights.is_empty() {
+        return Err(load_err(format!("no *.safetensors weights in {}", dir.display())));
+    }
+    files(config_path, weights, dir.display().to_string())
+}
+
+fn files(
+    config_path: PathBuf,
+    weights: Vec<PathBuf>,
+    source: String,
+) -> Result<ModelFiles, DenoiserError> {
+    let config_json = std::fs::read_to_string(&config_path)
+        .map_err(|e| load_err(format!("reading {}: {e}", config_path.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&config_json).map_err(|e| {
+        DenoiserError::Config(format!("{} is not valid JSON: {e}", config_path.display()))
+    })?;
+    let class_name = value
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    for w in &weights {
+        if !w.is_file() {
+            return Err(load_err(format!("weight file {} not found", w.display())));
+        }
+    }
+    Ok(ModelFiles {
+        config_path,
+        config_json,
+        class_name,
+        weights,
+        source,
+    })
+}
+
+/// Reads a sharded checkpoint index and maps its shard names through `fetch`.
+fn shards(
+    index: &Path,
+    mut fetch: impl FnMut(&str) -> Result<PathBuf, DenoiserError>,
+) -> Result<Vec<PathBuf>, DenoiserError> {
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| load_err(format!("reading {}: {e}", index.display())))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| load_err(format!("{} is not valid JSON: {e}", index.display())))?;
+    let map = value
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| load_err(format!("{} has no weight_map", index.display())))?;
+    let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    names.into_iter().map(&mut fetch).collect()
+}
+
+fn resolve_hub(
+    repo_id: &str,
+    subfolder: Option<&str>,
+    hub: &HubOptions,
+) -> Result<ModelFiles, DenoiserError> {
+    let cache = match &hub.hf_home {
+        Some(home) => hf_hub::Cache::new(home.join("hub")),
+        None => hf_hub::Cache::from_env(),
+    };
+    let revision = hub.revision.clone().unwrap_or_else(|| "main".to_string());
+    let repo = hf_hub::Repo::with_revision(repo_id.to_string(), hf_hub::RepoType::Model, revision);
+    let api = if hub.offline {
+        None
+    } else {
+        Some(
+            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                .with_progress(false)
+                .build()
+                .map_err(|e| load_err(format!("Hub client: {e}")))?,
+        )
+    };
+    let fetch = |name: &str| -> Result<PathBuf, DenoiserError> {
+        match &api {
+            Some(api) => api
+                .repo(repo.clone())
+                .get(name)
+                .map_err(|e| load_err(format!("{repo_id}/{name}: {e}"))),
+            None => cache.repo(repo.clone()).get(name).ok_or_else(|| {
+                load_err(format!(
+                    "{repo_id}/{name} is not in the Hub cache at {} and HF_HUB_OFFLINE is set; \
+                     download it first or unset HF_HUB_OFFLINE",
+                    cache.path().display()
+                ))
+            }),
+        }
+    };
+    let prefixes: Vec<String> = match subfolder {
+        Some(s) => vec![format!("{}/", s.trim_end_matches('/'))],
+        None => vec![String::new(), "transformer/".to_string()],
+    };
+    let mut last_err = None;
+    for prefix in &prefixes {
+        let config_path = match fetch(&format!("{prefix}config.json")) {
+            Ok(p) => p,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        // A pipeline's root config.json does not exist (model_index.json does); a
+        // transformer's does. Accept the first config that names weights we can fetch.
+        let index = INDEX_NAMES
+            .iter()
+            .find_map(|n| fetch(&format!("{prefix}{n}")).ok());
+        let weights = match index {
+            Some(index) => shards(&index, |f| fetch(&format!("{prefix}{f}")))?,
+            None => match SINGLE_NAMES
+                .iter()
+                .find_map(|n| fetch(&format!("{prefix}{n}")).ok())
+            {
+                Some(w) => vec![w],
+                None => {
+                    last_err = Some(load_err(format!(
+                        "{repo_id}: no {prefix}*.safetensors weights found"
+                    )));
+                    continue;
+                }
+            },
+        };
+        return files(config_path, weights, format!("hf://{repo_id}/{prefix}"));
+    }
+    Err(last_err.unwrap_or_else(|| load_err(format!("{repo_id}: no config.json found"))))
+}
+
+/// Memory-maps the weights into a candle `VarBuilder` at `opts.dtype` on `opts.device`.
+#[allow(unsafe_code)]
+pub fn var_builder(
+    files: &ModelFiles,
+    opts: &LoadOptions,
+) -> Result<VarBuilder<'static>, DenoiserError> {
+    // SAFETY: the weight files are mapped read-only for the life of the process; like every
+    // mmap-based loader we rely on nobody truncating them while the denoiser runs.
+    unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, opts.dtype, &opts.device) }
+        .map_err(|e| load_err(format!("reading weights {:?}: {e}", files.weights)))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn write(p: &Path, s: &str) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, s).unwrap();
+    }
+
+    #[test]
+    fn local_single_sharded_and_pipeline_layouts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        write(&d.join("single/config.json"), r#"{"_class_name":"FluxTransformer2DModel"}"#);
+        write(&d.join("single/diffusion_pytorch_model.safetensors"), "");
+        let f = resolve(d.join("single").to_str().unwrap(), None, &HubOptions::default()).unwrap();
+        assert_eq!(f.class_name.as_deref(), Some("FluxTransformer2DModel"));
+        assert_eq!(f.weights.len(), 1);
+
+        write(&d.join("pipe/model_index.json"), "{}");
+        write(&d.join("pipe/transformer/config.json"), "{}");
+        write(
+            &d.join("pipe/transformer/diffusion_pytorch_model.safetensors.index.json"),
+            r#"{"weight_map":{"a":"s-2.safetensors","b":"s-1.safetensors","c":"s-1.safetensors"}}"#,
+        );
+        write(&d.join("pipe/transformer/s-1.safetensors"), "");
+        write(&d.join("pipe/transformer/s-2.safetensors"), "");
+        let f = resolve(d.join("pipe").to_str().unwrap(), None, &HubOptions::default()).unwrap();
+        let names: Vec<_> = f.weights.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+        assert_eq!(names, vec!["s-1.safetensors", "s-2.safetensors"]);
+        assert_eq!(f.class_name, None);
+
+        write(&d.join("empty/config.json"), "{}");
+        let err = resolve(d.join("empty").to_str().unwrap(), None, &HubOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no *.safetensors"), "{err}");
+        let err = resolve("not/a/repo/id", None, &HubOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("neither an existing directory"), "{err}");
+    }
+
+    #[test]
+    fn offline_hub_cache_is_used_without_network() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = tmp.path().join("hub/models--acme--tiny-flux");
+        write(&repo.join("refs/main"), "abc123");
+        let snap = repo.join("snapshots/abc123/transformer");
+        write(&snap.join("config.json"), r#"{"_class_name":"FluxTransformer2DModel"}"#);
+        write(&snap.join("diffusion_pytorch_model.safetensors"), "");
+        let hub = HubOptions {
+            hf_home: Some(tmp.path().to_path_buf()),
+            offline: true,
+            revision: None,
+        };
+        let f = resolve("acme/tiny-flux", None, &hub).unwrap();
+        assert_eq!(f.source, "hf://acme/tiny-flux/transformer/");
+        assert!(f.weights[0].ends_with("transformer/diffusion_pytorch_model.safetensors"));
+
+        let err = resolve("acme/missing", None, &hub).unwrap_err().to_string();
+        assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+}

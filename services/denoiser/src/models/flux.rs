@@ -1,0 +1,669 @@
+//! FLUX: a candle port of diffusers' `FluxTransformer2DModel`, split into the three stages
+//! teaserve serves.
+//!
+//! Weight names and `config.json` follow diffusers exactly, so a diffusers checkpoint (the
+//! `transformer/` folder of a FLUX pipeline) loads as is. The forward pass is cut where
+//! TeaCache needs it:
+//! - [`Flux::preprocess`]: embeddings, plus the first double block's modulated input
+//!   (`transformer_blocks[0].norm1(hidden, emb=temb)[0]`), TeaCache's indicator;
+//! - [`Flux::run_blocks`]: every double-stream then single-stream block;
+//! - [`Flux::postprocess`]: `norm_out` and `proj_out`.
+//!
+//! [`Flux::forward`] composes them and is the monolithic reference.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder, linear};
+use serde::Deserialize;
+
+/// `config.json` of a diffusers `FluxTransformer2DModel` (defaults are diffusers' own).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Config {
+    /// Patch size of the packed latents (FLUX packs 2x2 before the model; the model uses 1).
+    #[serde(default = "default_patch_size")]
+    pub patch_size: usize,
+    /// Channels per packed latent token.
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// Output channels; `None` means `in_channels`.
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    /// Number of double-stream blocks.
+    #[serde(default = "default_num_layers")]
+    pub num_layers: usize,
+    /// Number of single-stream blocks.
+    #[serde(default = "default_num_single_layers")]
+    pub num_single_layers: usize,
+    /// Width of one attention head.
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: usize,
+    /// Number of attention heads.
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Width of the text encoder's hidden states.
+    #[serde(default = "default_joint_attention_dim")]
+    pub joint_attention_dim: usize,
+    /// Width of the pooled text embedding.
+    #[serde(default = "default_pooled_projection_dim")]
+    pub pooled_projection_dim: usize,
+    /// Whether the model embeds a guidance scale (guidance-distilled FLUX.1-dev).
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    /// Rotary dimensions per position axis; they sum to `attention_head_dim`.
+    #[serde(default = "default_axes_dims_rope")]
+    pub axes_dims_rope: Vec<usize>,
+}
+
+fn default_patch_size() -> usize {
+    1
+}
+fn default_in_channels() -> usize {
+    64
+}
+fn default_num_layers() -> usize {
+    19
+}
+fn default_num_single_layers() -> usize {
+    38
+}
+fn default_attention_head_dim() -> usize {
+    128
+}
+fn default_num_attention_heads() -> usize {
+    24
+}
+fn default_joint_attention_dim() -> usize {
+    4096
+}
+fn default_pooled_projection_dim() -> usize {
+    768
+}
+fn default_axes_dims_rope() -> Vec<usize> {
+    vec![16, 56, 56]
+}
+
+/// Width of the sinusoidal timestep projection.
+pub const TIME_PROJ_DIM: usize = 256;
+const NORM_EPS: f64 = 1e-6;
+const ROPE_THETA: f64 = 10_000.0;
+
+impl Config {
+    /// Hidden width of both streams.
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Channels per token of the model output.
+    pub fn out_dim(&self) -> usize {
+        self.patch_size * self.patch_size * self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Checks the internal consistency diffusers assumes but does not check.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.attention_head_dim == 0 || self.num_attention_heads == 0 {
+            return Err("attention_head_dim and num_attention_heads must be > 0".into());
+        }
+        if self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim {
+            return Err(format!(
+                "axes_dims_rope {:?} must sum to attention_head_dim {}",
+                self.axes_dims_rope, self.attention_head_dim
+            ));
+        }
+        if self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
+            return Err(format!(
+                "every axes_dims_rope entry must be even, got {:?}",
+                self.axes_dims_rope
+            ));
+        }
+        if self.in_channels == 0 || self.patch_size == 0 {
+            return Err("in_channels and patch_size must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// Model-native inputs of one call, named as diffusers' `forward()` arguments.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// Packed latents `[B, N, in_channels]`.
+    pub hidden_states: Tensor,
+    /// Text encoder states `[B, T, joint_attention_dim]`.
+    pub encoder_hidden_states: Tensor,
+    /// Pooled text embedding `[B, pooled_projection_dim]`.
+    pub pooled_projections: Tensor,
+    /// Sigma in `[0, 1]`, `[B]` (the model multiplies by 1000).
+    pub timestep: Tensor,
+    /// Image position ids `[N, 3]`.
+    pub img_ids: Tensor,
+    /// Text position ids `[T, 3]`.
+    pub txt_ids: Tensor,
+    /// Raw guidance scale `[B]`; only for `guidance_embeds` models.
+    pub guidance: Option<Tensor>,
+}
+
+/// What [`Flux::preprocess`] returns.
+#[derive(Debug, Clone)]
+pub struct Preprocessed {
+    /// TeaCache's indicator `[B, N, inner_dim]`.
+    pub modulated_input: Tensor,
+    /// Image stream entering the blocks `[B, N, inner_dim]`.
+    pub hidden_states: Tensor,
+    /// Text stream entering the blocks `[B, T, inner_dim]`.
+    pub encoder_hidden_states: Tensor,
+    /// Conditioning vector `[B, inner_dim]`.
+    pub temb: Tensor,
+}
+
+/// Sinusoidal projection of `values * scale` (diffusers' `Timesteps(256, flip_sin_to_cos=True,
+/// downscale_freq_shift=0)`), computed in f32 as diffusers does: `[B, 256]` as `[cos | sin]`.
+pub fn timestep_projection(values: &Tensor, scale: f32) -> Result<Tensor> {
+    let half = TIME_PROJ_DIM / 2;
+    let neg_log_period = -(10_000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (neg_log_period * k as f32 / half as f32).exp())
+        .collect();
+    let values = values.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(values.len() * TIME_PROJ_DIM);
+    for v in &values {
+        let v = v * scale;
+        let args: Vec<f32> = freqs.iter().map(|f| v * f).collect();
+        out.extend(args.iter().map(|a| a.cos()));
+        out.extend(args.iter().map(|a| a.sin()));
+    }
+    Tensor::from_vec(out, (values.len(), TIME_PROJ_DIM), &Device::Cpu)
+}
+
+/// Rotary tables for position ids `[S, axes]`: `(cos, sin)`, each `[S, head_dim / 2]` in f32,
+/// one entry per rotated pair (diffusers repeats each twice; `rope_i` pairs adjacent channels).
+/// Frequencies and angles are computed in f64 as diffusers does.
+pub fn rope_tables(ids: &Tensor, axes_dims: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
+    let ids = ids.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+    let half: usize = axes_dims.iter().sum::<usize>() / 2;
+    let mut cos = Vec::with_capacity(ids.len() * half);
+    let mut sin = Vec::with_capacity(ids.len() * half);
+    for row in &ids {
+        for (axis, &dim) in axes_dims.iter().enumerate() {
+            let pos = row.get(axis).copied().unwrap_or(0.0);
+            for k in 0..dim / 2 {
+                let freq = 1.0 / ROPE_THETA.powf((2 * k) as f64 / dim as f64);
+                let angle = pos * freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let s = ids.len();
+    Ok((
+        Tensor::from_vec(cos, (s, half), device)?,
+        Tensor::from_vec(sin, (s, half), device)?,
+    ))
+}
+
+/// Two linears with SiLU between (diffusers' `TimestepEmbedding` and
+/// `PixArtAlphaTextProjection` share this layout).
+#[derive(Debug, Clone)]
+struct Mlp2 {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Mlp2 {
+    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for Mlp2 {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+    }
+}
+
+/// LayerNorm without affine parameters (eps 1e-6), as FLUX's adaLN norms use.
+fn plain_layer_norm(dim: usize, dtype: DType, device: &Device) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        Tensor::ones(dim, dtype, device)?,
+        Tensor::zeros(dim, dtype, device)?,
+        NORM_EPS,
+    ))
+}
+
+/// `x * (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
+fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    xs.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `gate[:, None] * xs`.
+fn gated(gate: &Tensor, xs: &Tensor) -> Result<Tensor> {
+    xs.broadcast_mul(&gate.unsqueeze(1)?)
+}
+
+/// Splits `linear(silu(temb))` into `n` chunks of `[B, dim]`.
+fn ada_chunks(linear: &Linear, temb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    linear.forward(&temb.silu()?)?.chunk(n, 1)
+}
+
+/// Splits `[B, S, H*D]` into heads, RMS-normalises each head and returns `[B, H, S, D]` in f32.
+fn heads(xs: &Tensor, norm: Option<&RmsNorm>, num_heads: usize) -> Result<Tensor> {
+    let (b, s, _) = xs.dims3()?;
+    let xs = xs.reshape((b, s, num_heads, ()))?;
+    let xs = match norm {
+        Some(n) => n.forward(&xs)?,
+        None => xs,
+    };
+    xs.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()
+}
+
+/// Scaled dot-product attention over `[B, H, S, D]` f32 tensors with rotary embedding applied
+/// to q and k; returns `[B, S, H*D]` in `out_dtype`.
+fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &(Tensor, Tensor),
+    out_dtype: DType,
+) -> Result<Tensor> {
+    let q = candle_nn::rotary_emb::rope_i(q, &rope.0, &rope.1)?;
+    let k = candle_nn::rotary_emb::rope_i(k, &rope.0, &rope.1)?;
+    let (b, h, s, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(v)?
+        .transpose(1, 2)?
+        .reshape((b, s, h * d))?
+        .to_dtype(out_dtype)
+}
+
+/// q/k/v projections with per-head QK RMSNorm (diffusers' `FluxAttention` input side).
+#[derive(Debug, Clone)]
+struct Qkv {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+}
+
+impl Qkv {
+    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            to_q: linear(dim, dim, vb.pp(names[0]))?,
+            to_k: linear(dim, dim, vb.pp(names[1]))?,
+            to_v: linear(dim, dim, vb.pp(names[2]))?,
+            norm_q: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(names[3]))?,
+            norm_k: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(names[4]))?,
+        })
+    }
+
+    /// `(q, k, v)` as `[B, H, S, D]` f32.
+    fn project(&self, xs: &Tensor, num_heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            heads(&self.to_q.forward(xs)?, Some(&self.norm_q), num_heads)?,
+            heads(&self.to_k.forward(xs)?, Some(&self.norm_k), num_heads)?,
+            heads(&self.to_v.forward(xs)?, None, num_heads)?,
+        ))
+    }
+}
+
+/// diffusers' `FeedForward(dim, activation_fn="gelu-tanh-approximate")`.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj_in: linear(dim, dim * 4, vb.pp("net.0.proj"))?,
+            proj_out: linear(dim * 4, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward(&self.proj_in.forward(xs)?.gelu()?)
+    }
+}
+
+/// One double-stream block (diffusers' `FluxTransformerBlock`).
+#[derive(Debug, Clone)]
+struct DoubleBlock {
+    norm1: Linear,
+    norm1_context: Linear,
+    img_qkv: Qkv,
+    txt_qkv: Qkv,
+    to_out: Linear,
+    to_add_out: Linear,
+    ff: FeedForward,
+    ff_context: FeedForward,
+    norm: LayerNorm,
+    num_heads: usize,
+}
+
+impl DoubleBlock {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let hd = cfg.attention_head_dim;
+        let attn = vb.pp("attn");
+        Ok(Self {
+            norm1: linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
+            norm1_context: linear(dim, 6 * dim, vb.pp("norm1_context.linear"))?,
+            img_qkv: Qkv::new(dim, hd, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
+            txt_qkv: Qkv::new(
+                dim,
+                hd,
+                [
+                    "add_q_proj",
+                    "add_k_proj",
+                    "add_v_proj",
+                    "norm_added_q",
+                    "norm_added_k",
+                ],
+                &attn,
+            )?,
+            to_out: linear(dim, dim, attn.pp("to_out.0"))?,
+            to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+            ff_context: FeedForward::new(dim, vb.pp("ff_context"))?,
+            norm: plain_layer_norm(dim, vb.dtype(), vb.device())?,
+            num_heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `norm1(hidden, emb=temb)[0]`: the adaLN-Zero modulated image stream.
+    fn modulated_input(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = ada_chunks(&self.norm1, temb, 6)?;
+        modulate(&self.norm.forward(img)?, &m[0], &m[1])
+    }
+
+    /// Returns `(img, txt)` after the block.
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        // Chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+        let m = ada_chunks(&self.norm1, temb, 6)?;
+        let c = ada_chunks(&self.norm1_context, temb, 6)?;
+        let img_mod = modulate(&self.norm.forward(img)?, &m[0], &m[1])?;
+        let txt_mod = modulate(&self.norm.forward(txt)?, &c[0], &c[1])?;
+
+        let (iq, ik, iv) = self.img_qkv.project(&img_mod, self.num_heads)?;
+        let (tq, tk, tv) = self.txt_qkv.project(&txt_mod, self.num_heads)?;
+        // Joint attention over [text ; image] tokens.
+        let q = Tensor::cat(&[&tq, &iq], 2)?;
+        let k = Tensor::cat(&[&tk, &ik], 2)?;
+        let v = Tensor::cat(&[&tv, &iv], 2)?;
+        let attn = attention(&q, &k, &v, rope, img.dtype())?;
+        let t_len = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, t_len)?;
+        let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?;
+
+        let img = (img + gated(&m[2], &self.to_out.forward(&img_attn)?)?)?;
+        let img_ff = self
+            .ff
+            .forward(&modulate(&self.norm.forward(&img)?, &m[3], &m[4])?)?;
+        let img = (img + gated(&m[5], &img_ff)?)?;
+
+        let txt = (txt + gated(&c[2], &self.to_add_out.forward(&txt_attn)?)?)?;
+        let txt_ff = self
+            .ff_context
+            .forward(&modulate(&self.norm.forward(&txt)?, &c[3], &c[4])?)?;
+        let txt = (txt + gated(&c[5], &txt_ff)?)?;
+        Ok((img, txt))
+    }
+}
+
+/// One single-stream block (diffusers' `FluxSingleTransformerBlock`).
+#[derive(Debug, Clone)]
+struct SingleBlock {
+    norm_linear: Linear,
+    qkv: Qkv,
+    proj_mlp: Linear,
+    proj_out: Linear,
+    norm: LayerNorm,
+    num_heads: usize,
+}
+
+impl SingleBlock {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let mlp = dim * 4;
+        Ok(Self {
+            norm_linear: linear(dim, 3 * dim, vb.pp("norm.linear"))?,
+            qkv: Qkv::new(
+                dim,
+                cfg.attention_head_dim,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                &vb.pp("attn"),
+            )?,
+            proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
+            proj_out: linear(dim + mlp, dim, vb.pp("proj_out"))?,
+            norm: plain_layer_norm(dim, vb.dtype(), vb.device())?,
+            num_heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// Returns `(img, txt)` after the block; text and image are joined as `[text ; image]`.
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let t_len = txt.dim(1)?;
+        let xs = Tensor::cat(&[txt, img], 1)?;
+        // Chunk order: shift, scale, gate.
+        let m = ada_chunks(&self.norm_linear, temb, 3)?;
+        let normed = modulate(&self.norm.forward(&xs)?, &m[0], &m[1])?;
+        let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
+        let (q, k, v) = self.qkv.project(&normed, self.num_heads)?;
+        let attn = attention(&q, &k, &v, rope, xs.dtype())?;
+        let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
+        let xs = (xs + gated(&m[2], &out)?)?;
+        let s = xs.dim(1)?;
+        Ok((xs.narrow(1, t_len, s - t_len)?, xs.narrow(1, 0, t_len)?))
+    }
+}
+
+/// diffusers' `FluxTransformer2DModel`.
+#[derive(Debug, Clone)]
+pub struct Flux {
+    config: Config,
+    x_embedder: Linear,
+    context_embedder: Linear,
+    timestep_embedder: Mlp2,
+    guidance_embedder: Option<Mlp2>,
+    text_embedder: Mlp2,
+    double_blocks: Vec<DoubleBlock>,
+    single_blocks: Vec<SingleBlock>,
+    norm_out_linear: Linear,
+    norm_out: LayerNorm,
+    proj_out: Linear,
+    device: Device,
+    dtype: DType,
+}
+
+impl Flux {
+    /// Builds the model from diffusers-named weights (`vb` at the checkpoint root).
+    pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let dim = config.inner_dim();
+        let tte = vb.pp("time_text_embed");
+        let guidance_embedder = if config.guidance_embeds {
+            Some(Mlp2::new(
+                TIME_PROJ_DIM,
+                dim,
+                tte.pp("guidance_embedder"),
+            )?)
+        } else {
+            None
+        };
+        let double_blocks = (0..config.num_layers)
+            .map(|i| DoubleBlock::new(config, vb.pp("transformer_blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let single_blocks = (0..config.num_single_layers)
+            .map(|i| SingleBlock::new(config, vb.pp("single_transformer_blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        if double_blocks.is_empty() {
+            candle_core::bail!("num_layers must be >= 1: TeaCache reads the first double block")
+        }
+        Ok(Self {
+            config: config.clone(),
+            x_embedder: linear(config.in_channels, dim, vb.pp("x_embedder"))?,
+            context_embedder: linear(config.joint_attention_dim, dim, vb.pp("context_embedder"))?,
+            timestep_embedder: Mlp2::new(TIME_PROJ_DIM, dim, tte.pp("timestep_embedder"))?,
+            guidance_embedder,
+            text_embedder: Mlp2::new(
+                config.pooled_projection_dim,
+                dim,
+                tte.pp("text_embedder"),
+            )?,
+            double_blocks,
+            single_blocks,
+            norm_out_linear: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
+            norm_out: plain_layer_norm(dim, vb.dtype(), vb.device())?,
+            proj_out: linear(dim, config.out_dim(), vb.pp("proj_out"))?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The architecture config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Compute device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Conditioning vector `temb` `[B, inner_dim]` from sigma, pooled text and guidance.
+    pub fn conditioning(
+        &self,
+        timestep: &Tensor,
+        pooled_projections: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let embed = |mlp: &Mlp2, values: &Tensor| -> Result<Tensor> {
+            let proj = timestep_projection(values, 1000.0)?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype)?;
+            mlp.forward(&proj)
+        };
+        let mut temb = embed(&self.timestep_embedder, timestep)?;
+        match (&self.guidance_embedder, guidance) {
+            (Some(g), Some(guidance)) => temb = (temb + embed(g, guidance)?)?,
+            (Some(_), None) => candle_core::bail!("this model embeds guidance: pass `guidance`"),
+            (None, Some(_)) => candle_core::bail!("this model does not embed guidance"),
+            (None, None) => {}
+        }
+        temb + self.text_embedder.forward(pooled_projections)?
+    }
+
+    /// Rotary tables for `[text ; image]` tokens from their position ids.
+    pub fn rope(&self, txt_ids: &Tensor, img_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ids = Tensor::cat(&[txt_ids.to_dtype(DType::F64)?, img_ids.to_dtype(DType::F64)?], 0)?;
+        rope_tables(&ids, &self.config.axes_dims_rope, &self.device)
+    }
+
+    /// Embeds the inputs; returns the streams entering the blocks, `temb` and TeaCache's
+    /// modulated input.
+    pub fn preprocess(&self, inputs: &Inputs) -> Result<Preprocessed> {
+        let hidden_states = self.x_embedder.forward(&inputs.hidden_states)?;
+        let temb = self.conditioning(
+            &inputs.timestep,
+            &inputs.pooled_projections,
+            inputs.guidance.as_ref(),
+        )?;
+        let encoder_hidden_states = self.context_embedder.forward(&inputs.encoder_hidden_states)?;
+        let modulated_input = match self.double_blocks.first() {
+            Some(block) => block.modulated_input(&hidden_states, &temb)?,
+            None => candle_core::bail!("model has no double-stream block"),
+        };
+        Ok(Preprocessed {
+            modulated_input,
+            hidden_states,
+            encoder_hidden_states,
+            temb,
+        })
+    }
+
+    /// Runs the double-stream blocks; returns `(img, txt)`.
+    pub fn run_double_blocks(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (mut img, mut txt) = (img.clone(), txt.clone());
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, temb, rope)?;
+        }
+        Ok((img, txt))
+    }
+
+    /// Runs the single-stream blocks; returns `(img, txt)`.
+    pub fn run_single_blocks(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (mut img, mut txt) = (img.clone(), txt.clone());
+        for block in &self.single_blocks {
+            (img, txt) = block.forward(&img, &txt, temb, rope)?;
+        }
+        Ok((img, txt))
+    }
+
+    /// Runs every transformer block; returns `(hidden_states, encoder_hidden_states)`.
+    pub fn run_blocks(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let (img, txt) = self.run_double_blocks(img, txt, temb, rope)?;
+        self.run_single_blocks(&img, &txt, temb, rope)
+    }
+
+    /// `norm_out` (AdaLayerNormContinuous, scale first) then `proj_out`: the model output.
+    pub fn postprocess(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = ada_chunks(&self.norm_out_linear, temb, 2)?;
+        let normed = modulate(&self.norm_out.forward(img)?, &m[1], &m[0])?;
+        self.proj_out.forward(&normed)
+    }
+
+    /// The monolithic forward pass: preprocess, every block, postprocess.
+    pub fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
+        let pre = self.preprocess(inputs)?;
+        let rope = self.rope(&inputs.txt_ids, &inputs.img_ids)?;
+        let (img, _) = self.run_blocks(
+            &pre.hidden_states,
+            &pre.encoder_hidden_states,
+            &pre.temb,
+            &rope,
+        )?;
+        self.postprocess(&img, &pre.temb)
+    }
+}

@@ -1,0 +1,4 @@
+//! Diffusion transformer architectures, one file each, in candle's model-file style. They
+//! depend only on candle and serde; serving code reaches them through `adapters/`.
+
+pub mod flux;

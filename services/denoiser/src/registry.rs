@@ -1,0 +1,143 @@
+//! The model registry (the seed's extractor registry): pipeline class name -> model adapter.
+//!
+//! Serving code only reaches a model through [`ModelAdapter`]: named, validated candle
+//! tensors in, named tensors out. Each architecture's adapter lives in `adapters/` and maps
+//! those names onto its candle model in `models/`.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::adapters;
+use crate::error::DenoiserError;
+use crate::loader::ModelFiles;
+use crate::spec::TensorSpec;
+
+/// Named candle tensors, decoded from a request map and converted to the model dtype.
+pub type Tensors = HashMap<String, Tensor>;
+
+/// The tensor contract of one RPC.
+#[derive(Debug, Clone, Default)]
+pub struct StageSpec {
+    /// Tensors the RPC accepts (for RunBlocks: the streams).
+    pub inputs: Vec<TensorSpec>,
+    /// Context tensors the RPC accepts (RunBlocks, Postprocess).
+    pub context: Vec<TensorSpec>,
+    /// Tensors the RPC returns.
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// What a loaded model is and what each stage expects.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Pipeline class name, e.g. `FluxPipeline`.
+    pub model_type: &'static str,
+    /// Transformer class, e.g. `FluxTransformer2DModel`.
+    pub architecture: &'static str,
+    /// `config.json` as loaded.
+    pub config_json: String,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Compute device.
+    pub device: Device,
+    /// Preprocess contract.
+    pub preprocess: StageSpec,
+    /// RunBlocks contract.
+    pub run_blocks: StageSpec,
+    /// Postprocess contract.
+    pub postprocess: StageSpec,
+}
+
+/// What Preprocess returns.
+#[derive(Debug, Clone)]
+pub struct PreprocessOutput {
+    /// TeaCache's indicator.
+    pub modulated_input: Tensor,
+    /// Streams entering the blocks.
+    pub streams: Tensors,
+    /// Context for RunBlocks and Postprocess.
+    pub context: Tensors,
+}
+
+/// A loaded model behind the three-stage split. Implementations run on the compute thread
+/// and receive tensors already checked against [`ModelInfo`]'s specs.
+pub trait ModelAdapter: Send {
+    /// The model and its tensor contracts.
+    fn info(&self) -> &ModelInfo;
+    /// Embeds the model-native inputs.
+    fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError>;
+    /// Runs every transformer block over the streams.
+    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError>;
+    /// Final norm and projection.
+    fn postprocess(&self, hidden_states: &Tensor, context: &Tensors)
+    -> Result<Tensor, DenoiserError>;
+}
+
+/// How to load one weight set onto a device.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Target device.
+    pub device: Device,
+    /// Weight and compute dtype.
+    pub dtype: DType,
+}
+
+/// A registered model type.
+pub struct ModelEntry {
+    /// Pipeline class name clients use (`model_class_name`).
+    pub model_type: &'static str,
+    /// The diffusers transformer class whose checkpoints it loads (`_class_name`).
+    pub architecture: &'static str,
+    /// Builds the adapter from resolved files.
+    pub load: fn(&ModelFiles, &LoadOptions) -> Result<Box<dyn ModelAdapter>, DenoiserError>,
+}
+
+/// Every model type this denoiser can serve.
+pub static REGISTRY: &[ModelEntry] = &[ModelEntry {
+    model_type: "FluxPipeline",
+    architecture: "FluxTransformer2DModel",
+    load: adapters::flux::load,
+}];
+
+/// Registered model types, for error messages.
+pub fn supported() -> Vec<&'static str> {
+    REGISTRY.iter().map(|e| e.model_type).collect()
+}
+
+/// Finds the entry for a model type, or for a checkpoint's `_class_name` when no type is
+/// given.
+pub fn lookup(
+    model_type: Option<&str>,
+    config_class: Option<&str>,
+) -> Result<&'static ModelEntry, DenoiserError> {
+    let entry = match (model_type, config_class) {
+        (Some(t), _) => REGISTRY.iter().find(|e| e.model_type == t).ok_or_else(|| {
+            DenoiserError::Config(format!(
+                "Unknown model type: '{t}'. Supported: {:?}",
+                supported()
+            ))
+        })?,
+        (None, Some(c)) => REGISTRY.iter().find(|e| e.architecture == c).ok_or_else(|| {
+            DenoiserError::Config(format!(
+                "config.json _class_name '{c}' matches no registered model; pass \
+                 --model-class-name, one of {:?}",
+                supported()
+            ))
+        })?,
+        (None, None) => {
+            return Err(DenoiserError::Config(format!(
+                "config.json has no _class_name: pass --model-class-name, one of {:?}",
+                supported()
+            )));
+        }
+    };
+    if let Some(c) = config_class
+        && c != entry.architecture
+    {
+        return Err(DenoiserError::Config(format!(
+            "model type '{}' loads {} checkpoints, but config.json says _class_name '{c}'",
+            entry.model_type, entry.architecture
+        )));
+    }
+    Ok(entry)
+}

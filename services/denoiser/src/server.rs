@@ -1,0 +1,392 @@
+//! The gRPC face of the denoiser: `teaserve.v1.Denoiser` handlers (validate, decode, call the
+//! model on the compute thread, encode), plus `grpc.health.v1` and server reflection.
+//!
+//! Handlers are stateless: every request carries all it needs. Validation, decoding and
+//! encoding run inside the compute job, so tokio workers only move bytes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use candle_core::Tensor;
+use teaserve_proto::codec::{self, encode_tensor};
+use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
+use teaserve_proto::v1::{self, DType};
+use teaserve_proto::TensorMap;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Engine;
+use crate::error::DenoiserError;
+use crate::limits::OversizeToResourceExhausted;
+use crate::registry::{ModelAdapter, ModelInfo, Tensors};
+use crate::spec::{Bindings, InputError, TensorSpec, check_map, check_tensor};
+
+/// Per-call limits of this worker.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest gRPC message accepted or sent, and largest single tensor.
+    pub max_message_bytes: usize,
+    /// Largest batch per call.
+    pub max_batch: usize,
+}
+
+/// The `teaserve.v1.Denoiser` service; answers UNAVAILABLE until the model is loaded.
+#[derive(Clone)]
+pub struct DenoiserService {
+    engine: Arc<OnceLock<Engine>>,
+    limits: Limits,
+    model_source: Arc<String>,
+}
+
+impl DenoiserService {
+    /// A service whose engine is installed later with [`DenoiserService::set_engine`].
+    pub fn new(limits: Limits, model_source: String) -> Self {
+        Self {
+            engine: Arc::new(OnceLock::new()),
+            limits,
+            model_source: Arc::new(model_source),
+        }
+    }
+
+    /// Installs the loaded model; from now on RPCs are served.
+    pub fn set_engine(&self, engine: Engine) {
+        let _ = self.engine.set(engine);
+    }
+
+    fn engine(&self) -> Result<&Engine, Status> {
+        self.engine
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is still loading; retry shortly"))
+    }
+}
+
+/// The wire dtype for results: F32 when unset; only float dtypes are accepted.
+fn output_dtype(value: i32) -> Result<DType, DenoiserError> {
+    match DType::try_from(value) {
+        Ok(DType::DtypeUnspecified) => Ok(DType::F32),
+        Ok(d) if codec::is_float(d) => Ok(d),
+        _ => Err(InputError::Invalid(format!(
+            "wire_dtype {value} is not accepted for results; accepted: F32 (default), F16, BF16"
+        ))
+        .into()),
+    }
+}
+
+fn check_batch(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserError> {
+    match bindings.get("B") {
+        Some(0) => Err(InputError::Invalid("batch size B is 0; send at least one sample".into()).into()),
+        Some(b) if b > limits.max_batch => Err(InputError::Limit(format!(
+            "batch size B = {b} exceeds this denoiser's maximum of {} (--max-batch); split the batch",
+            limits.max_batch
+        ))
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+/// Decodes checked wire tensors onto the model's device; float tensors take the model dtype.
+fn decode_map(
+    map: &TensorMap,
+    specs: &[TensorSpec],
+    info: &ModelInfo,
+    max_bytes: usize,
+) -> Result<Tensors, DenoiserError> {
+    map.iter()
+        .map(|(name, t)| {
+            let mut x = codec::decode_tensor(t, &info.device, max_bytes).map_err(|source| {
+                InputError::Codec {
+                    stage: "decode",
+                    field: "tensor",
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+            if specs
+                .iter()
+                .any(|s| s.name == name && s.kind == crate::spec::Kind::Float)
+            {
+                x = x.to_dtype(info.dtype)?;
+            }
+            Ok((name.clone(), x))
+        })
+        .collect()
+}
+
+/// Encodes results: `float_dtype` for streams, the tensor's own dtype when `None`.
+fn encode_map(map: &Tensors, dtype: DType) -> Result<TensorMap, DenoiserError> {
+    map.iter()
+        .map(|(k, v)| Ok((k.clone(), encode_tensor(v, dtype)?)))
+        .collect()
+}
+
+fn describe(info: &ModelInfo, limits: &Limits, source: &str) -> v1::DescribeResponse {
+    let stage = |s: &crate::registry::StageSpec| v1::StageSpec {
+        inputs: s
+            .inputs
+            .iter()
+            .chain(&s.context)
+            .map(TensorSpec::to_proto)
+            .collect(),
+        outputs: s.outputs.iter().map(TensorSpec::to_proto).collect(),
+    };
+    v1::DescribeResponse {
+        model_type: info.model_type.to_string(),
+        architecture: info.architecture.to_string(),
+        config_json: info.config_json.clone(),
+        dtype: codec::from_candle_dtype(info.dtype).unwrap_or(DType::DtypeUnspecified) as i32,
+        device: device_name(&info.device),
+        preprocess: Some(stage(&info.preprocess)),
+        run_blocks: Some(stage(&info.run_blocks)),
+        postprocess: Some(stage(&info.postprocess)),
+        max_batch: u32::try_from(limits.max_batch).unwrap_or(u32::MAX),
+        max_message_bytes: limits.max_message_bytes as u64,
+        model_source: source.to_string(),
+    }
+}
+
+/// `cpu` or `cuda:N`.
+pub fn device_name(device: &candle_core::Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+fn preprocess(
+    model: &dyn ModelAdapter,
+    req: v1::PreprocessRequest,
+    limits: Limits,
+) -> Result<v1::PreprocessResponse, DenoiserError> {
+    let info = model.info();
+    let specs = &info.preprocess.inputs;
+    let out_dtype = output_dtype(req.wire_dtype)?;
+    let mut bindings = Bindings::default();
+    check_map("Preprocess", "inputs", specs, &req.inputs, limits.max_message_bytes, &mut bindings)?;
+    check_batch(&bindings, &limits)?;
+    let inputs = decode_map(&req.inputs, specs, info, limits.max_message_bytes)?;
+    let out = model.preprocess(&inputs)?;
+    Ok(v1::PreprocessResponse {
+        modulated_input: Some(encode_tensor(&out.modulated_input, out_dtype)?),
+        streams: encode_map(&out.streams, out_dtype)?,
+        // Context keeps full precision whatever the wire dtype: it is small and every later
+        // stage depends on it.
+        context: encode_map(&out.context, DType::DtypeUnspecified)?,
+    })
+}
+
+fn run_blocks(
+    model: &dyn ModelAdapter,
+    req: v1::RunBlocksRequest,
+    limits: Limits,
+) -> Result<v1::RunBlocksResponse, DenoiserError> {
+    let info = model.info();
+    let stage = &info.run_blocks;
+    let out_dtype = output_dtype(req.wire_dtype)?;
+    let mut bindings = Bindings::default();
+    let max = limits.max_message_bytes;
+    check_map("RunBlocks", "streams", &stage.inputs, &req.streams, max, &mut bindings)?;
+    check_map("RunBlocks", "context", &stage.context, &req.context, max, &mut bindings)?;
+    check_batch(&bindings, &limits)?;
+    let streams = decode_map(&req.streams, &stage.inputs, info, max)?;
+    let context = decode_map(&req.context, &stage.context, info, max)?;
+    let out = model.run_blocks(&streams, &context)?;
+    Ok(v1::RunBlocksResponse {
+        streams: encode_map(&out, out_dtype)?,
+    })
+}
+
+fn postprocess(
+    model: &dyn ModelAdapter,
+    req: v1::PostprocessRequest,
+    limits: Limits,
+) -> Result<v1::PostprocessResponse, DenoiserError> {
+    let info = model.info();
+    let stage = &info.postprocess;
+    let out_dtype = output_dtype(req.wire_dtype)?;
+    let max = limits.max_message_bytes;
+    let spec = stage.inputs.first().ok_or_else(|| {
+        DenoiserError::Config("model declares no Postprocess input".into())
+    })?;
+    let hidden = req.hidden_states.ok_or_else(|| InputError::Missing {
+        stage: "Postprocess",
+        field: "hidden_states",
+        name: spec.name,
+        description: spec.description,
+        shape: spec.shape_text(),
+    })?;
+    let mut bindings = Bindings::default();
+    check_tensor("Postprocess", "hidden_states", spec, &hidden, max, &mut bindings)?;
+    check_map("Postprocess", "context", &stage.context, &req.context, max, &mut bindings)?;
+    check_batch(&bindings, &limits)?;
+    let hidden_map = TensorMap::from([(spec.name.to_string(), hidden)]);
+    let hidden: Tensor = decode_map(&hidden_map, &stage.inputs, info, max)?
+        .remove(spec.name)
+        .ok_or_else(|| DenoiserError::Config("decoded hidden_states vanished".into()))?;
+    let context = decode_map(&req.context, &stage.context, info, max)?;
+    let sample = model.postprocess(&hidden, &context)?;
+    Ok(v1::PostprocessResponse {
+        sample: Some(encode_tensor(&sample, out_dtype)?),
+    })
+}
+
+#[tonic::async_trait]
+impl Denoiser for DenoiserService {
+    #[tracing::instrument(name = "Denoiser/Describe", skip_all)]
+    async fn describe(
+        &self,
+        _req: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::DescribeResponse>, Status> {
+        let engine = self.engine()?;
+        Ok(Response::new(describe(engine.info(), &self.limits, &self.model_source)))
+    }
+
+    #[tracing::instrument(name = "Denoiser/Preprocess", skip_all)]
+    async fn preprocess(
+        &self,
+        req: Request<v1::PreprocessRequest>,
+    ) -> Result<Response<v1::PreprocessResponse>, Status> {
+        let limits = self.limits;
+        let req = req.into_inner();
+        let out = self
+            .engine()?
+            .run("preprocess", move |m| preprocess(m, req, limits))
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    #[tracing::instrument(name = "Denoiser/RunBlocks", skip_all)]
+    async fn run_blocks(
+        &self,
+        req: Request<v1::RunBlocksRequest>,
+    ) -> Result<Response<v1::RunBlocksResponse>, Status> {
+        let limits = self.limits;
+        let req = req.into_inner();
+        let out = self
+            .engine()?
+            .run("run_blocks", move |m| run_blocks(m, req, limits))
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    #[tracing::instrument(name = "Denoiser/Postprocess", skip_all)]
+    async fn postprocess(
+        &self,
+        req: Request<v1::PostprocessRequest>,
+    ) -> Result<Response<v1::PostprocessResponse>, Status> {
+        let limits = self.limits;
+        let req = req.into_inner();
+        let out = self
+            .engine()?
+            .run("postprocess", move |m| postprocess(m, req, limits))
+            .await?;
+        Ok(Response::new(out))
+    }
+}
+
+/// Everything [`serve`] needs besides the listener.
+pub struct ServeOptions {
+    /// Per-call limits.
+    pub limits: Limits,
+    /// Jobs that may wait for the compute thread before calls are refused.
+    pub queue_depth: usize,
+    /// Where the weights come from (reported by Describe).
+    pub model_source: String,
+}
+
+/// Serves the denoiser on `listener` until `shutdown` resolves. The listener accepts
+/// immediately (health NOT_SERVING, RPCs UNAVAILABLE) while `load` builds the model on the
+/// compute thread; health turns SERVING once it is loaded. A failed load stops the server
+/// and is returned.
+pub async fn serve<F>(
+    listener: TcpListener,
+    load: F,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DenoiserError>
+where
+    F: FnOnce() -> Result<Box<dyn ModelAdapter>, DenoiserError> + Send + 'static,
+{
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_not_serving::<DenoiserServer<DenoiserService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(teaserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| DenoiserError::Config(format!("building reflection service: {e}")))?;
+
+    let service = DenoiserService::new(opts.limits, opts.model_source.clone());
+    let max = opts.limits.max_message_bytes;
+    let grpc = DenoiserServer::new(service.clone())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+
+    let (load_failed_tx, load_failed_rx) = tokio::sync::oneshot::channel::<DenoiserError>();
+    let loader = {
+        let health = health_reporter.clone();
+        let queue_depth = opts.queue_depth;
+        let source = opts.model_source.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match Engine::start(load, queue_depth).await {
+                Ok(engine) => {
+                    let info = engine.info();
+                    tracing::info!(
+                        model_type = info.model_type,
+                        source = %source,
+                        device = %device_name(&info.device),
+                        dtype = ?info.dtype,
+                        load_ms = started.elapsed().as_millis() as u64,
+                        "model loaded; serving"
+                    );
+                    service.set_engine(engine);
+                    health.set_serving::<DenoiserServer<DenoiserService>>().await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "model failed to load");
+                    let _ = load_failed_tx.send(e);
+                }
+            }
+        })
+    };
+
+    // Stop on the caller's shutdown signal, or when the model fails to load (reported below).
+    let (reason_tx, reason_rx) = tokio::sync::oneshot::channel::<Option<DenoiserError>>();
+    let signal = async move {
+        let reason = tokio::select! {
+            () = shutdown => None,
+            Ok(e) = load_failed_rx => Some(e),
+        };
+        let _ = reason_tx.send(reason);
+    };
+
+    tracing::info!(addr = ?addr, max_message_bytes = max, "denoiser listening");
+    let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);
+    let served = tonic::transport::Server::builder()
+        .layer(OversizeToResourceExhausted::new(max))
+        .tcp_nodelay(true)
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(grpc)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+        .await;
+    loader.abort();
+    served.map_err(|e| DenoiserError::Unavailable(format!("gRPC server failed: {e}")))?;
+    match reason_rx.await {
+        Ok(Some(err)) => Err(err),
+        _ => {
+            tracing::info!("denoiser stopped");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Shared helpers for teaserve's end-to-end tests: the reference fixtures (tiny diffusers
+//! models with every stage's output computed by diffusers) and real services started on
+//! loopback sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use candle_core::{DType, Device, Tensor};
+use crate::clap_free_args::denoiser_args;
+use teaserve_proto::v1::denoiser_client::DenoiserClient;
+use teaserve_proto::{TensorMap, encode_tensor};
+use tonic::transport::Channel;
+
+/// Folder of the reference fixtures copied into the repository.
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// One reference fixture: a diffusers checkpoint plus its stage outputs.
+pub struct Fixture {
+    /// The fixture's folder (config.json + diffusion_pytorch_model.safetensors).
+    pub dir: PathBuf,
+    /// meta.json.
+    pub meta: serde_json::Value,
+    /// stages.safetensors: every input and stage output, by key.
+    pub stages: HashMap<String, Tensor>,
+}
+
+impl Fixture {
+    /// Loads `tests/fixtures/<name>`.
+    pub fn load(name: &str) -> Self {
+        let dir = fixtures_dir().join(name);
+        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap())
+            .unwrap();
+        let stages = candle_core::safetensors::load(dir.join("stages.safetensors"), &Device::Cpu)
+            .unwrap();
+        Self { dir, meta, stages }
+    }
+
+    /// A stage tensor by key, e.g. `b2.out.sample`.
+    pub fn get(&self, key: &str) -> &Tensor {
+        self.stages
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture has no tensor '{key}'"))
+    }
+
+    /// The model inputs of a case (`prefix` "" for batch 1, "b2." for batch 2) as a wire map,
+    /// named as the model's forward() arguments.
+    pub fn wire_inputs(&self, prefix: &str, dtype: teaserve_proto::v1::DType) -> TensorMap {
+        let mut names = vec![
+            "hidden_states",
+            "encoder_hidden_states",
+            "pooled_projections",
+            "timestep",
+            "img_ids",
+            "txt_ids",
+        ];
+        if self.stages.contains_key(&format!("{prefix}in.guidance")) {
+            names.push("guidance");
+        }
+        names
+            .into_iter()
+            .map(|n| {
+                let t = self.get(&format!("{prefix}in.{n}"));
+                // Position ids stay f32 whatever the wire dtype: they are exact small integers.
+                let d = if n.ends_with("_ids") {
+                    teaserve_proto::v1::DType::F32
+                } else {
+                    dtype
+                };
+                (n.to_string(), encode_tensor(t, d).unwrap())
+            })
+            .collect()
+    }
+}
+
+/// Largest absolute difference between two tensors of equal shape, in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Arguments for constructing the denoiser's flags without a process.
+mod clap_free_args {
+    use clap::Parser as _;
+    use teaserve_denoiser::config::Args;
+
+    /// Parses denoiser flags as the binary would.
+    pub fn denoiser_args(extra: &[&str]) -> Args {
+        let mut argv = vec!["denoiser"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+}
+
+/// A denoiser served in this process on a real loopback TCP socket.
+pub struct TestDenoiser {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), teaserve_denoiser::DenoiserError>>>,
+}
+
+impl TestDenoiser {
+    /// Starts a denoiser with the binary's flags (e.g. `["--model", dir]`) on 127.0.0.1:0 and
+    /// waits until its health check says SERVING.
+    pub async fn start(flags: &[&str]) -> Self {
+        let args = denoiser_args(flags);
+        let files = args.model_files().unwrap();
+        let source = files.source.clone();
+        let load = args.loader(files).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(teaserve_denoiser::server::serve(
+            listener,
+            load,
+            args.serve_options(source),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let me = Self {
+            addr,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        me.wait_serving().await;
+        me
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A plain channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A Denoiser client with large message limits.
+    pub async fn client(&self) -> DenoiserClient<Channel> {
+        DenoiserClient::new(self.channel().await)
+            .max_decoding_message_size(1 << 30)
+            .max_encoding_message_size(1 << 30)
+    }
+
+    async fn wait_serving(&self) {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
+        for _ in 0..600 {
+            let resp = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "teaserve.v1.Denoiser".into(),
+                })
+                .await;
+            if let Ok(r) = resp
+                && r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("denoiser at {} never became SERVING", self.addr);
+    }
+
+    /// Stops the server gracefully and returns how it ended.
+    pub async fn stop(mut self) -> Result<(), teaserve_denoiser::DenoiserError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => task.await.unwrap(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TestDenoiser {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
