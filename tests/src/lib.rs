@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use crate::clap_free_args::denoiser_args;
+use teaserve_denoiser::loader::{HubOptions, resolve, var_builder};
+use teaserve_denoiser::models::flux::{Config, Flux, Inputs};
+use teaserve_denoiser::registry::LoadOptions;
 use teaserve_proto::v1::denoiser_client::DenoiserClient;
 use teaserve_proto::{TensorMap, encode_tensor};
 use tonic::transport::Channel;
@@ -74,6 +77,31 @@ impl Fixture {
                 (n.to_string(), encode_tensor(t, d).unwrap())
             })
             .collect()
+    }
+}
+
+/// Builds the fixture's FLUX model in-process through the real loading code (f32, CPU).
+pub fn load_flux(fx: &Fixture) -> Flux {
+    let files = resolve(fx.dir.to_str().unwrap(), None, &HubOptions::default()).unwrap();
+    let config: Config = serde_json::from_str(&files.config_json).unwrap();
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+    };
+    Flux::new(&config, var_builder(&files, &opts).unwrap()).unwrap()
+}
+
+/// The typed FLUX inputs of a fixture case (`prefix` "" or "b2.").
+pub fn flux_inputs(fx: &Fixture, prefix: &str) -> Inputs {
+    let g = |n: &str| fx.get(&format!("{prefix}in.{n}")).clone();
+    Inputs {
+        hidden_states: g("hidden_states"),
+        encoder_hidden_states: g("encoder_hidden_states"),
+        pooled_projections: g("pooled_projections"),
+        timestep: g("timestep"),
+        img_ids: g("img_ids"),
+        txt_ids: g("txt_ids"),
+        guidance: fx.stages.get(&format!("{prefix}in.guidance")).cloned(),
     }
 }
 

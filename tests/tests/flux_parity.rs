@@ -3,36 +3,11 @@
 //! guidance embedding.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use candle_core::{DType, Device, Tensor};
-use teaserve_denoiser::loader::{HubOptions, resolve, var_builder};
-use teaserve_denoiser::models::flux::{Config, Flux, Inputs, timestep_projection};
-use teaserve_denoiser::registry::LoadOptions;
-use teaserve_tests::{Fixture, max_abs_diff};
+use candle_core::Tensor;
+use teaserve_denoiser::models::flux::timestep_projection;
+use teaserve_tests::{Fixture, flux_inputs, load_flux, max_abs_diff};
 
 const TOL: f32 = 1e-4;
-
-fn load(fx: &Fixture) -> Flux {
-    let files = resolve(fx.dir.to_str().unwrap(), None, &HubOptions::default()).unwrap();
-    let config: Config = serde_json::from_str(&files.config_json).unwrap();
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-    };
-    Flux::new(&config, var_builder(&files, &opts).unwrap()).unwrap()
-}
-
-fn inputs(fx: &Fixture, p: &str) -> Inputs {
-    let g = |n: &str| fx.get(&format!("{p}in.{n}")).clone();
-    Inputs {
-        hidden_states: g("hidden_states"),
-        encoder_hidden_states: g("encoder_hidden_states"),
-        pooled_projections: g("pooled_projections"),
-        timestep: g("timestep"),
-        img_ids: g("img_ids"),
-        txt_ids: g("txt_ids"),
-        guidance: fx.stages.get(&format!("{p}in.guidance")).cloned(),
-    }
-}
 
 /// Asserts `ours` matches fixture key `key` within TOL and reports the difference.
 fn check(fx: &Fixture, key: &str, ours: &Tensor, worst: &mut f32) {
@@ -44,10 +19,10 @@ fn check(fx: &Fixture, key: &str, ours: &Tensor, worst: &mut f32) {
 
 fn parity(name: &str) {
     let fx = Fixture::load(name);
-    let model = load(&fx);
+    let model = load_flux(&fx);
     let mut worst = 0f32;
     for p in ["", "b2."] {
-        let inp = inputs(&fx, p);
+        let inp = flux_inputs(&fx, p);
         let k = |s: &str| format!("{p}{s}");
 
         let tp = timestep_projection(&inp.timestep, 1000.0).unwrap();

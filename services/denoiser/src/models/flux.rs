@@ -222,12 +222,27 @@ impl Module for Mlp2 {
 }
 
 /// LayerNorm without affine parameters (eps 1e-6), as FLUX's adaLN norms use.
-fn plain_layer_norm(dim: usize, dtype: DType, device: &Device) -> Result<LayerNorm> {
-    Ok(LayerNorm::new(
-        Tensor::ones(dim, dtype, device)?,
-        Tensor::zeros(dim, dtype, device)?,
-        NORM_EPS,
-    ))
+///
+/// Inputs are made contiguous first: candle's fused kernel only runs on contiguous tensors
+/// and its fallback rounds differently, so without this the result would depend on whether
+/// a stream arrived as a view (in-process) or fresh from the wire.
+#[derive(Debug, Clone)]
+struct PlainNorm(LayerNorm);
+
+impl PlainNorm {
+    fn new(dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self(LayerNorm::new(
+            Tensor::ones(dim, dtype, device)?,
+            Tensor::zeros(dim, dtype, device)?,
+            NORM_EPS,
+        )))
+    }
+}
+
+impl Module for PlainNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.0.forward(&xs.contiguous()?)
+    }
 }
 
 /// `x * (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
@@ -343,7 +358,7 @@ struct DoubleBlock {
     to_add_out: Linear,
     ff: FeedForward,
     ff_context: FeedForward,
-    norm: LayerNorm,
+    norm: PlainNorm,
     num_heads: usize,
 }
 
@@ -372,7 +387,7 @@ impl DoubleBlock {
             to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
             ff_context: FeedForward::new(dim, vb.pp("ff_context"))?,
-            norm: plain_layer_norm(dim, vb.dtype(), vb.device())?,
+            norm: PlainNorm::new(dim, vb.dtype(), vb.device())?,
             num_heads: cfg.num_attention_heads,
         })
     }
@@ -430,7 +445,7 @@ struct SingleBlock {
     qkv: Qkv,
     proj_mlp: Linear,
     proj_out: Linear,
-    norm: LayerNorm,
+    norm: PlainNorm,
     num_heads: usize,
 }
 
@@ -448,7 +463,7 @@ impl SingleBlock {
             )?,
             proj_mlp: linear(dim, mlp, vb.pp("proj_mlp"))?,
             proj_out: linear(dim + mlp, dim, vb.pp("proj_out"))?,
-            norm: plain_layer_norm(dim, vb.dtype(), vb.device())?,
+            norm: PlainNorm::new(dim, vb.dtype(), vb.device())?,
             num_heads: cfg.num_attention_heads,
         })
     }
@@ -488,7 +503,7 @@ pub struct Flux {
     double_blocks: Vec<DoubleBlock>,
     single_blocks: Vec<SingleBlock>,
     norm_out_linear: Linear,
-    norm_out: LayerNorm,
+    norm_out: PlainNorm,
     proj_out: Linear,
     device: Device,
     dtype: DType,
@@ -532,7 +547,7 @@ impl Flux {
             double_blocks,
             single_blocks,
             norm_out_linear: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
-            norm_out: plain_layer_norm(dim, vb.dtype(), vb.device())?,
+            norm_out: PlainNorm::new(dim, vb.dtype(), vb.device())?,
             proj_out: linear(dim, config.out_dim(), vb.pp("proj_out"))?,
             device: vb.device().clone(),
             dtype: vb.dtype(),
