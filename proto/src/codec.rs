@@ -178,10 +178,9 @@ pub fn validate(t: &v1::Tensor, max_bytes: usize) -> Result<(DType, Vec<usize>),
 /// Call after [`validate`].
 pub fn check_finite(t: &v1::Tensor) -> Result<(), CodecError> {
     let first_bad = match wire_dtype(t)? {
-        DType::F32 => t
-            .data
-            .chunks_exact(4)
-            .position(|c| (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000) == 0x7f80_0000),
+        DType::F32 => t.data.chunks_exact(4).position(|c| {
+            (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000) == 0x7f80_0000
+        }),
         // Exponent all ones means NaN or infinity for both 16-bit formats.
         DType::F16 => t
             .data
@@ -308,8 +307,12 @@ mod tests {
     #[test]
     fn scalar_and_empty_tensors() {
         let dev = Device::Cpu;
-        let s = decode_tensor(&wire(DType::F32, &[], 2.5f32.to_le_bytes().to_vec()), &dev, 16)
-            .unwrap();
+        let s = decode_tensor(
+            &wire(DType::F32, &[], 2.5f32.to_le_bytes().to_vec()),
+            &dev,
+            16,
+        )
+        .unwrap();
         assert_eq!(s.to_scalar::<f32>().unwrap(), 2.5);
         let e = decode_tensor(&wire(DType::F32, &[0, 3], vec![]), &dev, 16).unwrap();
         assert_eq!(e.dims(), &[0, 3]);
@@ -362,7 +365,10 @@ mod tests {
         let err = check_finite(&wire(DType::F32, &[3], f32s(&[1.0, f32::NAN, 0.0]))).unwrap_err();
         assert!(matches!(err, CodecError::NonFinite { index: 1 }));
         assert!(check_finite(&wire(DType::F32, &[1], f32s(&[f32::NEG_INFINITY]))).is_err());
-        let bf = bf16::from_f32(f32::INFINITY).to_bits().to_le_bytes().to_vec();
+        let bf = bf16::from_f32(f32::INFINITY)
+            .to_bits()
+            .to_le_bytes()
+            .to_vec();
         assert!(check_finite(&wire(DType::Bf16, &[1], bf)).is_err());
         let hf = f16::from_f32(65504.0).to_bits().to_le_bytes().to_vec();
         assert!(check_finite(&wire(DType::F16, &[1], hf)).is_ok());

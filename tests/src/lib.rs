@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use candle_core::{DType, Device, Tensor};
 use crate::clap_free_args::denoiser_args;
+use candle_core::{DType, Device, Tensor};
 use teaserve_denoiser::loader::{HubOptions, resolve, var_builder};
 use teaserve_denoiser::models::flux::{Config, Flux, Inputs};
 use teaserve_denoiser::registry::LoadOptions;
@@ -36,10 +36,10 @@ impl Fixture {
     /// Loads `tests/fixtures/<name>`.
     pub fn load(name: &str) -> Self {
         let dir = fixtures_dir().join(name);
-        let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap())
-            .unwrap();
-        let stages = candle_core::safetensors::load(dir.join("stages.safetensors"), &Device::Cpu)
-            .unwrap();
+        let meta =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+        let stages =
+            candle_core::safetensors::load(dir.join("stages.safetensors"), &Device::Cpu).unwrap();
         Self { dir, meta, stages }
     }
 

@@ -12,7 +12,10 @@ const TOL: f32 = 1e-4;
 /// Asserts `ours` matches fixture key `key` within TOL and reports the difference.
 fn check(fx: &Fixture, key: &str, ours: &Tensor, worst: &mut f32) {
     let d = max_abs_diff(ours, fx.get(key));
-    eprintln!("{:>22} {key:<40} max|diff| = {d:.3e}", fx.meta["name"].as_str().unwrap());
+    eprintln!(
+        "{:>22} {key:<40} max|diff| = {d:.3e}",
+        fx.meta["name"].as_str().unwrap()
+    );
     assert!(d <= TOL, "{key}: max abs diff {d} > {TOL}");
     *worst = worst.max(d);
 }
@@ -34,15 +37,30 @@ fn parity(name: &str) {
 
         let pre = model.preprocess(&inp).unwrap();
         check(&fx, &k("pre.hidden_states"), &pre.hidden_states, &mut worst);
-        check(&fx, &k("pre.encoder_hidden_states"), &pre.encoder_hidden_states, &mut worst);
+        check(
+            &fx,
+            &k("pre.encoder_hidden_states"),
+            &pre.encoder_hidden_states,
+            &mut worst,
+        );
         check(&fx, &k("pre.temb"), &pre.temb, &mut worst);
-        check(&fx, &k("pre.modulated_input"), &pre.modulated_input, &mut worst);
+        check(
+            &fx,
+            &k("pre.modulated_input"),
+            &pre.modulated_input,
+            &mut worst,
+        );
 
         // Rotary tables: the fixture repeats each frequency twice; ours holds one per pair.
         let (cos, sin) = model.rope(&inp.txt_ids, &inp.img_ids).unwrap();
         let every_other = |t: &Tensor| {
             let (s, d) = t.dims2().unwrap();
-            t.reshape((s, d / 2, 2)).unwrap().narrow(2, 0, 1).unwrap().squeeze(2).unwrap()
+            t.reshape((s, d / 2, 2))
+                .unwrap()
+                .narrow(2, 0, 1)
+                .unwrap()
+                .squeeze(2)
+                .unwrap()
         };
         for (key, ours) in [("pre.rope_cos", &cos), ("pre.rope_sin", &sin)] {
             let d = max_abs_diff(ours, &every_other(fx.get(&k(key))));
@@ -52,11 +70,23 @@ fn parity(name: &str) {
 
         let rope = (cos, sin);
         let (img, txt) = model
-            .run_double_blocks(&pre.hidden_states, &pre.encoder_hidden_states, &pre.temb, &rope)
+            .run_double_blocks(
+                &pre.hidden_states,
+                &pre.encoder_hidden_states,
+                &pre.temb,
+                &rope,
+            )
             .unwrap();
         check(&fx, &k("blocks.double.hidden_states"), &img, &mut worst);
-        check(&fx, &k("blocks.double.encoder_hidden_states"), &txt, &mut worst);
-        let (img, txt) = model.run_single_blocks(&img, &txt, &pre.temb, &rope).unwrap();
+        check(
+            &fx,
+            &k("blocks.double.encoder_hidden_states"),
+            &txt,
+            &mut worst,
+        );
+        let (img, txt) = model
+            .run_single_blocks(&img, &txt, &pre.temb, &rope)
+            .unwrap();
         check(&fx, &k("blocks.hidden_states"), &img, &mut worst);
         check(&fx, &k("blocks.encoder_hidden_states"), &txt, &mut worst);
         let residual = (&img - &pre.hidden_states).unwrap();

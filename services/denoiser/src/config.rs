@@ -75,9 +75,15 @@ pub struct Args {
     /// Largest batch per call.
     #[arg(long, env = "TEASERVE_MAX_BATCH", default_value_t = 16)]
     pub max_batch: usize,
+    /// Largest number of tokens (image + text) per sample; bounds attention memory.
+    #[arg(long, env = "TEASERVE_MAX_TOKENS", default_value_t = 16_896)]
+    pub max_tokens: usize,
     /// Calls that may wait for the compute thread; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TEASERVE_QUEUE_DEPTH", default_value_t = 64)]
     pub queue_depth: usize,
+    /// Seconds in-flight calls may take to finish after SIGTERM / Ctrl-C.
+    #[arg(long, env = "TEASERVE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0, value_parser = parse_grace)]
+    pub shutdown_grace_secs: f64,
     /// Hugging Face home; the Hub cache is $HF_HOME/hub.
     #[arg(long, env = "HF_HOME")]
     pub hf_home: Option<PathBuf>,
@@ -95,7 +101,19 @@ pub fn parse_flag(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
         "" | "0" | "false" | "no" | "off" => Ok(false),
-        other => Err(format!("'{other}' is not a boolean; use 1/0, true/false, yes/no, on/off")),
+        other => Err(format!(
+            "'{other}' is not a boolean; use 1/0, true/false, yes/no, on/off"
+        )),
+    }
+}
+
+/// Parses a grace period in seconds: finite, 0 to 3600.
+pub fn parse_grace(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds between 0 and 3600"
+        )),
     }
 }
 
@@ -107,7 +125,9 @@ pub fn parse_device(s: &str) -> Result<Device, DenoiserError> {
         "cuda" => new_cuda(0).map_err(bad),
         _ => match s.strip_prefix("cuda:") {
             Some(n) => {
-                let n: usize = n.parse().map_err(|_| bad("expected cuda:N with N a GPU index".into()))?;
+                let n: usize = n
+                    .parse()
+                    .map_err(|_| bad("expected cuda:N with N a GPU index".into()))?;
                 new_cuda(n).map_err(bad)
             }
             None => Err(bad("accepted: cpu, cuda, cuda:N".into())),
@@ -139,9 +159,11 @@ impl Args {
             limits: Limits {
                 max_message_bytes: self.max_message_bytes,
                 max_batch: self.max_batch,
+                max_tokens: self.max_tokens,
             },
             queue_depth: self.queue_depth,
             model_source,
+            shutdown_grace: std::time::Duration::from_secs_f64(self.shutdown_grace_secs),
         }
     }
 
@@ -153,7 +175,10 @@ impl Args {
         impl FnOnce() -> Result<Box<dyn ModelAdapter>, DenoiserError> + Send + 'static,
         DenoiserError,
     > {
-        let entry = lookup(self.model_class_name.as_deref(), files.class_name.as_deref())?;
+        let entry = lookup(
+            self.model_class_name.as_deref(),
+            files.class_name.as_deref(),
+        )?;
         let opts = LoadOptions {
             device: parse_device(&self.device)?,
             dtype: self.dtype.into(),

@@ -111,13 +111,17 @@ impl Engine {
                 )));
             }
             Err(TrySendError::Disconnected(_)) => {
-                return Err(DenoiserError::Unavailable("the compute thread has stopped".into()));
+                return Err(DenoiserError::Unavailable(
+                    "the compute thread has stopped".into(),
+                ));
             }
         }
         reply_rx
             .instrument(tracing::Span::current())
             .await
-            .map_err(|_| DenoiserError::Unavailable("the compute thread dropped the request".into()))?
+            .map_err(|_| {
+                DenoiserError::Unavailable("the compute thread dropped the request".into())
+            })?
     }
 }
 

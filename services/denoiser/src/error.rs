@@ -10,7 +10,7 @@ use crate::spec::InputError;
 pub enum DenoiserError {
     /// The request breaks the tensor contract (INVALID_ARGUMENT).
     #[error(transparent)]
-    Input(#[from] InputError),
+    Input(Box<InputError>),
     /// Bad configuration: flags, config.json, unknown model type.
     #[error("{0}")]
     Config(String),
@@ -32,6 +32,12 @@ pub enum DenoiserError {
     /// The compute thread caught a panic; the worker keeps serving (INTERNAL).
     #[error("model computation panicked: {0}")]
     Panic(String),
+}
+
+impl From<InputError> for DenoiserError {
+    fn from(e: InputError) -> Self {
+        DenoiserError::Input(Box::new(e))
+    }
 }
 
 impl From<DenoiserError> for Status {

@@ -100,17 +100,29 @@ mod tests {
     #[test]
     fn rewrites_only_the_oversize_status() {
         let mut h = http::HeaderMap::new();
-        Status::out_of_range(format!("{TONIC_TOO_LARGE}: found 2000 bytes, the limit is: 1000 bytes"))
-            .add_header(&mut h)
-            .unwrap();
+        Status::out_of_range(format!(
+            "{TONIC_TOO_LARGE}: found 2000 bytes, the limit is: 1000 bytes"
+        ))
+        .add_header(&mut h)
+        .unwrap();
         rewrite(&mut h, 1000);
         let s = Status::from_header_map(&h).unwrap();
         assert_eq!(s.code(), Code::ResourceExhausted);
-        assert!(s.message().contains("2000 bytes, over this server's limit of 1000"), "{}", s.message());
+        assert!(
+            s.message()
+                .contains("2000 bytes, over this server's limit of 1000"),
+            "{}",
+            s.message()
+        );
 
         let mut h = http::HeaderMap::new();
-        Status::out_of_range("timestep out of range").add_header(&mut h).unwrap();
+        Status::out_of_range("timestep out of range")
+            .add_header(&mut h)
+            .unwrap();
         rewrite(&mut h, 1000);
-        assert_eq!(Status::from_header_map(&h).unwrap().code(), Code::OutOfRange);
+        assert_eq!(
+            Status::from_header_map(&h).unwrap().code(),
+            Code::OutOfRange
+        );
     }
 }

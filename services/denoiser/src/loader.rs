@@ -82,7 +82,10 @@ fn resolve_local(path: &Path, subfolder: Option<&str>) -> Result<ModelFiles, Den
     if !config_path.is_file() {
         return Err(load_err(format!("{} not found", config_path.display())));
     }
-    let index = INDEX_NAMES.iter().map(|n| dir.join(n)).find(|p| p.is_file());
+    let index = INDEX_NAMES
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file());
     let weights = match index {
         Some(index) => shards(&index, |f| Ok(dir.join(f)))?,
         None => {
@@ -96,7 +99,10 @@ fn resolve_local(path: &Path, subfolder: Option<&str>) -> Result<ModelFiles, Den
         }
     };
     if weights.is_empty() {
-        return Err(load_err(format!("no *.safetensors weights in {}", dir.display())));
+        return Err(load_err(format!(
+            "no *.safetensors weights in {}",
+            dir.display()
+        )));
     }
     files(config_path, weights, dir.display().to_string())
 }
@@ -246,9 +252,17 @@ mod tests {
     fn local_single_sharded_and_pipeline_layouts() {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path();
-        write(&d.join("single/config.json"), r#"{"_class_name":"FluxTransformer2DModel"}"#);
+        write(
+            &d.join("single/config.json"),
+            r#"{"_class_name":"FluxTransformer2DModel"}"#,
+        );
         write(&d.join("single/diffusion_pytorch_model.safetensors"), "");
-        let f = resolve(d.join("single").to_str().unwrap(), None, &HubOptions::default()).unwrap();
+        let f = resolve(
+            d.join("single").to_str().unwrap(),
+            None,
+            &HubOptions::default(),
+        )
+        .unwrap();
         assert_eq!(f.class_name.as_deref(), Some("FluxTransformer2DModel"));
         assert_eq!(f.weights.len(), 1);
 
@@ -260,17 +274,32 @@ mod tests {
         );
         write(&d.join("pipe/transformer/s-1.safetensors"), "");
         write(&d.join("pipe/transformer/s-2.safetensors"), "");
-        let f = resolve(d.join("pipe").to_str().unwrap(), None, &HubOptions::default()).unwrap();
-        let names: Vec<_> = f.weights.iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+        let f = resolve(
+            d.join("pipe").to_str().unwrap(),
+            None,
+            &HubOptions::default(),
+        )
+        .unwrap();
+        let names: Vec<_> = f
+            .weights
+            .iter()
+            .map(|p| p.file_name().unwrap().to_owned())
+            .collect();
         assert_eq!(names, vec!["s-1.safetensors", "s-2.safetensors"]);
         assert_eq!(f.class_name, None);
 
         write(&d.join("empty/config.json"), "{}");
-        let err = resolve(d.join("empty").to_str().unwrap(), None, &HubOptions::default())
+        let err = resolve(
+            d.join("empty").to_str().unwrap(),
+            None,
+            &HubOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no *.safetensors"), "{err}");
+        let err = resolve("not/a/repo/id", None, &HubOptions::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("no *.safetensors"), "{err}");
-        let err = resolve("not/a/repo/id", None, &HubOptions::default()).unwrap_err().to_string();
         assert!(err.contains("neither an existing directory"), "{err}");
     }
 
@@ -280,7 +309,10 @@ mod tests {
         let repo = tmp.path().join("hub/models--acme--tiny-flux");
         write(&repo.join("refs/main"), "abc123");
         let snap = repo.join("snapshots/abc123/transformer");
-        write(&snap.join("config.json"), r#"{"_class_name":"FluxTransformer2DModel"}"#);
+        write(
+            &snap.join("config.json"),
+            r#"{"_class_name":"FluxTransformer2DModel"}"#,
+        );
         write(&snap.join("diffusion_pytorch_model.safetensors"), "");
         let hub = HubOptions {
             hf_home: Some(tmp.path().to_path_buf()),

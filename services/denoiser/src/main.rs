@@ -15,9 +15,14 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
-    teaserve_denoiser::server::serve(listener, load, args.serve_options(source), shutdown_signal())
-        .await
-        .context("denoiser stopped with an error")?;
+    teaserve_denoiser::server::serve(
+        listener,
+        load,
+        args.serve_options(source),
+        shutdown_signal(),
+    )
+    .await
+    .context("denoiser stopped with an error")?;
     Ok(())
 }
 

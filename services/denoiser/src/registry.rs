@@ -69,8 +69,11 @@ pub trait ModelAdapter: Send {
     /// Runs every transformer block over the streams.
     fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError>;
     /// Final norm and projection.
-    fn postprocess(&self, hidden_states: &Tensor, context: &Tensors)
-    -> Result<Tensor, DenoiserError>;
+    fn postprocess(
+        &self,
+        hidden_states: &Tensor,
+        context: &Tensors,
+    ) -> Result<Tensor, DenoiserError>;
 }
 
 /// How to load one weight set onto a device.
@@ -82,6 +85,9 @@ pub struct LoadOptions {
     pub dtype: DType,
 }
 
+/// Builds an adapter from resolved files (a registry entry's constructor).
+pub type LoadFn = fn(&ModelFiles, &LoadOptions) -> Result<Box<dyn ModelAdapter>, DenoiserError>;
+
 /// A registered model type.
 pub struct ModelEntry {
     /// Pipeline class name clients use (`model_class_name`).
@@ -89,7 +95,7 @@ pub struct ModelEntry {
     /// The diffusers transformer class whose checkpoints it loads (`_class_name`).
     pub architecture: &'static str,
     /// Builds the adapter from resolved files.
-    pub load: fn(&ModelFiles, &LoadOptions) -> Result<Box<dyn ModelAdapter>, DenoiserError>,
+    pub load: LoadFn,
 }
 
 /// Every model type this denoiser can serve.
@@ -117,13 +123,16 @@ pub fn lookup(
                 supported()
             ))
         })?,
-        (None, Some(c)) => REGISTRY.iter().find(|e| e.architecture == c).ok_or_else(|| {
-            DenoiserError::Config(format!(
-                "config.json _class_name '{c}' matches no registered model; pass \
+        (None, Some(c)) => REGISTRY
+            .iter()
+            .find(|e| e.architecture == c)
+            .ok_or_else(|| {
+                DenoiserError::Config(format!(
+                    "config.json _class_name '{c}' matches no registered model; pass \
                  --model-class-name, one of {:?}",
-                supported()
-            ))
-        })?,
+                    supported()
+                ))
+            })?,
         (None, None) => {
             return Err(DenoiserError::Config(format!(
                 "config.json has no _class_name: pass --model-class-name, one of {:?}",

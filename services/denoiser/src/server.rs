@@ -10,10 +10,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use candle_core::Tensor;
+use teaserve_proto::TensorMap;
 use teaserve_proto::codec::{self, encode_tensor};
 use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use teaserve_proto::v1::{self, DType};
-use teaserve_proto::TensorMap;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -31,6 +31,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Largest batch per call.
     pub max_batch: usize,
+    /// Largest number of tokens (image + text) per sample.
+    pub max_tokens: usize,
 }
 
 /// The `teaserve.v1.Denoiser` service; answers UNAVAILABLE until the model is loaded.
@@ -75,16 +77,31 @@ fn output_dtype(value: i32) -> Result<DType, DenoiserError> {
     }
 }
 
-fn check_batch(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserError> {
-    match bindings.get("B") {
-        Some(0) => Err(InputError::Invalid("batch size B is 0; send at least one sample".into()).into()),
-        Some(b) if b > limits.max_batch => Err(InputError::Limit(format!(
-            "batch size B = {b} exceeds this denoiser's maximum of {} (--max-batch); split the batch",
+/// Enforces this worker's per-call limits on the bound dimensions: the batch `B` at most
+/// `--max-batch`, and the tokens per sample (image `N` + text `T`) at most `--max-tokens`, which
+/// bounds the attention matrix.
+fn check_limits(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserError> {
+    if let Some(b) = bindings.get("B")
+        && b > limits.max_batch
+    {
+        return Err(InputError::Limit(format!(
+            "batch size B = {b} exceeds this denoiser's maximum of {} (--max-batch); split the \
+             batch",
             limits.max_batch
         ))
-        .into()),
-        _ => Ok(()),
+        .into());
     }
+    let n = bindings.get("N").unwrap_or(0);
+    let t = bindings.get("T").unwrap_or(0);
+    if n + t > limits.max_tokens {
+        return Err(InputError::Limit(format!(
+            "{n} image + {t} text tokens per sample exceed this denoiser's maximum of {} \
+             (--max-tokens)",
+            limits.max_tokens
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 /// Decodes checked wire tensors onto the model's device; float tensors take the model dtype.
@@ -101,7 +118,7 @@ fn decode_map(
                     stage: "decode",
                     field: "tensor",
                     name: name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
             if specs
@@ -165,8 +182,15 @@ fn preprocess(
     let specs = &info.preprocess.inputs;
     let out_dtype = output_dtype(req.wire_dtype)?;
     let mut bindings = Bindings::default();
-    check_map("Preprocess", "inputs", specs, &req.inputs, limits.max_message_bytes, &mut bindings)?;
-    check_batch(&bindings, &limits)?;
+    check_map(
+        "Preprocess",
+        "inputs",
+        specs,
+        &req.inputs,
+        limits.max_message_bytes,
+        &mut bindings,
+    )?;
+    check_limits(&bindings, &limits)?;
     let inputs = decode_map(&req.inputs, specs, info, limits.max_message_bytes)?;
     let out = model.preprocess(&inputs)?;
     Ok(v1::PreprocessResponse {
@@ -188,9 +212,23 @@ fn run_blocks(
     let out_dtype = output_dtype(req.wire_dtype)?;
     let mut bindings = Bindings::default();
     let max = limits.max_message_bytes;
-    check_map("RunBlocks", "streams", &stage.inputs, &req.streams, max, &mut bindings)?;
-    check_map("RunBlocks", "context", &stage.context, &req.context, max, &mut bindings)?;
-    check_batch(&bindings, &limits)?;
+    check_map(
+        "RunBlocks",
+        "streams",
+        &stage.inputs,
+        &req.streams,
+        max,
+        &mut bindings,
+    )?;
+    check_map(
+        "RunBlocks",
+        "context",
+        &stage.context,
+        &req.context,
+        max,
+        &mut bindings,
+    )?;
+    check_limits(&bindings, &limits)?;
     let streams = decode_map(&req.streams, &stage.inputs, info, max)?;
     let context = decode_map(&req.context, &stage.context, info, max)?;
     let out = model.run_blocks(&streams, &context)?;
@@ -208,9 +246,10 @@ fn postprocess(
     let stage = &info.postprocess;
     let out_dtype = output_dtype(req.wire_dtype)?;
     let max = limits.max_message_bytes;
-    let spec = stage.inputs.first().ok_or_else(|| {
-        DenoiserError::Config("model declares no Postprocess input".into())
-    })?;
+    let spec = stage
+        .inputs
+        .first()
+        .ok_or_else(|| DenoiserError::Config("model declares no Postprocess input".into()))?;
     let hidden = req.hidden_states.ok_or_else(|| InputError::Missing {
         stage: "Postprocess",
         field: "hidden_states",
@@ -219,9 +258,23 @@ fn postprocess(
         shape: spec.shape_text(),
     })?;
     let mut bindings = Bindings::default();
-    check_tensor("Postprocess", "hidden_states", spec, &hidden, max, &mut bindings)?;
-    check_map("Postprocess", "context", &stage.context, &req.context, max, &mut bindings)?;
-    check_batch(&bindings, &limits)?;
+    check_tensor(
+        "Postprocess",
+        "hidden_states",
+        spec,
+        &hidden,
+        max,
+        &mut bindings,
+    )?;
+    check_map(
+        "Postprocess",
+        "context",
+        &stage.context,
+        &req.context,
+        max,
+        &mut bindings,
+    )?;
+    check_limits(&bindings, &limits)?;
     let hidden_map = TensorMap::from([(spec.name.to_string(), hidden)]);
     let hidden: Tensor = decode_map(&hidden_map, &stage.inputs, info, max)?
         .remove(spec.name)
@@ -241,7 +294,11 @@ impl Denoiser for DenoiserService {
         _req: Request<v1::DescribeRequest>,
     ) -> Result<Response<v1::DescribeResponse>, Status> {
         let engine = self.engine()?;
-        Ok(Response::new(describe(engine.info(), &self.limits, &self.model_source)))
+        Ok(Response::new(describe(
+            engine.info(),
+            &self.limits,
+            &self.model_source,
+        )))
     }
 
     #[tracing::instrument(name = "Denoiser/Preprocess", skip_all)]
@@ -295,6 +352,9 @@ pub struct ServeOptions {
     pub queue_depth: usize,
     /// Where the weights come from (reported by Describe).
     pub model_source: String,
+    /// After the shutdown signal, how long in-flight calls may take before the remaining
+    /// connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 /// Serves the denoiser on `listener` until `shutdown` resolves. The listener accepts
@@ -346,7 +406,9 @@ where
                         "model loaded; serving"
                     );
                     service.set_engine(engine);
-                    health.set_serving::<DenoiserServer<DenoiserService>>().await;
+                    health
+                        .set_serving::<DenoiserServer<DenoiserService>>()
+                        .await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "model failed to load");
@@ -358,17 +420,33 @@ where
 
     // Stop on the caller's shutdown signal, or when the model fails to load (reported below).
     let (reason_tx, reason_rx) = tokio::sync::oneshot::channel::<Option<DenoiserError>>();
-    let signal = async move {
-        let reason = tokio::select! {
-            () = shutdown => None,
-            Ok(e) = load_failed_rx => Some(e),
-        };
-        let _ = reason_tx.send(reason);
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            let reason = tokio::select! {
+                () = shutdown => None,
+                Ok(e) = load_failed_rx => Some(e),
+            };
+            let _ = reason_tx.send(reason);
+            stopping.notify_one();
+        }
+    };
+    // Graceful shutdown waits for clients to hang up; idle keep-alive connections (a
+    // controller's channel) never do, so the drain is bounded.
+    let grace = opts.shutdown_grace;
+    let drain_deadline = async move {
+        stopping.notified().await;
+        tokio::time::sleep(grace).await;
+        tracing::warn!(
+            grace_s = grace.as_secs_f64(),
+            "shutdown grace elapsed; closing remaining connections"
+        );
     };
 
     tracing::info!(addr = ?addr, max_message_bytes = max, "denoiser listening");
     let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);
-    let served = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .layer(OversizeToResourceExhausted::new(max))
         .tcp_nodelay(true)
         .initial_stream_window_size(window)
@@ -378,8 +456,11 @@ where
         .add_service(health_service)
         .add_service(reflection)
         .add_service(grpc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let served = tokio::select! {
+        r = server => r,
+        () = drain_deadline => Ok(()),
+    };
     loader.abort();
     served.map_err(|e| DenoiserError::Unavailable(format!("gRPC server failed: {e}")))?;
     match reason_rx.await {

@@ -158,7 +158,7 @@ pub enum InputError {
         /// Tensor name.
         name: String,
         /// What the codec found.
-        source: CodecError,
+        source: Box<CodecError>,
     },
     /// A dtype outside the accepted set.
     #[error("{stage}: {field} tensor '{name}': dtype {got} is not accepted; accepted: {accepted}")]
@@ -219,11 +219,7 @@ pub fn check_map(
             stage,
             field,
             name: (*name).clone(),
-            accepted: specs
-                .iter()
-                .map(|s| s.name)
-                .collect::<Vec<_>>()
-                .join(", "),
+            accepted: specs.iter().map(|s| s.name).collect::<Vec<_>>().join(", "),
         });
     }
     for spec in specs {
@@ -257,7 +253,7 @@ pub fn check_tensor(
         stage,
         field,
         name: spec.name.to_string(),
-        source,
+        source: Box::new(source),
     };
     let (dtype, shape) = codec::validate(t, max_bytes).map_err(codec_err)?;
     if !spec.kind.dtypes().contains(&dtype) {
@@ -304,6 +300,11 @@ pub fn check_tensor(
                 )));
             }
             Dim::Fixed(..) => {}
+            Dim::Sym(sym) if got == 0 => {
+                return Err(shape_err(format!(
+                    ": dimension {axis} ({sym}) is 0; it must be at least 1"
+                )));
+            }
             Dim::Sym(sym) => match bindings.0.get(sym) {
                 Some((bound, by)) if *bound != got => {
                     return Err(shape_err(format!(
@@ -320,7 +321,6 @@ pub fn check_tensor(
     }
     // A linear scan, cheap next to the compute; catches NaN timesteps and corrupt latents.
     codec::check_finite(t).map_err(codec_err)
-
 }
 
 #[cfg(test)]
@@ -351,13 +351,21 @@ mod tests {
                 "latents",
             ),
             TensorSpec::new("y", vec![Dim::Sym("B"), Dim::Sym("T")], Kind::Float, "text"),
-            TensorSpec::new("ids", vec![Dim::Sym("N"), Dim::Fixed(3, "")], Kind::Numeric, "ids")
-                .optional(),
+            TensorSpec::new(
+                "ids",
+                vec![Dim::Sym("N"), Dim::Fixed(3, "")],
+                Kind::Numeric,
+                "ids",
+            )
+            .optional(),
         ]
     }
 
     fn check(map: &[(&str, v1::Tensor)]) -> Result<Bindings, InputError> {
-        let map: TensorMap = map.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        let map: TensorMap = map
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let mut b = Bindings::default();
         check_map("Test", "inputs", &specs(), &map, 1 << 20, &mut b)?;
         Ok(b)
@@ -365,8 +373,11 @@ mod tests {
 
     #[test]
     fn binds_symbols_across_tensors() {
-        let b = check(&[("x", f32_tensor(&[2, 5, 4], 0.0)), ("y", f32_tensor(&[2, 3], 0.0))])
-            .unwrap();
+        let b = check(&[
+            ("x", f32_tensor(&[2, 5, 4], 0.0)),
+            ("y", f32_tensor(&[2, 3], 0.0)),
+        ])
+        .unwrap();
         assert_eq!(b.get("B"), Some(2));
         assert_eq!(b.get("N"), Some(5));
         assert_eq!(b.get("T"), Some(3));
@@ -374,26 +385,41 @@ mod tests {
 
     #[test]
     fn batch_mismatch_names_the_binding_tensor() {
-        let err = check(&[("x", f32_tensor(&[2, 5, 4], 0.0)), ("y", f32_tensor(&[1, 3], 0.0))])
-            .unwrap_err()
-            .to_string();
+        let err = check(&[
+            ("x", f32_tensor(&[2, 5, 4], 0.0)),
+            ("y", f32_tensor(&[1, 3], 0.0)),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("'y'"), "{err}");
         assert!(err.contains("(B) is 1 but 'x' set B = 2"), "{err}");
     }
 
     #[test]
     fn fixed_dim_mismatch_says_which_config_field() {
-        let err = check(&[("x", f32_tensor(&[1, 5, 3], 0.0)), ("y", f32_tensor(&[1, 3], 0.0))])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("expected shape [B, N, 4 (in_channels)], got [1, 5, 3]"), "{err}");
-        assert!(err.contains("dimension 2 must be 4 (in_channels), got 3"), "{err}");
+        let err = check(&[
+            ("x", f32_tensor(&[1, 5, 3], 0.0)),
+            ("y", f32_tensor(&[1, 3], 0.0)),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("expected shape [B, N, 4 (in_channels)], got [1, 5, 3]"),
+            "{err}"
+        );
+        assert!(
+            err.contains("dimension 2 must be 4 (in_channels), got 3"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_unknown_rank_dtype_nan() {
         let err = check(&[("x", f32_tensor(&[1, 5, 4], 0.0))]).unwrap_err();
-        assert!(matches!(err, InputError::Missing { name: "y", .. }), "{err}");
+        assert!(
+            matches!(err, InputError::Missing { name: "y", .. }),
+            "{err}"
+        );
         let err = check(&[
             ("x", f32_tensor(&[1, 5, 4], 0.0)),
             ("y", f32_tensor(&[1, 3], 0.0)),
@@ -401,17 +427,26 @@ mod tests {
         ])
         .unwrap_err()
         .to_string();
-        assert!(err.contains("unknown inputs tensor 'zz'; accepted: [x, y, ids]"), "{err}");
-        let err = check(&[("x", f32_tensor(&[5, 4], 0.0)), ("y", f32_tensor(&[1, 3], 0.0))])
-            .unwrap_err()
-            .to_string();
+        assert!(
+            err.contains("unknown inputs tensor 'zz'; accepted: [x, y, ids]"),
+            "{err}"
+        );
+        let err = check(&[
+            ("x", f32_tensor(&[5, 4], 0.0)),
+            ("y", f32_tensor(&[1, 3], 0.0)),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("expected 3 dimensions, got 2"), "{err}");
         let mut ints = f32_tensor(&[1, 3], 0.0);
         ints.dtype = DType::I32 as i32;
         let err = check(&[("x", f32_tensor(&[1, 5, 4], 0.0)), ("y", ints)])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("dtype I32 is not accepted; accepted: F32, F16, BF16"), "{err}");
+        assert!(
+            err.contains("dtype I32 is not accepted; accepted: F32, F16, BF16"),
+            "{err}"
+        );
         let err = check(&[
             ("x", f32_tensor(&[1, 5, 4], 0.0)),
             ("y", f32_tensor(&[1, 3], f32::NAN)),
@@ -419,6 +454,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("'y'") && err.contains("non-finite"), "{err}");
+    }
+
+    #[test]
+    fn empty_symbolic_dimension_is_rejected() {
+        let err = check(&[
+            ("x", f32_tensor(&[1, 0, 4], 0.0)),
+            ("y", f32_tensor(&[1, 3], 0.0)),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("dimension 1 (N) is 0; it must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

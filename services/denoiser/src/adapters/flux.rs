@@ -9,9 +9,7 @@ use candle_core::Tensor;
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, var_builder};
 use crate::models::flux::{Config, Flux, Inputs};
-use crate::registry::{
-    LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, StageSpec, Tensors,
-};
+use crate::registry::{LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, StageSpec, Tensors};
 use crate::spec::{Dim, InputError, Kind, TensorSpec};
 
 /// `FluxPipeline` served from a diffusers `FluxTransformer2DModel` checkpoint.
@@ -21,7 +19,10 @@ pub struct FluxAdapter {
 }
 
 /// Loads a FLUX checkpoint (registry entry point).
-pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
+pub fn load(
+    files: &ModelFiles,
+    opts: &LoadOptions,
+) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
     let config: Config = serde_json::from_str(&files.config_json)
         .map_err(|e| DenoiserError::Config(format!("{}: {e}", files.config_path.display())))?;
     config
@@ -43,7 +44,12 @@ impl FluxAdapter {
         let c = model.config();
         let d = Dim::Fixed(c.inner_dim(), "inner_dim");
         let ids = |name, tokens, what| {
-            TensorSpec::new(name, vec![sym(tokens), Dim::Fixed(3, "")], Kind::Numeric, what)
+            TensorSpec::new(
+                name,
+                vec![sym(tokens), Dim::Fixed(3, "")],
+                Kind::Numeric,
+                what,
+            )
         };
         let img = TensorSpec::new(
             "hidden_states",
@@ -75,13 +81,20 @@ impl FluxAdapter {
             ),
             TensorSpec::new(
                 "encoder_hidden_states",
-                vec![sym("B"), sym("T"), Dim::Fixed(c.joint_attention_dim, "joint_attention_dim")],
+                vec![
+                    sym("B"),
+                    sym("T"),
+                    Dim::Fixed(c.joint_attention_dim, "joint_attention_dim"),
+                ],
                 Kind::Float,
                 "text encoder hidden states [B, T, joint_attention_dim]",
             ),
             TensorSpec::new(
                 "pooled_projections",
-                vec![sym("B"), Dim::Fixed(c.pooled_projection_dim, "pooled_projection_dim")],
+                vec![
+                    sym("B"),
+                    Dim::Fixed(c.pooled_projection_dim, "pooled_projection_dim"),
+                ],
                 Kind::Float,
                 "pooled text embedding [B, pooled_projection_dim]",
             ),
@@ -110,13 +123,23 @@ impl FluxAdapter {
         );
         let sample = TensorSpec::new(
             "sample",
-            vec![sym("B"), sym("N"), Dim::Fixed(c.out_dim(), "patch_size^2 * out_channels")],
+            vec![
+                sym("B"),
+                sym("N"),
+                Dim::Fixed(c.out_dim(), "patch_size^2 * out_channels"),
+            ],
             Kind::Float,
             "model output (flow-matching velocity) in the packed latent layout",
         );
         let optional_ids: Vec<TensorSpec> = context
             .iter()
-            .map(|s| if s.name == "temb" { s.clone() } else { s.clone().optional() })
+            .map(|s| {
+                if s.name == "temb" {
+                    s.clone()
+                } else {
+                    s.clone().optional()
+                }
+            })
             .collect();
         let info = ModelInfo {
             model_type: "FluxPipeline",
@@ -151,9 +174,8 @@ impl FluxAdapter {
 
 /// A tensor the specs made required; its absence here is a contract bug, reported as such.
 fn get<'a>(map: &'a Tensors, name: &str) -> Result<&'a Tensor, DenoiserError> {
-    map.get(name).ok_or_else(|| {
-        DenoiserError::Input(InputError::Invalid(format!("missing tensor '{name}'")))
-    })
+    map.get(name)
+        .ok_or_else(|| InputError::Invalid(format!("missing tensor '{name}'")).into())
 }
 
 impl ModelAdapter for FluxAdapter {
@@ -176,7 +198,10 @@ impl ModelAdapter for FluxAdapter {
             modulated_input: pre.modulated_input,
             streams: Tensors::from([
                 ("hidden_states".to_string(), pre.hidden_states),
-                ("encoder_hidden_states".to_string(), pre.encoder_hidden_states),
+                (
+                    "encoder_hidden_states".to_string(),
+                    pre.encoder_hidden_states,
+                ),
             ]),
             context: Tensors::from([
                 ("temb".to_string(), pre.temb),
@@ -202,7 +227,13 @@ impl ModelAdapter for FluxAdapter {
         ]))
     }
 
-    fn postprocess(&self, hidden_states: &Tensor, context: &Tensors) -> Result<Tensor, DenoiserError> {
-        Ok(self.model.postprocess(hidden_states, get(context, "temb")?)?)
+    fn postprocess(
+        &self,
+        hidden_states: &Tensor,
+        context: &Tensors,
+    ) -> Result<Tensor, DenoiserError> {
+        Ok(self
+            .model
+            .postprocess(hidden_states, get(context, "temb")?)?)
     }
 }

@@ -256,9 +256,13 @@ fn gated(gate: &Tensor, xs: &Tensor) -> Result<Tensor> {
     xs.broadcast_mul(&gate.unsqueeze(1)?)
 }
 
-/// Splits `linear(silu(temb))` into `n` chunks of `[B, dim]`.
-fn ada_chunks(linear: &Linear, temb: &Tensor, n: usize) -> Result<Vec<Tensor>> {
-    linear.forward(&temb.silu()?)?.chunk(n, 1)
+/// Splits `linear(silu(temb))` into `N` chunks of `[B, dim]`.
+fn ada_chunks<const N: usize>(linear: &Linear, temb: &Tensor) -> Result<[Tensor; N]> {
+    let chunks = linear.forward(&temb.silu()?)?.chunk(N, 1)?;
+    let got = chunks.len();
+    chunks
+        .try_into()
+        .map_err(|_| candle_core::Error::msg(format!("adaLN: expected {N} chunks, got {got}")))
 }
 
 /// Splits `[B, S, H*D]` into heads, RMS-normalises each head and returns `[B, H, S, D]` in f32.
@@ -305,13 +309,15 @@ struct Qkv {
 }
 
 impl Qkv {
+    /// `names`: the weight names of q, k, v, q-norm and k-norm under `vb`.
     fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder) -> Result<Self> {
+        let [q, k, v, nq, nk] = names;
         Ok(Self {
-            to_q: linear(dim, dim, vb.pp(names[0]))?,
-            to_k: linear(dim, dim, vb.pp(names[1]))?,
-            to_v: linear(dim, dim, vb.pp(names[2]))?,
-            norm_q: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(names[3]))?,
-            norm_k: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(names[4]))?,
+            to_q: linear(dim, dim, vb.pp(q))?,
+            to_k: linear(dim, dim, vb.pp(k))?,
+            to_v: linear(dim, dim, vb.pp(v))?,
+            norm_q: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nq))?,
+            norm_k: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nk))?,
         })
     }
 
@@ -394,8 +400,8 @@ impl DoubleBlock {
 
     /// `norm1(hidden, emb=temb)[0]`: the adaLN-Zero modulated image stream.
     fn modulated_input(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let m = ada_chunks(&self.norm1, temb, 6)?;
-        modulate(&self.norm.forward(img)?, &m[0], &m[1])
+        let [shift, scale, ..] = ada_chunks::<6>(&self.norm1, temb)?;
+        modulate(&self.norm.forward(img)?, &shift, &scale)
     }
 
     /// Returns `(img, txt)` after the block.
@@ -406,11 +412,24 @@ impl DoubleBlock {
         temb: &Tensor,
         rope: &(Tensor, Tensor),
     ) -> Result<(Tensor, Tensor)> {
-        // Chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
-        let m = ada_chunks(&self.norm1, temb, 6)?;
-        let c = ada_chunks(&self.norm1_context, temb, 6)?;
-        let img_mod = modulate(&self.norm.forward(img)?, &m[0], &m[1])?;
-        let txt_mod = modulate(&self.norm.forward(txt)?, &c[0], &c[1])?;
+        let [
+            shift_msa,
+            scale_msa,
+            gate_msa,
+            shift_mlp,
+            scale_mlp,
+            gate_mlp,
+        ] = ada_chunks::<6>(&self.norm1, temb)?;
+        let [
+            c_shift_msa,
+            c_scale_msa,
+            c_gate_msa,
+            c_shift_mlp,
+            c_scale_mlp,
+            c_gate_mlp,
+        ] = ada_chunks::<6>(&self.norm1_context, temb)?;
+        let img_mod = modulate(&self.norm.forward(img)?, &shift_msa, &scale_msa)?;
+        let txt_mod = modulate(&self.norm.forward(txt)?, &c_shift_msa, &c_scale_msa)?;
 
         let (iq, ik, iv) = self.img_qkv.project(&img_mod, self.num_heads)?;
         let (tq, tk, tv) = self.txt_qkv.project(&txt_mod, self.num_heads)?;
@@ -423,17 +442,21 @@ impl DoubleBlock {
         let txt_attn = attn.narrow(1, 0, t_len)?;
         let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?;
 
-        let img = (img + gated(&m[2], &self.to_out.forward(&img_attn)?)?)?;
-        let img_ff = self
-            .ff
-            .forward(&modulate(&self.norm.forward(&img)?, &m[3], &m[4])?)?;
-        let img = (img + gated(&m[5], &img_ff)?)?;
+        let img = (img + gated(&gate_msa, &self.to_out.forward(&img_attn)?)?)?;
+        let img_ff = self.ff.forward(&modulate(
+            &self.norm.forward(&img)?,
+            &shift_mlp,
+            &scale_mlp,
+        )?)?;
+        let img = (img + gated(&gate_mlp, &img_ff)?)?;
 
-        let txt = (txt + gated(&c[2], &self.to_add_out.forward(&txt_attn)?)?)?;
-        let txt_ff = self
-            .ff_context
-            .forward(&modulate(&self.norm.forward(&txt)?, &c[3], &c[4])?)?;
-        let txt = (txt + gated(&c[5], &txt_ff)?)?;
+        let txt = (txt + gated(&c_gate_msa, &self.to_add_out.forward(&txt_attn)?)?)?;
+        let txt_ff = self.ff_context.forward(&modulate(
+            &self.norm.forward(&txt)?,
+            &c_shift_mlp,
+            &c_scale_mlp,
+        )?)?;
+        let txt = (txt + gated(&c_gate_mlp, &txt_ff)?)?;
         Ok((img, txt))
     }
 }
@@ -478,14 +501,15 @@ impl SingleBlock {
     ) -> Result<(Tensor, Tensor)> {
         let t_len = txt.dim(1)?;
         let xs = Tensor::cat(&[txt, img], 1)?;
-        // Chunk order: shift, scale, gate.
-        let m = ada_chunks(&self.norm_linear, temb, 3)?;
-        let normed = modulate(&self.norm.forward(&xs)?, &m[0], &m[1])?;
+        let [shift, scale, gate] = ada_chunks::<3>(&self.norm_linear, temb)?;
+        let normed = modulate(&self.norm.forward(&xs)?, &shift, &scale)?;
         let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
         let (q, k, v) = self.qkv.project(&normed, self.num_heads)?;
         let attn = attention(&q, &k, &v, rope, xs.dtype())?;
-        let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
-        let xs = (xs + gated(&m[2], &out)?)?;
+        let out = self
+            .proj_out
+            .forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
+        let xs = (xs + gated(&gate, &out)?)?;
         let s = xs.dim(1)?;
         Ok((xs.narrow(1, t_len, s - t_len)?, xs.narrow(1, 0, t_len)?))
     }
@@ -516,11 +540,7 @@ impl Flux {
         let dim = config.inner_dim();
         let tte = vb.pp("time_text_embed");
         let guidance_embedder = if config.guidance_embeds {
-            Some(Mlp2::new(
-                TIME_PROJ_DIM,
-                dim,
-                tte.pp("guidance_embedder"),
-            )?)
+            Some(Mlp2::new(TIME_PROJ_DIM, dim, tte.pp("guidance_embedder"))?)
         } else {
             None
         };
@@ -539,11 +559,7 @@ impl Flux {
             context_embedder: linear(config.joint_attention_dim, dim, vb.pp("context_embedder"))?,
             timestep_embedder: Mlp2::new(TIME_PROJ_DIM, dim, tte.pp("timestep_embedder"))?,
             guidance_embedder,
-            text_embedder: Mlp2::new(
-                config.pooled_projection_dim,
-                dim,
-                tte.pp("text_embedder"),
-            )?,
+            text_embedder: Mlp2::new(config.pooled_projection_dim, dim, tte.pp("text_embedder"))?,
             double_blocks,
             single_blocks,
             norm_out_linear: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
@@ -594,7 +610,10 @@ impl Flux {
 
     /// Rotary tables for `[text ; image]` tokens from their position ids.
     pub fn rope(&self, txt_ids: &Tensor, img_ids: &Tensor) -> Result<(Tensor, Tensor)> {
-        let ids = Tensor::cat(&[txt_ids.to_dtype(DType::F64)?, img_ids.to_dtype(DType::F64)?], 0)?;
+        let ids = Tensor::cat(
+            &[txt_ids.to_dtype(DType::F64)?, img_ids.to_dtype(DType::F64)?],
+            0,
+        )?;
         rope_tables(&ids, &self.config.axes_dims_rope, &self.device)
     }
 
@@ -607,7 +626,9 @@ impl Flux {
             &inputs.pooled_projections,
             inputs.guidance.as_ref(),
         )?;
-        let encoder_hidden_states = self.context_embedder.forward(&inputs.encoder_hidden_states)?;
+        let encoder_hidden_states = self
+            .context_embedder
+            .forward(&inputs.encoder_hidden_states)?;
         let modulated_input = match self.double_blocks.first() {
             Some(block) => block.modulated_input(&hidden_states, &temb)?,
             None => candle_core::bail!("model has no double-stream block"),
@@ -664,8 +685,8 @@ impl Flux {
 
     /// `norm_out` (AdaLayerNormContinuous, scale first) then `proj_out`: the model output.
     pub fn postprocess(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let m = ada_chunks(&self.norm_out_linear, temb, 2)?;
-        let normed = modulate(&self.norm_out.forward(img)?, &m[1], &m[0])?;
+        let [scale, shift] = ada_chunks::<2>(&self.norm_out_linear, temb)?;
+        let normed = modulate(&self.norm_out.forward(img)?, &shift, &scale)?;
         self.proj_out.forward(&normed)
     }
 
