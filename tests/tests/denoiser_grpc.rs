@@ -561,3 +561,21 @@ async fn concurrent_requests_all_complete_on_the_compute_thread() {
         assert!(max_abs_diff(&t.await.unwrap(), &want) <= 1e-4);
     }
 }
+
+#[tokio::test]
+async fn bf16_weights_serve_the_same_model() {
+    let fx = Fixture::load("flux-tiny-guidance");
+    let server =
+        TestDenoiser::start(&["--model", fx.dir.to_str().unwrap(), "--dtype", "bf16"]).await;
+    let mut c = server.client().await;
+    let info = c.describe(v1::DescribeRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.dtype, DType::Bf16 as i32);
+    for p in ["", "b2."] {
+        let run = run_split(&mut c, fx.wire_inputs(p, DType::F32), DType::F32).await;
+        let d = max_abs_diff(&run.sample, fx.get(&format!("{p}out.sample")));
+        eprintln!("bf16 weights {p:<3}: sample max|diff| {d:.2e}");
+        // bf16 weights and activations through 4 blocks; measured ~2e-2 on outputs of mean
+        // magnitude ~0.5, which is bf16's precision, not a bug (f32 is checked to 1e-4 above).
+        assert!(d > 0.0 && d < 0.1, "{p}: {d}");
+    }
+}
