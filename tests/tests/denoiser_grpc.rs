@@ -568,7 +568,11 @@ async fn bf16_weights_serve_the_same_model() {
     let server =
         TestDenoiser::start(&["--model", fx.dir.to_str().unwrap(), "--dtype", "bf16"]).await;
     let mut c = server.client().await;
-    let info = c.describe(v1::DescribeRequest {}).await.unwrap().into_inner();
+    let info = c
+        .describe(v1::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.dtype, DType::Bf16 as i32);
     for p in ["", "b2."] {
         let run = run_split(&mut c, fx.wire_inputs(p, DType::F32), DType::F32).await;
