@@ -132,7 +132,7 @@ fn decode_map(
         .collect()
 }
 
-/// Encodes results: `float_dtype` for streams, the tensor's own dtype when `None`.
+/// Encodes result tensors as `dtype` (DTYPE_UNSPECIFIED keeps each tensor's own dtype).
 fn encode_map(map: &Tensors, dtype: DType) -> Result<TensorMap, DenoiserError> {
     map.iter()
         .map(|(k, v)| Ok((k.clone(), encode_tensor(v, dtype)?)))
