@@ -58,6 +58,26 @@ impl DenoiserService {
         let _ = self.engine.set(engine);
     }
 
+    /// Runs one stage on the compute thread and wraps its result.
+    async fn dispatch<Req, Resp>(
+        &self,
+        stage: &'static str,
+        req: Request<Req>,
+        f: fn(&dyn ModelAdapter, Req, Limits) -> Result<Resp, DenoiserError>,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Send + 'static,
+        Resp: Send + 'static,
+    {
+        let limits = self.limits;
+        let req = req.into_inner();
+        let out = self
+            .engine()?
+            .run(stage, move |m| f(m, req, limits))
+            .await?;
+        Ok(Response::new(out))
+    }
+
     fn engine(&self) -> Result<&Engine, Status> {
         self.engine
             .get()
@@ -306,13 +326,7 @@ impl Denoiser for DenoiserService {
         &self,
         req: Request<v1::PreprocessRequest>,
     ) -> Result<Response<v1::PreprocessResponse>, Status> {
-        let limits = self.limits;
-        let req = req.into_inner();
-        let out = self
-            .engine()?
-            .run("preprocess", move |m| preprocess(m, req, limits))
-            .await?;
-        Ok(Response::new(out))
+        self.dispatch("preprocess", req, preprocess).await
     }
 
     #[tracing::instrument(name = "Denoiser/RunBlocks", skip_all)]
@@ -320,13 +334,7 @@ impl Denoiser for DenoiserService {
         &self,
         req: Request<v1::RunBlocksRequest>,
     ) -> Result<Response<v1::RunBlocksResponse>, Status> {
-        let limits = self.limits;
-        let req = req.into_inner();
-        let out = self
-            .engine()?
-            .run("run_blocks", move |m| run_blocks(m, req, limits))
-            .await?;
-        Ok(Response::new(out))
+        self.dispatch("run_blocks", req, run_blocks).await
     }
 
     #[tracing::instrument(name = "Denoiser/Postprocess", skip_all)]
@@ -334,13 +342,7 @@ impl Denoiser for DenoiserService {
         &self,
         req: Request<v1::PostprocessRequest>,
     ) -> Result<Response<v1::PostprocessResponse>, Status> {
-        let limits = self.limits;
-        let req = req.into_inner();
-        let out = self
-            .engine()?
-            .run("postprocess", move |m| postprocess(m, req, limits))
-            .await?;
-        Ok(Response::new(out))
+        self.dispatch("postprocess", req, postprocess).await
     }
 }
 
