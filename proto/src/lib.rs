@@ -1,8 +1,9 @@
 //! teaserve's wire protocol: the generated `teaserve.v1` messages and gRPC services, the file
-//! descriptor set for server reflection, and the tensor codec between the wire `Tensor` and
-//! candle tensors.
+//! descriptor set for server reflection, the tensor codec between the wire `Tensor` and
+//! candle tensors, and the server plumbing both services share.
 
 pub mod codec;
+pub mod serving;
 
 /// Generated protobuf messages and tonic services of package `teaserve.v1`.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)]

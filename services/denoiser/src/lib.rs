@@ -6,7 +6,6 @@ pub mod adapters;
 pub mod config;
 pub mod engine;
 pub mod error;
-pub mod limits;
 pub mod loader;
 pub mod models;
 pub mod registry;

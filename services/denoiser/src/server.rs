@@ -12,6 +12,7 @@ use std::time::Duration;
 use candle_core::Tensor;
 use teaserve_proto::TensorMap;
 use teaserve_proto::codec::{self, encode_tensor};
+use teaserve_proto::serving::{OversizeToResourceExhausted, bounded_shutdown};
 use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use teaserve_proto::v1::{self, DType};
 use tokio::net::TcpListener;
@@ -20,7 +21,6 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
 use crate::error::DenoiserError;
-use crate::limits::OversizeToResourceExhausted;
 use crate::registry::{ModelAdapter, ModelInfo, Tensors};
 use crate::spec::{Bindings, InputError, TensorSpec, check_map, check_tensor};
 
@@ -422,29 +422,16 @@ where
 
     // Stop on the caller's shutdown signal, or when the model fails to load (reported below).
     let (reason_tx, reason_rx) = tokio::sync::oneshot::channel::<Option<DenoiserError>>();
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let signal = {
-        let stopping = stopping.clone();
+    let (signal, drain_deadline) = bounded_shutdown(
         async move {
             let reason = tokio::select! {
                 () = shutdown => None,
                 Ok(e) = load_failed_rx => Some(e),
             };
             let _ = reason_tx.send(reason);
-            stopping.notify_one();
-        }
-    };
-    // Graceful shutdown waits for clients to hang up; idle keep-alive connections (a
-    // controller's channel) never do, so the drain is bounded.
-    let grace = opts.shutdown_grace;
-    let drain_deadline = async move {
-        stopping.notified().await;
-        tokio::time::sleep(grace).await;
-        tracing::warn!(
-            grace_s = grace.as_secs_f64(),
-            "shutdown grace elapsed; closing remaining connections"
-        );
-    };
+        },
+        opts.shutdown_grace,
+    );
 
     tracing::info!(addr = ?addr, max_message_bytes = max, "denoiser listening");
     let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);

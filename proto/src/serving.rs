@@ -1,10 +1,15 @@
-//! Message-size limits reported the way gRPC specifies: a request over the size limit gets
-//! RESOURCE_EXHAUSTED. tonic's decoder answers OUT_OF_RANGE for it, before any handler runs,
-//! so this server layer rewrites that one status (a trailers-only response) into
-//! RESOURCE_EXHAUSTED with a message naming the limit and the flag that sets it.
+//! Server plumbing shared by teaserve's services: the oversize-message status layer, the
+//! Ctrl-C / SIGTERM signal, and a bounded graceful drain.
+//!
+//! Message-size limits are reported the way gRPC specifies: a request over the size limit
+//! gets RESOURCE_EXHAUSTED. tonic's decoder answers OUT_OF_RANGE for it, before any handler
+//! runs, so [`OversizeToResourceExhausted`] rewrites that one status (a trailers-only
+//! response) into RESOURCE_EXHAUSTED with a message naming the limit and the flag.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use tower::{Layer, Service};
@@ -90,6 +95,65 @@ fn rewrite(headers: &mut http::HeaderMap, limit: usize) {
     if let Err(e) = replacement.add_header(headers) {
         tracing::warn!(error = %e, "could not rewrite the oversize status");
     }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received; draining in-flight calls");
+}
+
+/// Splits `shutdown` into the signal to hand tonic's `serve_with_incoming_shutdown` and a
+/// deadline that resolves `grace` after that signal fired. tonic's graceful shutdown waits
+/// for clients to hang up, and idle keep-alive connections never do, so callers race the
+/// server against the deadline.
+pub fn bounded_shutdown(
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> (
+    impl Future<Output = ()> + Send + 'static,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown.await;
+            stopping.notify_one();
+        }
+    };
+    let deadline = async move {
+        stopping.notified().await;
+        tokio::time::sleep(grace).await;
+        tracing::warn!(
+            grace_s = grace.as_secs_f64(),
+            "shutdown grace elapsed; closing remaining connections"
+        );
+    };
+    (signal, deadline)
 }
 
 #[cfg(test)]

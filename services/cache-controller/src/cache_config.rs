@@ -1,0 +1,469 @@
+//! Cache configuration from every surface, resolved into one plan per request.
+//!
+//! Surfaces, highest precedence first: the request's `cache_adapter` / `cache_config`; the
+//! flags `--cache-adapter` (environment `DIFFUSION_CACHE_ADAPTER`) and
+//! `--cache-config '<json>'`; the `--config stage.yaml` file (`model`, `model_class_name`,
+//! `cache_adapter`, `cache_config`); built-in defaults (adapter `none`, the model table's
+//! coefficients, threshold 0.2). All express the same settings, so any of them yields
+//! the same decisions. Error messages are the seed's, verbatim.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use teaserve_proto::v1;
+
+use crate::models::{self, supported_list};
+use crate::policy::TeaCacheParams;
+
+/// Adapter names accepted by `cache_adapter`.
+pub const ADAPTERS: [&str; 2] = ["none", "tea_cache"];
+
+/// A configuration mistake, reported as INVALID_ARGUMENT (or at startup).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// `cache_config` as JSON / YAML spell it (same field names as the proto).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfigSpec {
+    /// Threshold on the accumulated rescaled distance.
+    pub rel_l1_thresh: Option<f64>,
+    /// Model type whose coefficients apply.
+    pub model_type: Option<String>,
+    /// Exactly 5 coefficients, highest power first.
+    pub coefficients: Option<Vec<f64>>,
+    /// Extension: the first K steps always compute.
+    pub warmup_steps: Option<u32>,
+    /// Extension: the last K steps always compute.
+    pub cooldown_steps: Option<u32>,
+    /// Extension: compute after this many reuses in a row.
+    pub max_consecutive_reuses: Option<u32>,
+    /// Extension: CFG branches share one decision.
+    pub shared_cfg_decision: Option<bool>,
+}
+
+impl CacheConfigSpec {
+    /// Parses `--cache-config` JSON and validates its numbers.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let spec: Self = serde_json::from_str(json)
+            .map_err(|e| ConfigError(format!("--cache-config is not valid: {e}")))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The request's `cache_config` in the same shape.
+    pub fn from_proto(c: &v1::CacheConfig) -> Self {
+        Self {
+            rel_l1_thresh: c.rel_l1_thresh,
+            model_type: (!c.model_type.is_empty()).then(|| c.model_type.clone()),
+            coefficients: (!c.coefficients.is_empty()).then(|| c.coefficients.clone()),
+            warmup_steps: c.warmup_steps,
+            cooldown_steps: c.cooldown_steps,
+            max_consecutive_reuses: c.max_consecutive_reuses,
+            shared_cfg_decision: c.shared_cfg_decision,
+        }
+    }
+
+    /// Fields set here win over `base`'s.
+    pub fn over(&self, base: &Self) -> Self {
+        Self {
+            rel_l1_thresh: self.rel_l1_thresh.or(base.rel_l1_thresh),
+            model_type: self.model_type.clone().or_else(|| base.model_type.clone()),
+            coefficients: self
+                .coefficients
+                .clone()
+                .or_else(|| base.coefficients.clone()),
+            warmup_steps: self.warmup_steps.or(base.warmup_steps),
+            cooldown_steps: self.cooldown_steps.or(base.cooldown_steps),
+            max_consecutive_reuses: self.max_consecutive_reuses.or(base.max_consecutive_reuses),
+            shared_cfg_decision: self.shared_cfg_decision.or(base.shared_cfg_decision),
+        }
+    }
+
+    /// Checks the threshold and coefficients.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(t) = self.rel_l1_thresh
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(ConfigError(format!(
+                "rel_l1_thresh must be a finite number >= 0, got {t}"
+            )));
+        }
+        if let Some(c) = &self.coefficients
+            && (c.len() != 5 || c.iter().any(|x| !x.is_finite()))
+        {
+            return Err(ConfigError(format!(
+                "coefficients must be exactly 5 finite numbers (highest power first), got {c:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `--config stage.yaml`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// The model the stage serves (informational for the controller; denoisers load it).
+    pub model: Option<String>,
+    /// Default `model_class_name` for requests that name none.
+    pub model_class_name: Option<String>,
+    /// Default adapter.
+    pub cache_adapter: Option<String>,
+    /// Default cache config.
+    pub cache_config: Option<CacheConfigSpec>,
+}
+
+impl StageConfig {
+    /// Reads and validates a stage YAML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("reading --config {}: {e}", path.display())))?;
+        let cfg: Self = yaml_serde::from_str(&text)
+            .map_err(|e| ConfigError(format!("--config {} is not valid: {e}", path.display())))?;
+        if let Some(a) = &cfg.cache_adapter {
+            check_adapter(a)?;
+        }
+        if let Some(c) = &cfg.cache_config {
+            c.validate()?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// Server-wide defaults merged from `--config`, `--cache-config` and the environment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheDefaults {
+    /// Adapter for requests that name none.
+    pub adapter: Option<String>,
+    /// Cache config fields for requests that leave them unset.
+    pub cache_config: CacheConfigSpec,
+    /// `model_class_name` for requests that name none.
+    pub model_class_name: Option<String>,
+}
+
+impl CacheDefaults {
+    /// Merges the surfaces: `--cache-config` over the stage file's `cache_config`, and
+    /// `--cache-adapter` / `DIFFUSION_CACHE_ADAPTER` over the stage file's `cache_adapter`.
+    pub fn merge(
+        stage: Option<&StageConfig>,
+        cache_config_json: Option<&CacheConfigSpec>,
+        env_adapter: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let env_adapter = env_adapter.filter(|a| !a.is_empty());
+        if let Some(a) = env_adapter {
+            check_adapter(a)?;
+        }
+        let stage_cfg = stage
+            .and_then(|s| s.cache_config.clone())
+            .unwrap_or_default();
+        let cache_config = match cache_config_json {
+            Some(j) => j.over(&stage_cfg),
+            None => stage_cfg,
+        };
+        Ok(Self {
+            adapter: env_adapter
+                .map(str::to_string)
+                .or_else(|| stage.and_then(|s| s.cache_adapter.clone())),
+            cache_config,
+            model_class_name: stage.and_then(|s| s.model_class_name.clone()),
+        })
+    }
+}
+
+fn check_adapter(a: &str) -> Result<(), ConfigError> {
+    if ADAPTERS.contains(&a) {
+        Ok(())
+    } else {
+        Err(ConfigError(format!(
+            "Unknown cache adapter '{a}'. Supported: ['none', 'tea_cache']"
+        )))
+    }
+}
+
+/// What caching a request gets.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CachePlan {
+    /// Every step computes.
+    None,
+    /// TeaCache with these settings.
+    TeaCache {
+        /// The model type whose coefficients are used.
+        model_type: String,
+        /// Resolved parameters.
+        params: TeaCacheParams,
+        /// CFG branches share one decision.
+        shared_cfg_decision: bool,
+    },
+}
+
+impl CachePlan {
+    /// `"none"` or `"tea_cache"`.
+    pub fn adapter(&self) -> &'static str {
+        match self {
+            CachePlan::None => "none",
+            CachePlan::TeaCache { .. } => "tea_cache",
+        }
+    }
+
+    /// The threshold in force (0 without caching).
+    pub fn threshold(&self) -> f64 {
+        match self {
+            CachePlan::None => 0.0,
+            CachePlan::TeaCache { params, .. } => params.rel_l1_thresh,
+        }
+    }
+}
+
+/// Resolves one request's cache plan. `model_class_name` is the request's (already defaulted
+/// from the stage file by the caller if empty).
+pub fn resolve(
+    defaults: &CacheDefaults,
+    request_adapter: &str,
+    request_config: Option<&v1::CacheConfig>,
+    model_class_name: &str,
+) -> Result<CachePlan, ConfigError> {
+    let adapter = if request_adapter.is_empty() {
+        defaults.adapter.as_deref().unwrap_or("none")
+    } else {
+        request_adapter
+    };
+    check_adapter(adapter)?;
+    let spec = request_config
+        .map(CacheConfigSpec::from_proto)
+        .unwrap_or_default()
+        .over(&defaults.cache_config);
+    spec.validate()?;
+    if adapter == "none" {
+        return Ok(CachePlan::None);
+    }
+    let model_type = match spec.model_type.as_deref() {
+        Some(t) => t.to_string(),
+        None if !model_class_name.is_empty() => model_class_name.to_string(),
+        None => {
+            return Err(ConfigError(
+                "model_type must be provided in cache_config".into(),
+            ));
+        }
+    };
+    let model = models::lookup(&model_type).ok_or_else(|| {
+        ConfigError(format!(
+            "Unknown model type: '{model_type}'. Supported: {}",
+            supported_list()
+        ))
+    })?;
+    let coefficients = match &spec.coefficients {
+        Some(c) => c.as_slice().try_into().map_err(|_| {
+            ConfigError(format!(
+                "coefficients must be exactly 5 finite numbers (highest power first), got {c:?}"
+            ))
+        })?,
+        None => model.coefficients,
+    };
+    Ok(CachePlan::TeaCache {
+        model_type,
+        params: TeaCacheParams {
+            rel_l1_thresh: spec.rel_l1_thresh.unwrap_or(model.rel_l1_thresh),
+            coefficients,
+            warmup_steps: spec.warmup_steps.unwrap_or(0),
+            cooldown_steps: spec.cooldown_steps.unwrap_or(0),
+            max_consecutive_reuses: spec.max_consecutive_reuses,
+        },
+        shared_cfg_decision: spec.shared_cfg_decision.unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::float_cmp, clippy::panic)]
+mod tests {
+    use super::*;
+
+    fn cfg(thresh: Option<f64>, model_type: &str, coefficients: Vec<f64>) -> v1::CacheConfig {
+        v1::CacheConfig {
+            rel_l1_thresh: thresh,
+            model_type: model_type.into(),
+            coefficients,
+            ..Default::default()
+        }
+    }
+
+    fn err(r: Result<CachePlan, ConfigError>) -> String {
+        r.unwrap_err().0
+    }
+
+    #[test]
+    fn seed_errors_verbatim() {
+        let d = CacheDefaults::default();
+        assert_eq!(
+            err(resolve(&d, "tea_cache", None, "")),
+            "model_type must be provided in cache_config"
+        );
+        assert_eq!(
+            err(resolve(
+                &d,
+                "tea_cache",
+                Some(&cfg(None, "SD3Pipeline", vec![])),
+                ""
+            )),
+            "Unknown model type: 'SD3Pipeline'. Supported: ['FluxPipeline', 'QwenImagePipeline']"
+        );
+        assert_eq!(
+            err(resolve(&d, "fb_cache", None, "FluxPipeline")),
+            "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache']"
+        );
+        assert!(
+            err(resolve(
+                &d,
+                "tea_cache",
+                Some(&cfg(Some(-0.1), "", vec![])),
+                "FluxPipeline"
+            ))
+            .contains("rel_l1_thresh must be a finite number >= 0, got -0.1")
+        );
+        assert!(
+            err(resolve(
+                &d,
+                "tea_cache",
+                Some(&cfg(Some(f64::NAN), "", vec![])),
+                "FluxPipeline"
+            ))
+            .contains("got NaN")
+        );
+        assert!(
+            err(resolve(
+                &d,
+                "tea_cache",
+                Some(&cfg(None, "", vec![1.0; 4])),
+                "FluxPipeline"
+            ))
+            .contains("coefficients must be exactly 5 finite numbers")
+        );
+        let inf = vec![1.0, 1.0, f64::INFINITY, 1.0, 1.0];
+        assert!(
+            err(resolve(
+                &d,
+                "tea_cache",
+                Some(&cfg(None, "", inf)),
+                "FluxPipeline"
+            ))
+            .contains("exactly 5 finite")
+        );
+    }
+
+    #[test]
+    fn model_type_injected_from_model_class_name_with_defaults() {
+        let plan = resolve(&CacheDefaults::default(), "tea_cache", None, "FluxPipeline").unwrap();
+        let CachePlan::TeaCache {
+            model_type,
+            params,
+            shared_cfg_decision,
+        } = plan
+        else {
+            panic!("expected TeaCache")
+        };
+        assert_eq!(model_type, "FluxPipeline");
+        assert_eq!(params.rel_l1_thresh, 0.2);
+        assert_eq!(
+            params.coefficients,
+            models::lookup("FluxPipeline").unwrap().coefficients
+        );
+        assert!(!shared_cfg_decision);
+        assert_eq!(params.max_consecutive_reuses, None);
+    }
+
+    #[test]
+    fn default_adapter_is_none_and_env_stage_flag_request_precedence() {
+        assert_eq!(
+            resolve(&CacheDefaults::default(), "", None, "FluxPipeline").unwrap(),
+            CachePlan::None
+        );
+        let env = CacheDefaults::merge(None, None, Some("tea_cache")).unwrap();
+        assert_eq!(
+            resolve(&env, "", None, "FluxPipeline").unwrap().adapter(),
+            "tea_cache"
+        );
+        assert_eq!(
+            resolve(&env, "none", None, "FluxPipeline").unwrap(),
+            CachePlan::None
+        );
+        let stage = StageConfig {
+            cache_adapter: Some("none".into()),
+            cache_config: Some(CacheConfigSpec {
+                rel_l1_thresh: Some(0.4),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let flag =
+            CacheConfigSpec::from_json(r#"{"rel_l1_thresh": 0.6, "warmup_steps": 2}"#).unwrap();
+        let d = CacheDefaults::merge(Some(&stage), Some(&flag), None).unwrap();
+        assert_eq!(
+            d.adapter.as_deref(),
+            Some("none"),
+            "stage file sets the adapter"
+        );
+        let d = CacheDefaults::merge(Some(&stage), Some(&flag), Some("tea_cache")).unwrap();
+        assert_eq!(
+            d.adapter.as_deref(),
+            Some("tea_cache"),
+            "env / flag beats the stage file"
+        );
+        let plan = resolve(&d, "tea_cache", None, "FluxPipeline").unwrap();
+        assert_eq!(plan.threshold(), 0.6, "flag beats stage file");
+        let plan = resolve(
+            &d,
+            "tea_cache",
+            Some(&cfg(Some(0.8), "", vec![])),
+            "FluxPipeline",
+        )
+        .unwrap();
+        assert_eq!(plan.threshold(), 0.8, "request beats flag");
+        let CachePlan::TeaCache { params, .. } = plan else {
+            panic!()
+        };
+        assert_eq!(params.warmup_steps, 2, "unset request fields fall through");
+    }
+
+    #[test]
+    fn bad_surfaces_fail_at_startup() {
+        assert!(
+            CacheConfigSpec::from_json(r#"{"rel_l1_thresh": -1}"#)
+                .unwrap_err()
+                .0
+                .contains(">= 0")
+        );
+        assert!(
+            CacheConfigSpec::from_json(r#"{"rel_l1_threshold": 0.2}"#)
+                .unwrap_err()
+                .0
+                .contains("unknown field")
+        );
+        assert!(
+            CacheDefaults::merge(None, None, Some("magcache"))
+                .unwrap_err()
+                .0
+                .contains("Unknown cache adapter 'magcache'")
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("stage.yaml");
+        std::fs::write(
+            &p,
+            "model: acme/flux\nmodel_class_name: FluxPipeline\ncache_adapter: tea_cache\ncache_config:\n  rel_l1_thresh: 0.3\n  coefficients: [0, 0, 0, 1, 0]\n",
+        )
+        .unwrap();
+        let stage = StageConfig::load(&p).unwrap();
+        assert_eq!(stage.model_class_name.as_deref(), Some("FluxPipeline"));
+        assert_eq!(
+            stage.cache_config.unwrap().coefficients,
+            Some(vec![0.0, 0.0, 0.0, 1.0, 0.0])
+        );
+        std::fs::write(&p, "cache_adapter: teacache\n").unwrap();
+        assert!(
+            StageConfig::load(&p)
+                .unwrap_err()
+                .0
+                .contains("Unknown cache adapter 'teacache'")
+        );
+    }
+}

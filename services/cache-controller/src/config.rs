@@ -1,0 +1,93 @@
+//! Command-line flags of the `cache-controller` binary (each with an environment variable).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::cache_config::{CacheConfigSpec, CacheDefaults, ConfigError, StageConfig};
+use crate::server::ServeOptions;
+use crate::session::SessionLimits;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `cache-controller`: owns generation sessions and TeaCache state, drives the denoisers.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cache-controller", version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TEASERVE_LISTEN", default_value = "127.0.0.1:50050")]
+    pub listen: SocketAddr,
+    /// Denoiser endpoint, e.g. http://127.0.0.1:50051 (repeat the flag, or comma-separate in
+    /// the environment variable).
+    #[arg(
+        long = "denoiser",
+        env = "TEASERVE_DENOISERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub denoisers: Vec<String>,
+    /// Stage config YAML: model, model_class_name, cache_adapter, cache_config.
+    #[arg(long, env = "TEASERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Default cache adapter for requests that name none: none or tea_cache.
+    #[arg(long, env = "DIFFUSION_CACHE_ADAPTER")]
+    pub cache_adapter: Option<String>,
+    /// Default cache config as JSON, e.g. '{"rel_l1_thresh": 0.4}'.
+    #[arg(long, env = "TEASERVE_CACHE_CONFIG")]
+    pub cache_config: Option<String>,
+    /// Most sessions at once (Generate calls included); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TEASERVE_MAX_SESSIONS", default_value_t = 64)]
+    pub max_sessions: usize,
+    /// Most bytes all sessions may hold together (latents, inputs, cached residuals).
+    #[arg(long, env = "TEASERVE_MAX_SESSION_MEMORY_BYTES", default_value_t = 8 << 30)]
+    pub max_session_memory_bytes: u64,
+    /// Idle sessions are dropped after this many seconds.
+    #[arg(long, env = "TEASERVE_SESSION_TTL_SECS", default_value_t = 600)]
+    pub session_ttl_secs: u64,
+    /// Largest gRPC message accepted or sent, in bytes (to clients and to denoisers).
+    #[arg(long, env = "TEASERVE_MAX_MESSAGE_BYTES", default_value_t = 512 << 20)]
+    pub max_message_bytes: usize,
+    /// Seconds in-flight calls may take to finish after SIGTERM / Ctrl-C.
+    #[arg(long, env = "TEASERVE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+    /// Log format (filter with RUST_LOG, default info).
+    #[arg(long, env = "TEASERVE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Args {
+    /// Reads `--config` and `--cache-config` and merges every configuration surface.
+    pub fn serve_options(&self) -> Result<ServeOptions, ConfigError> {
+        let stage = self.config.as_deref().map(StageConfig::load).transpose()?;
+        let json = self
+            .cache_config
+            .as_deref()
+            .map(CacheConfigSpec::from_json)
+            .transpose()?;
+        let defaults =
+            CacheDefaults::merge(stage.as_ref(), json.as_ref(), self.cache_adapter.as_deref())?;
+        if self.max_sessions == 0 {
+            return Err(ConfigError("--max-sessions must be at least 1".into()));
+        }
+        Ok(ServeOptions {
+            denoisers: self.denoisers.clone(),
+            defaults,
+            limits: SessionLimits {
+                max_sessions: self.max_sessions,
+                max_memory_bytes: self.max_session_memory_bytes,
+                ttl: Duration::from_secs(self.session_ttl_secs.max(1)),
+            },
+            max_message_bytes: self.max_message_bytes,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+        })
+    }
+}

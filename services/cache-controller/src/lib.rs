@@ -1,0 +1,16 @@
+//! teaserve's cache-controller: owns each generation session (latents, sigma schedule, per
+//! CFG-branch TeaCache state) and drives stateless denoisers step by step, deciding every
+//! timestep whether the transformer blocks run or a cached residual is reused.
+
+pub mod cache_config;
+pub mod config;
+pub mod error;
+pub mod models;
+pub mod orchestrator;
+pub mod policy;
+pub mod pool;
+pub mod schedule;
+pub mod server;
+pub mod session;
+
+pub use error::ControllerError;

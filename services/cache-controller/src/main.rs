@@ -1,0 +1,29 @@
+//! `cache-controller`: teaserve's session owner and TeaCache decision maker.
+
+use anyhow::Context as _;
+use clap::Parser;
+use teaserve_controller::config::{Args, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let opts = args.serve_options().context("configuration")?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    teaserve_controller::server::serve(listener, opts, teaserve_proto::serving::shutdown_signal())
+        .await
+        .context("cache-controller stopped with an error")?;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

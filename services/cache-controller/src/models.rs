@@ -1,0 +1,83 @@
+//! The controller's model table (the gRPC face of the seed's `EXTRACTOR_REGISTRY`): for each
+//! model type, its default TeaCache coefficients and threshold and its default sigma schedule.
+
+use crate::policy::Coefficients;
+
+/// Default TeaCache threshold when a request sets none.
+pub const DEFAULT_REL_L1_THRESH: f64 = 0.2;
+
+/// A flow-matching schedule with diffusers' resolution-dependent ("dynamic") shift.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ShiftedSchedule {
+    /// Sequence length at which the shift is `base_shift`.
+    pub base_image_seq_len: f64,
+    /// Sequence length at which the shift is `max_shift`.
+    pub max_image_seq_len: f64,
+    /// mu at `base_image_seq_len`.
+    pub base_shift: f64,
+    /// mu at `max_image_seq_len`.
+    pub max_shift: f64,
+    /// Stretch so the last sigma lands here (Qwen-Image: 0.02); `None` for FLUX.
+    pub shift_terminal: Option<f64>,
+}
+
+/// One model type the controller knows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelDefaults {
+    /// Pipeline class name, e.g. `FluxPipeline`.
+    pub model_type: &'static str,
+    /// Default TeaCache coefficients, highest power first.
+    pub coefficients: Coefficients,
+    /// Default threshold.
+    pub rel_l1_thresh: f64,
+    /// Default sigma schedule.
+    pub schedule: ShiftedSchedule,
+}
+
+/// Every model type with TeaCache coefficients, in the order error messages list them.
+pub static MODELS: &[ModelDefaults] = &[
+    ModelDefaults {
+        model_type: "FluxPipeline",
+        coefficients: [
+            4.98651651e+02,
+            -2.83781631e+02,
+            5.58554382e+01,
+            -3.82021401e+00,
+            2.64230861e-01,
+        ],
+        rel_l1_thresh: DEFAULT_REL_L1_THRESH,
+        schedule: ShiftedSchedule {
+            base_image_seq_len: 256.0,
+            max_image_seq_len: 4096.0,
+            base_shift: 0.5,
+            max_shift: 1.15,
+            shift_terminal: None,
+        },
+    },
+    ModelDefaults {
+        model_type: "QwenImagePipeline",
+        coefficients: [-4.5e+02, 2.8e+02, -4.5e+01, 3.2e+00, -2.0e-02],
+        rel_l1_thresh: DEFAULT_REL_L1_THRESH,
+        schedule: ShiftedSchedule {
+            base_image_seq_len: 256.0,
+            max_image_seq_len: 8192.0,
+            base_shift: 0.5,
+            max_shift: 0.9,
+            shift_terminal: Some(0.02),
+        },
+    },
+];
+
+/// Looks up a model type.
+pub fn lookup(model_type: &str) -> Option<&'static ModelDefaults> {
+    MODELS.iter().find(|m| m.model_type == model_type)
+}
+
+/// The supported model types as Python writes a list of strings: `['A', 'B']`.
+pub fn supported_list() -> String {
+    let names: Vec<String> = MODELS
+        .iter()
+        .map(|m| format!("'{}'", m.model_type))
+        .collect();
+    format!("[{}]", names.join(", "))
+}

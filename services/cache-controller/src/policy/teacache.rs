@@ -1,0 +1,457 @@
+//! TeaCache, exactly as the reference implementation decides (design.md §5), per CFG branch.
+//!
+//! At step `i` of `N`: the first and last step always compute and reset the accumulator;
+//! otherwise the relative L1 distance between this step's modulated input and the previous
+//! one, rescaled by the model's polynomial, is accumulated, and the blocks are skipped while
+//! the accumulator stays below the threshold (`accumulated == thresh` computes). When the
+//! blocks run, the residual `out - in` of every stream is kept; when skipped, `in + residual`
+//! stands in for the blocks' output.
+//!
+//! Pure: no I/O. Residuals are candle CPU tensors.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+/// Coefficients of `poly(x) = c0 x^4 + c1 x^3 + c2 x^2 + c3 x + c4` (highest power first).
+pub type Coefficients = [f64; 5];
+
+/// Added to the denominator of the relative L1 distance.
+pub const REL_EPS: f64 = 1e-8;
+
+/// TeaCache settings for one session (shared by its branches).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeaCacheParams {
+    /// Skip the blocks while the accumulated rescaled distance stays below this.
+    pub rel_l1_thresh: f64,
+    /// The rescaling polynomial.
+    pub coefficients: Coefficients,
+    /// Extension: the first `warmup_steps` steps always compute (0 = reference behaviour).
+    pub warmup_steps: u32,
+    /// Extension: the last `cooldown_steps` steps always compute (0 = reference behaviour).
+    pub cooldown_steps: u32,
+    /// Extension: compute after this many reuses in a row (`None` = reference behaviour).
+    pub max_consecutive_reuses: Option<u32>,
+}
+
+/// Evaluates the rescaling polynomial (Horner, highest power first).
+pub fn poly(c: &Coefficients, x: f64) -> f64 {
+    c.iter().fold(0.0, |acc, &ci| acc * x + ci)
+}
+
+/// `mean(|m - prev|) / (mean(|prev|) + 1e-8)` over whole tensors, accumulated in f64.
+/// `m` and `prev` must have the same length.
+pub fn rel_l1(m: &[f32], prev: &[f32]) -> f64 {
+    let n = m.len().max(1) as f64;
+    let (diff, base) = m
+        .iter()
+        .zip(prev)
+        .fold((0.0f64, 0.0f64), |(d, b), (&x, &p)| {
+            (
+                d + (f64::from(x) - f64::from(p)).abs(),
+                b + f64::from(p).abs(),
+            )
+        });
+    (diff / n) / (base / n + REL_EPS)
+}
+
+/// Why a step computed regardless of the distance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forced {
+    /// First step of the run, or no previous indicator (fresh or reset state).
+    First,
+    /// Last step of the run.
+    Last,
+    /// The indicator's shape changed since the previous step.
+    ShapeChanged,
+    /// Within `warmup_steps`.
+    Warmup,
+    /// Within `cooldown_steps`.
+    Cooldown,
+    /// `max_consecutive_reuses` reached.
+    ReuseCap,
+    /// The other CFG branch needed compute and the decision is shared.
+    SharedCfg,
+}
+
+/// One branch's decision at one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Run the blocks (true) or reuse the cached residual (false).
+    pub compute: bool,
+    /// Set when the step computed regardless of the distance.
+    pub forced: Option<Forced>,
+    /// The relative L1 distance, when it was computed.
+    pub rel_l1: Option<f64>,
+    /// `|poly(rel_l1)|`, when it was computed.
+    pub rescaled: Option<f64>,
+    /// The accumulator as compared with the threshold (0 on forced steps).
+    pub accumulated: f64,
+}
+
+/// Per-branch TeaCache state: {cnt, accumulated, previous modulated input, residual per
+/// stream}.
+#[derive(Debug, Clone, Default)]
+pub struct BranchState {
+    /// Decisions taken since the state was created or reset.
+    pub cnt: u32,
+    /// Accumulated rescaled distance since the last compute.
+    pub accumulated: f64,
+    prev: Option<(Vec<usize>, Vec<f32>)>,
+    residuals: HashMap<String, Tensor>,
+    consecutive_reuses: u32,
+}
+
+impl BranchState {
+    /// A fresh state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Clears everything (the seed's `adapter.reset`): the next decision computes.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    /// Decides step `step` of `num_steps` from this step's modulated input `m` (with `shape`),
+    /// and records `m` as the previous indicator.
+    pub fn decide(
+        &mut self,
+        params: &TeaCacheParams,
+        step: usize,
+        num_steps: usize,
+        shape: &[usize],
+        m: &[f32],
+    ) -> Decision {
+        let prev = self.prev.take();
+        let forced = if step == 0 {
+            Some(Forced::First)
+        } else if step + 1 >= num_steps {
+            Some(Forced::Last)
+        } else if step < params.warmup_steps as usize {
+            Some(Forced::Warmup)
+        } else if step + params.cooldown_steps as usize >= num_steps {
+            Some(Forced::Cooldown)
+        } else {
+            match &prev {
+                None => Some(Forced::First),
+                Some((s, _)) if s.as_slice() != shape => Some(Forced::ShapeChanged),
+                Some(_) => None,
+            }
+        };
+        let decision = match (forced, &prev) {
+            (None, Some((_, p))) => {
+                let rel = rel_l1(m, p);
+                let rescaled = poly(&params.coefficients, rel).abs();
+                self.accumulated += rescaled;
+                let compared = self.accumulated;
+                let capped = params
+                    .max_consecutive_reuses
+                    .is_some_and(|cap| self.consecutive_reuses >= cap);
+                let compute = compared >= params.rel_l1_thresh || capped;
+                Decision {
+                    compute,
+                    forced: (capped && compared < params.rel_l1_thresh).then_some(Forced::ReuseCap),
+                    rel_l1: Some(rel),
+                    rescaled: Some(rescaled),
+                    accumulated: compared,
+                }
+            }
+            (forced, _) => Decision {
+                compute: true,
+                forced: forced.or(Some(Forced::First)),
+                rel_l1: None,
+                rescaled: None,
+                accumulated: 0.0,
+            },
+        };
+        if decision.compute {
+            self.accumulated = 0.0;
+            self.consecutive_reuses = 0;
+        } else {
+            self.consecutive_reuses += 1;
+        }
+        self.prev = Some((shape.to_vec(), m.to_vec()));
+        self.cnt += 1;
+        decision
+    }
+
+    /// Turns a reuse decision into a compute (shared CFG decision): the accumulator resets
+    /// as on any compute.
+    pub fn force_compute(&mut self, decision: &mut Decision, why: Forced) {
+        if !decision.compute {
+            decision.compute = true;
+            decision.forced = Some(why);
+            self.accumulated = 0.0;
+            self.consecutive_reuses = 0;
+        }
+    }
+
+    /// Stores `out - in` for every stream after the blocks ran.
+    pub fn store_residuals(
+        &mut self,
+        inputs: &HashMap<String, Tensor>,
+        outputs: &HashMap<String, Tensor>,
+    ) -> candle_core::Result<()> {
+        self.residuals.clear();
+        for (name, out) in outputs {
+            if let Some(inp) = inputs.get(name) {
+                self.residuals.insert(name.clone(), (out - inp)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// `in + residual` for every stream, standing in for the blocks' output. Fails when a
+    /// stream has no residual of the same shape (the caller then computes instead).
+    pub fn apply_residuals(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>, String> {
+        inputs
+            .iter()
+            .map(|(name, inp)| {
+                let r = self
+                    .residuals
+                    .get(name)
+                    .ok_or_else(|| format!("no cached residual for stream '{name}'"))?;
+                if r.dims() != inp.dims() {
+                    return Err(format!(
+                        "cached residual for '{name}' has shape {:?}, stream has {:?}",
+                        r.dims(),
+                        inp.dims()
+                    ));
+                }
+                Ok((name.clone(), (inp + r).map_err(|e| e.to_string())?))
+            })
+            .collect()
+    }
+
+    /// Bytes held by this state (indicator and residuals).
+    pub fn memory_bytes(&self) -> u64 {
+        let prev = self.prev.as_ref().map_or(0, |(_, v)| v.len() * 4);
+        let res: usize = self
+            .residuals
+            .values()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        (prev + res) as u64
+    }
+
+    /// Whether residuals are cached for exactly these streams.
+    pub fn has_residuals_for(&self, inputs: &HashMap<String, Tensor>) -> bool {
+        !inputs.is_empty()
+            && inputs
+                .iter()
+                .all(|(k, v)| self.residuals.get(k).is_some_and(|r| r.dims() == v.dims()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::float_cmp)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// poly(x) = x: rescaled distance = rel_l1 itself, easy to compute by hand.
+    const IDENTITY: Coefficients = [0.0, 0.0, 0.0, 1.0, 0.0];
+
+    fn params(thresh: f64) -> TeaCacheParams {
+        TeaCacheParams {
+            rel_l1_thresh: thresh,
+            coefficients: IDENTITY,
+            warmup_steps: 0,
+            cooldown_steps: 0,
+            max_consecutive_reuses: None,
+        }
+    }
+
+    /// Indicators whose successive rel-L1 distances are `rels` (prev has mean |x| = 1).
+    fn run(p: &TeaCacheParams, values: &[f32]) -> Vec<Decision> {
+        let mut s = BranchState::new();
+        let n = values.len();
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| s.decide(p, i, n, &[1, 2], &[*v, *v]))
+            .collect()
+    }
+
+    fn computes(d: &[Decision]) -> Vec<bool> {
+        d.iter().map(|d| d.compute).collect()
+    }
+
+    #[test]
+    fn rel_l1_and_poly_by_hand() {
+        assert!((rel_l1(&[1.1, -2.2], &[1.0, -2.0]) - 0.3 / 3.0).abs() < 1e-7);
+        let c = [1.0, 2.0, 3.0, 4.0, 5.0];
+        assert_eq!(poly(&c, 2.0), 16.0 + 16.0 + 12.0 + 8.0 + 5.0);
+        assert_eq!(rel_l1(&[0.0], &[0.0]), 0.0);
+    }
+
+    #[test]
+    fn first_and_last_always_compute_and_accumulate_between() {
+        // values 1.0, 1.1, 1.2, 1.3, 1.4: rel = 0.1, 0.0909.., 0.0833.., 0.0769..
+        let d = run(&params(0.15), &[1.0, 1.1, 1.2, 1.3, 1.4]);
+        assert_eq!(computes(&d), vec![true, false, true, false, true]);
+        assert_eq!(d[0].forced, Some(Forced::First));
+        assert_eq!((d[0].rel_l1, d[0].accumulated), (None, 0.0));
+        assert!((d[1].rel_l1.unwrap() - 0.1).abs() < 1e-6);
+        assert!((d[1].accumulated - 0.1).abs() < 1e-6);
+        // 0.1 + 0.0909 = 0.1909 >= 0.15: compute, and the accumulator resets.
+        assert!((d[2].accumulated - (0.1 + 0.1 / 1.1)).abs() < 1e-6);
+        assert_eq!(d[2].forced, None);
+        assert!((d[3].accumulated - 0.1 / 1.2).abs() < 1e-6);
+        assert_eq!(d[4].forced, Some(Forced::Last));
+    }
+
+    #[test]
+    fn threshold_edge_equal_computes() {
+        // 2.0 -> 3.0: rel = 1 / (2 + 1e-8), computed exactly as the policy does.
+        let edge = 1.0 / (2.0 + REL_EPS);
+        let d = run(&params(edge), &[2.0, 3.0, 3.0, 3.0]);
+        assert_eq!(d[1].accumulated, edge);
+        assert!(d[1].compute, "accumulated == thresh must compute");
+        assert_eq!(d[1].forced, None);
+        // The next representable threshold above it: reuse.
+        let d = run(&params(edge.next_up()), &[2.0, 3.0, 3.0, 3.0]);
+        assert!(!d[1].compute);
+    }
+
+    #[test]
+    fn rescaled_is_absolute_value_of_poly() {
+        let p = TeaCacheParams {
+            coefficients: [0.0, 0.0, 0.0, -1.0, 0.0],
+            ..params(0.15)
+        };
+        let d = run(&p, &[1.0, 1.1, 1.2, 1.3]);
+        assert!((d[1].rescaled.unwrap() - 0.1).abs() < 1e-6);
+        assert_eq!(computes(&d), vec![true, false, true, true]);
+    }
+
+    #[test]
+    fn coefficient_override_changes_decisions() {
+        let values = [1.0, 1.1, 1.2, 1.3, 1.4, 1.5];
+        let small = TeaCacheParams {
+            coefficients: [0.0, 0.0, 0.0, 0.1, 0.0],
+            ..params(0.15)
+        };
+        // rescaled = 0.1 * rel ~ 0.009 per step: never reaches 0.15 between the forced ends.
+        assert_eq!(
+            computes(&run(&small, &values)),
+            vec![true, false, false, false, false, true]
+        );
+        // constant term 0.2 alone crosses the threshold every step.
+        let constant = TeaCacheParams {
+            coefficients: [0.0, 0.0, 0.0, 0.0, 0.2],
+            ..params(0.15)
+        };
+        assert_eq!(computes(&run(&constant, &values)), vec![true; 6]);
+    }
+
+    #[test]
+    fn shape_change_forces_compute_and_resets() {
+        let p = params(10.0);
+        let mut s = BranchState::new();
+        assert!(s.decide(&p, 0, 5, &[1, 2], &[1.0, 1.0]).compute);
+        assert!(!s.decide(&p, 1, 5, &[1, 2], &[1.1, 1.1]).compute);
+        assert!(s.accumulated > 0.0);
+        let d = s.decide(&p, 2, 5, &[1, 3], &[1.0, 1.0, 1.0]);
+        assert_eq!((d.compute, d.forced), (true, Some(Forced::ShapeChanged)));
+        assert_eq!(s.accumulated, 0.0);
+        assert!(!s.decide(&p, 3, 5, &[1, 3], &[1.0, 1.0, 1.1]).compute);
+    }
+
+    #[test]
+    fn reset_makes_the_next_step_compute() {
+        let p = params(10.0);
+        let mut s = BranchState::new();
+        s.decide(&p, 0, 5, &[1], &[1.0]);
+        assert!(!s.decide(&p, 1, 5, &[1], &[1.0]).compute);
+        s.reset();
+        assert_eq!(s.cnt, 0);
+        let d = s.decide(&p, 2, 5, &[1], &[1.0]);
+        assert_eq!((d.compute, d.forced), (true, Some(Forced::First)));
+    }
+
+    #[test]
+    fn warmup_cooldown_and_reuse_cap() {
+        let values = [1.0; 8];
+        let never = params(1e9);
+        assert_eq!(
+            computes(&run(&never, &values)),
+            vec![true, false, false, false, false, false, false, true]
+        );
+        let warm = TeaCacheParams {
+            warmup_steps: 3,
+            ..never.clone()
+        };
+        let d = run(&warm, &values);
+        assert_eq!(
+            computes(&d),
+            vec![true, true, true, false, false, false, false, true]
+        );
+        assert_eq!(d[2].forced, Some(Forced::Warmup));
+        let cool = TeaCacheParams {
+            cooldown_steps: 3,
+            ..never.clone()
+        };
+        let d = run(&cool, &values);
+        assert_eq!(
+            computes(&d),
+            vec![true, false, false, false, false, true, true, true]
+        );
+        assert_eq!(d[5].forced, Some(Forced::Cooldown));
+        assert_eq!(d[7].forced, Some(Forced::Last));
+        let capped = TeaCacheParams {
+            max_consecutive_reuses: Some(2),
+            ..never
+        };
+        let d = run(&capped, &values);
+        assert_eq!(
+            computes(&d),
+            vec![true, false, false, true, false, false, true, true]
+        );
+        assert_eq!(d[3].forced, Some(Forced::ReuseCap));
+    }
+
+    #[test]
+    fn shared_decision_forces_and_resets() {
+        let p = params(10.0);
+        let mut s = BranchState::new();
+        s.decide(&p, 0, 5, &[1], &[1.0]);
+        let mut d = s.decide(&p, 1, 5, &[1], &[2.0]);
+        assert!(!d.compute && s.accumulated > 0.0);
+        s.force_compute(&mut d, Forced::SharedCfg);
+        assert_eq!((d.compute, d.forced), (true, Some(Forced::SharedCfg)));
+        assert_eq!(s.accumulated, 0.0);
+    }
+
+    #[test]
+    fn residuals_round_trip() {
+        let dev = Device::Cpu;
+        let t = |v: &[f32]| Tensor::new(v, &dev).unwrap();
+        let mut s = BranchState::new();
+        let inp = HashMap::from([
+            ("h".to_string(), t(&[1.0, 2.0])),
+            ("e".to_string(), t(&[0.0])),
+        ]);
+        let out = HashMap::from([
+            ("h".to_string(), t(&[1.5, 1.0])),
+            ("e".to_string(), t(&[3.0])),
+        ]);
+        assert!(!s.has_residuals_for(&inp));
+        s.store_residuals(&inp, &out).unwrap();
+        assert!(s.has_residuals_for(&inp));
+        let next = HashMap::from([
+            ("h".to_string(), t(&[10.0, 10.0])),
+            ("e".to_string(), t(&[1.0])),
+        ]);
+        let r = s.apply_residuals(&next).unwrap();
+        assert_eq!(r["h"].to_vec1::<f32>().unwrap(), vec![10.5, 9.0]);
+        assert_eq!(r["e"].to_vec1::<f32>().unwrap(), vec![4.0]);
+        assert_eq!(s.memory_bytes(), 12);
+        let wrong = HashMap::from([("h".to_string(), t(&[1.0]))]);
+        assert!(s.apply_residuals(&wrong).is_err());
+    }
+}

@@ -1,0 +1,310 @@
+//! The gRPC face of the controller: `teaserve.v1.CacheController` (Generate, ListModels,
+//! explicit sessions), plus `grpc.health.v1` and server reflection.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use teaserve_proto::serving::bounded_shutdown;
+use teaserve_proto::v1::cache_controller_server::{CacheController, CacheControllerServer};
+use teaserve_proto::v1::{self, generate_event};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status};
+
+use crate::cache_config::CacheDefaults;
+use crate::error::ControllerError;
+use crate::models;
+use crate::orchestrator::{self, CallCounts};
+use crate::pool::DenoiserPool;
+use crate::session::{Session, SessionLimits, SessionStore};
+
+/// The `teaserve.v1.CacheController` service.
+#[derive(Clone)]
+pub struct ControllerService {
+    store: SessionStore,
+    pool: DenoiserPool,
+    defaults: CacheDefaults,
+    max_message_bytes: usize,
+}
+
+impl ControllerService {
+    /// A service over `pool`, with `defaults` for requests that leave settings unset.
+    pub fn new(
+        pool: DenoiserPool,
+        defaults: CacheDefaults,
+        limits: SessionLimits,
+        max_message_bytes: usize,
+    ) -> Self {
+        Self {
+            store: SessionStore::new(limits),
+            pool,
+            defaults,
+            max_message_bytes,
+        }
+    }
+
+    /// The live sessions.
+    pub fn store(&self) -> &SessionStore {
+        &self.store
+    }
+
+    fn create(
+        &self,
+        req: &v1::GenerateRequest,
+    ) -> Result<(String, v1::SessionInfo), ControllerError> {
+        let session = Session::create(req, &self.defaults, self.max_message_bytes)?;
+        let info = session.info(Duration::ZERO);
+        let id = self.store.insert(session)?;
+        tracing::info!(
+            session_id = %id,
+            model_type = %info.model_type,
+            steps = info.num_inference_steps,
+            adapter = %info.cache_adapter,
+            threshold = info.rel_l1_thresh,
+            cfg = info.cfg,
+            "session created"
+        );
+        Ok((id, info))
+    }
+}
+
+/// Removes a session from the store when dropped (a Generate that ends in any way).
+struct RemoveOnDrop(SessionStore, String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        self.0.remove(&self.1);
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> + Send>>;
+
+async fn drive(
+    store: SessionStore,
+    pool: DenoiserPool,
+    id: String,
+    tx: mpsc::Sender<Result<v1::GenerateEvent, Status>>,
+) {
+    let _remove = RemoveOnDrop(store.clone(), id.clone());
+    let started = Instant::now();
+    let mut handle = match store.checkout(&id) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = tx.send(Err(e.into())).await;
+            return;
+        }
+    };
+    let mut counts = CallCounts::default();
+    while !handle.session.finished() {
+        let step = tokio::select! {
+            r = orchestrator::run_step(&mut handle.session, &pool, &mut counts) => r,
+            () = tx.closed() => {
+                tracing::info!(session_id = %id, "Generate cancelled by the client; session freed");
+                return;
+            }
+        };
+        match step {
+            Ok(event) => {
+                handle.commit();
+                let msg = v1::GenerateEvent {
+                    event: Some(generate_event::Event::Step(event)),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    tracing::info!(session_id = %id, "Generate cancelled by the client; session freed");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(session_id = %id, error = %e, "generation failed");
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
+    }
+    let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+    let msg = orchestrator::result(&handle.session, wall_ms).map(|r| v1::GenerateEvent {
+        event: Some(generate_event::Event::Result(r)),
+    });
+    let (computed, reused) = handle.session.counts();
+    tracing::info!(session_id = %id, computed, reused, wall_ms, run_blocks_calls = counts.run_blocks, "generation finished");
+    let _ = tx.send(msg.map_err(Status::from)).await;
+}
+
+#[tonic::async_trait]
+impl CacheController for ControllerService {
+    type GenerateStream = EventStream;
+
+    async fn generate(
+        &self,
+        req: Request<v1::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let (id, _) = self.create(req.get_ref())?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(drive(self.store.clone(), self.pool.clone(), id, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_models(
+        &self,
+        _req: Request<v1::ListModelsRequest>,
+    ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        self.pool.refresh().await;
+        let endpoints = self.pool.endpoints();
+        let models = models::MODELS
+            .iter()
+            .map(|m| v1::ModelInfo {
+                model_type: m.model_type.to_string(),
+                coefficients: m.coefficients.to_vec(),
+                default_rel_l1_thresh: m.rel_l1_thresh,
+                endpoints: endpoints
+                    .iter()
+                    .filter(|(_, t)| t.as_deref() == Some(m.model_type))
+                    .map(|(url, _)| url.clone())
+                    .collect(),
+                text_mode: false,
+            })
+            .collect();
+        Ok(Response::new(v1::ListModelsResponse { models }))
+    }
+
+    async fn create_session(
+        &self,
+        req: Request<v1::CreateSessionRequest>,
+    ) -> Result<Response<v1::CreateSessionResponse>, Status> {
+        let req = req.into_inner().request.ok_or_else(|| {
+            Status::invalid_argument("CreateSession needs `request` (a GenerateRequest)")
+        })?;
+        let (_, info) = self.create(&req)?;
+        Ok(Response::new(v1::CreateSessionResponse {
+            session: Some(info),
+        }))
+    }
+
+    async fn step(
+        &self,
+        req: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::StepResponse>, Status> {
+        let req = req.into_inner();
+        let mut handle = self.store.checkout(&req.session_id)?;
+        let started = handle.session.created;
+        let mut counts = CallCounts::default();
+        let event = orchestrator::run_step(&mut handle.session, &self.pool, &mut counts).await;
+        let info = handle.commit();
+        let event = event?;
+        let done = handle.session.finished();
+        let result = if done {
+            Some(orchestrator::result(
+                &handle.session,
+                started.elapsed().as_secs_f64() * 1e3,
+            )?)
+        } else {
+            None
+        };
+        let latents = if req.return_latents || done {
+            Some(
+                teaserve_proto::encode_tensor(&handle.session.latents, v1::DType::F32)
+                    .map_err(ControllerError::from)?,
+            )
+        } else {
+            None
+        };
+        Ok(Response::new(v1::StepResponse {
+            event: Some(event),
+            session: Some(info),
+            latents,
+            result,
+        }))
+    }
+
+    async fn reset_session(
+        &self,
+        req: Request<v1::ResetSessionRequest>,
+    ) -> Result<Response<v1::ResetSessionResponse>, Status> {
+        let req = req.into_inner();
+        let mut handle = self.store.checkout(&req.session_id)?;
+        handle.session.reset(req.restart);
+        Ok(Response::new(v1::ResetSessionResponse {
+            session: Some(handle.commit()),
+        }))
+    }
+
+    async fn close_session(
+        &self,
+        req: Request<v1::CloseSessionRequest>,
+    ) -> Result<Response<v1::CloseSessionResponse>, Status> {
+        let id = req.into_inner().session_id;
+        // Checking out first refuses to close a session another call is using.
+        let handle = self.store.checkout(&id)?;
+        self.store.remove(&id);
+        drop(handle);
+        tracing::info!(session_id = %id, "session closed");
+        Ok(Response::new(v1::CloseSessionResponse {}))
+    }
+
+    async fn list_sessions(
+        &self,
+        _req: Request<v1::ListSessionsRequest>,
+    ) -> Result<Response<v1::ListSessionsResponse>, Status> {
+        Ok(Response::new(v1::ListSessionsResponse {
+            sessions: self.store.list(),
+        }))
+    }
+}
+
+/// Everything [`serve`] needs besides the listener.
+pub struct ServeOptions {
+    /// Denoiser endpoints.
+    pub denoisers: Vec<String>,
+    /// Server-wide cache defaults.
+    pub defaults: CacheDefaults,
+    /// Session bounds.
+    pub limits: SessionLimits,
+    /// Largest gRPC message accepted or sent (both to clients and to denoisers).
+    pub max_message_bytes: usize,
+    /// After the shutdown signal, how long in-flight calls may take.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves the controller on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ControllerError> {
+    let pool = DenoiserPool::new(&opts.denoisers, opts.max_message_bytes)?;
+    let discovery = pool.spawn_discovery(Duration::from_secs(2));
+    let service = ControllerService::new(pool, opts.defaults, opts.limits, opts.max_message_bytes);
+    let reaper = service.store().spawn_reaper();
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CacheControllerServer<ControllerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(teaserve_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ControllerError::Internal(format!("building reflection service: {e}")))?;
+    let max = opts.max_message_bytes;
+    tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
+    let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            CacheControllerServer::new(service)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let result = tokio::select! {
+        r = server => r,
+        () = drain_deadline => Ok(()),
+    };
+    discovery.abort();
+    reaper.abort();
+    result.map_err(|e| ControllerError::Unavailable(format!("gRPC server failed: {e}")))
+}

@@ -1,0 +1,502 @@
+//! Generation sessions: one per `Generate` call or explicit `CreateSession`, holding the
+//! latents, the sigma schedule and every CFG branch's inputs and TeaCache state; and the
+//! store that bounds them (count, memory, idle TTL).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType as CDType, Device, Tensor};
+use teaserve_proto::TensorMap;
+use teaserve_proto::codec::{self, dtype_name, is_float};
+use teaserve_proto::v1::{self, Branch, DType};
+
+use crate::cache_config::{self, CacheDefaults, CachePlan};
+use crate::error::ControllerError;
+use crate::models;
+use crate::policy::BranchState;
+use crate::schedule;
+
+/// Most steps one session may run.
+pub const MAX_STEPS: u32 = 1000;
+
+/// Inputs the controller sets itself each step; requests must not carry them.
+pub const RESERVED_INPUTS: [&str; 1] = ["timestep"];
+
+/// One CFG branch: its model inputs (without the latents) and its TeaCache state.
+#[derive(Debug)]
+pub struct BranchRun {
+    /// POSITIVE or NEGATIVE.
+    pub branch: Branch,
+    /// Model inputs for this branch, minus `hidden_states` and `timestep`.
+    pub inputs: TensorMap,
+    /// TeaCache state.
+    pub state: BranchState,
+    /// Steps whose blocks ran / were skipped.
+    pub computed: u32,
+    /// Steps that reused the cached residual.
+    pub reused: u32,
+}
+
+/// A generation in progress.
+#[derive(Debug)]
+pub struct Session {
+    /// Opaque id.
+    pub id: String,
+    /// The denoiser model (`model_class_name`).
+    pub model_type: String,
+    /// The caching in force.
+    pub plan: CachePlan,
+    /// `N + 1` sigmas, the last 0.
+    pub sigmas: Vec<f64>,
+    /// Index of the next step.
+    pub step: usize,
+    /// Latents at step 0 (f32, CPU), for `ResetSession { restart }`.
+    pub initial_latents: Tensor,
+    /// Current latents (f32, CPU), shape of `inputs["hidden_states"]`.
+    pub latents: Tensor,
+    /// POSITIVE, then NEGATIVE when CFG is on.
+    pub branches: Vec<BranchRun>,
+    /// `pred = neg + scale * (pos - neg)`.
+    pub true_cfg_scale: f64,
+    /// Rescale the CFG result to the positive prediction's norm (Qwen-Image).
+    pub cfg_renorm: bool,
+    /// Wire dtype for latents and streams.
+    pub wire_dtype: DType,
+    /// When the session was created.
+    pub created: Instant,
+}
+
+fn invalid(msg: impl Into<String>) -> ControllerError {
+    ControllerError::InvalidArgument(msg.into())
+}
+
+/// Checks a request map's tensors (dtype, shape, length, size cap, finite values).
+fn check_tensors(field: &str, map: &TensorMap, max_bytes: usize) -> Result<(), ControllerError> {
+    let mut names: Vec<&String> = map.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some(t) = map.get(name) {
+            codec::validate(t, max_bytes)
+                .and_then(|_| codec::check_finite(t))
+                .map_err(|e| invalid(format!("{field}['{name}']: {e}")))?;
+        }
+        if RESERVED_INPUTS.contains(&name.as_str()) {
+            return Err(invalid(format!(
+                "{field}['{name}'] is set by the controller from the sigma schedule; remove it"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Session {
+    /// Validates a request and builds its session (nothing runs yet).
+    pub fn create(
+        req: &v1::GenerateRequest,
+        defaults: &CacheDefaults,
+        max_message_bytes: usize,
+    ) -> Result<Self, ControllerError> {
+        let model_type = if req.model_class_name.is_empty() {
+            defaults.model_class_name.clone().ok_or_else(|| {
+                invalid(format!(
+                    "model_class_name is required (one of {})",
+                    models::supported_list()
+                ))
+            })?
+        } else {
+            req.model_class_name.clone()
+        };
+        if !req.prompt.is_empty()
+            || !req.negative_prompt.is_empty()
+            || req.height != 0
+            || req.width != 0
+            || req.seed != 0
+        {
+            return Err(invalid(format!(
+                "prompt / negative_prompt / seed / height / width need a model that ships a text \
+                 encoder; model type '{model_type}' takes model-native inputs (hidden_states, \
+                 encoder_hidden_states, ...)"
+            )));
+        }
+        let plan = cache_config::resolve(
+            defaults,
+            &req.cache_adapter,
+            req.cache_config.as_ref(),
+            &model_type,
+        )?;
+        let wire_dtype = match DType::try_from(req.wire_dtype) {
+            Ok(DType::DtypeUnspecified) => DType::F32,
+            Ok(d) if is_float(d) => d,
+            _ => {
+                return Err(invalid(format!(
+                    "wire_dtype {} is not accepted; accepted: F32 (default), F16, BF16",
+                    req.wire_dtype
+                )));
+            }
+        };
+
+        check_tensors("inputs", &req.inputs, max_message_bytes)?;
+        check_tensors("negative_inputs", &req.negative_inputs, max_message_bytes)?;
+        let hidden = req.inputs.get("hidden_states").ok_or_else(|| {
+            invalid("inputs['hidden_states'] (the initial packed latents [B, N, C]) is required")
+        })?;
+        let (hdtype, hshape) = codec::validate(hidden, max_message_bytes)
+            .map_err(|e| invalid(format!("inputs['hidden_states']: {e}")))?;
+        if !is_float(hdtype) || hshape.len() < 2 || hshape.contains(&0) {
+            return Err(invalid(format!(
+                "inputs['hidden_states'] must be a non-empty float tensor [B, N, C], got {} {:?}",
+                dtype_name(hdtype),
+                hshape
+            )));
+        }
+        if req.negative_inputs.contains_key("hidden_states") {
+            return Err(invalid(
+                "negative_inputs['hidden_states'] is not accepted: both branches share the latents",
+            ));
+        }
+        let cfg = !req.negative_inputs.is_empty();
+        if cfg && !req.true_cfg_scale.is_finite() {
+            return Err(invalid(format!(
+                "true_cfg_scale must be a finite number, got {}",
+                req.true_cfg_scale
+            )));
+        }
+
+        let num_steps = match (req.num_inference_steps, req.sigmas.len()) {
+            (0, 0) => {
+                return Err(invalid(format!(
+                    "num_inference_steps must be between 1 and {MAX_STEPS}, got 0"
+                )));
+            }
+            (0, n) => n as u32,
+            (s, 0) => s,
+            (s, n) if s as usize == n => s,
+            (s, n) => {
+                return Err(invalid(format!(
+                    "num_inference_steps is {s} but {n} sigmas were given; they must agree"
+                )));
+            }
+        };
+        if num_steps > MAX_STEPS {
+            return Err(invalid(format!(
+                "num_inference_steps must be between 1 and {MAX_STEPS}, got {num_steps}"
+            )));
+        }
+        let sigmas = if req.sigmas.is_empty() {
+            let m = models::lookup(&model_type).ok_or_else(|| {
+                invalid(format!(
+                    "model type '{model_type}' has no default schedule; pass sigmas, or use one of {}",
+                    models::supported_list()
+                ))
+            })?;
+            schedule::default_sigmas(&m.schedule, num_steps as usize, hshape[1])
+        } else {
+            if let Some(bad) = req
+                .sigmas
+                .iter()
+                .find(|s| !(s.is_finite() && (0.0..=1.0).contains(*s)))
+            {
+                return Err(invalid(format!(
+                    "sigmas must be finite numbers in [0, 1], got {bad}"
+                )));
+            }
+            schedule::from_explicit(&req.sigmas)
+        };
+
+        let latents = codec::decode_tensor(hidden, &Device::Cpu, max_message_bytes)
+            .map_err(|e| invalid(format!("inputs['hidden_states']: {e}")))?
+            .to_dtype(CDType::F32)?;
+        let mut positive = req.inputs.clone();
+        positive.remove("hidden_states");
+        let mut branches = vec![BranchRun {
+            branch: Branch::Positive,
+            inputs: positive.clone(),
+            state: BranchState::new(),
+            computed: 0,
+            reused: 0,
+        }];
+        if cfg {
+            let mut negative = positive;
+            negative.extend(req.negative_inputs.clone());
+            branches.push(BranchRun {
+                branch: Branch::Negative,
+                inputs: negative,
+                state: BranchState::new(),
+                computed: 0,
+                reused: 0,
+            });
+        }
+        Ok(Self {
+            id: uuid::Uuid::new_v4().to_string(),
+            model_type,
+            plan,
+            sigmas,
+            step: 0,
+            initial_latents: latents.clone(),
+            latents,
+            branches,
+            true_cfg_scale: req.true_cfg_scale,
+            cfg_renorm: req.cfg_renorm,
+            wire_dtype,
+            created: Instant::now(),
+        })
+    }
+
+    /// Number of denoising steps.
+    pub fn num_steps(&self) -> usize {
+        self.sigmas.len().saturating_sub(1)
+    }
+
+    /// Whether every step has run.
+    pub fn finished(&self) -> bool {
+        self.step >= self.num_steps()
+    }
+
+    /// Computed and reused steps, summed over branches.
+    pub fn counts(&self) -> (u32, u32) {
+        self.branches
+            .iter()
+            .fold((0, 0), |(c, r), b| (c + b.computed, r + b.reused))
+    }
+
+    /// Clears every branch's TeaCache state; with `restart`, also rewinds to step 0.
+    pub fn reset(&mut self, restart: bool) {
+        for b in &mut self.branches {
+            b.state.reset();
+            if restart {
+                b.computed = 0;
+                b.reused = 0;
+            }
+        }
+        if restart {
+            self.step = 0;
+            self.latents = self.initial_latents.clone();
+        }
+    }
+
+    /// Bytes held: latents (current and initial), branch inputs and cache state.
+    pub fn memory_bytes(&self) -> u64 {
+        let tensor = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let inputs: u64 = self
+            .branches
+            .iter()
+            .map(|b| {
+                b.inputs.values().map(|t| t.data.len() as u64).sum::<u64>() + b.state.memory_bytes()
+            })
+            .sum();
+        tensor(&self.latents) + tensor(&self.initial_latents) + inputs
+    }
+
+    /// The session's public description.
+    pub fn info(&self, idle: Duration) -> v1::SessionInfo {
+        let (computed, reused) = self.counts();
+        v1::SessionInfo {
+            session_id: self.id.clone(),
+            model_type: self.model_type.clone(),
+            cache_adapter: self.plan.adapter().to_string(),
+            rel_l1_thresh: self.plan.threshold(),
+            num_inference_steps: self.num_steps() as u32,
+            next_step: self.step as u32,
+            sigmas: self.sigmas.clone(),
+            computed_steps: computed,
+            reused_steps: reused,
+            memory_bytes: self.memory_bytes(),
+            idle_ms: idle.as_secs_f64() * 1e3,
+            cfg: self.branches.len() > 1,
+            finished: self.finished(),
+        }
+    }
+}
+
+/// Limits on the sessions one controller holds.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Most sessions at once (Generate calls included).
+    pub max_sessions: usize,
+    /// Most bytes all sessions may hold together.
+    pub max_memory_bytes: u64,
+    /// Idle sessions are dropped after this.
+    pub ttl: Duration,
+}
+
+struct Entry {
+    session: Arc<tokio::sync::Mutex<Session>>,
+    memory: Arc<AtomicU64>,
+    last_used: Arc<Mutex<Instant>>,
+    info: Arc<Mutex<v1::SessionInfo>>,
+}
+
+/// A session checked out of the store for one call.
+pub struct Handle {
+    /// The session, locked for the call.
+    pub session: tokio::sync::OwnedMutexGuard<Session>,
+    memory: Arc<AtomicU64>,
+    last_used: Arc<Mutex<Instant>>,
+    info: Arc<Mutex<v1::SessionInfo>>,
+}
+
+impl Handle {
+    /// Records the session's new size and description after a call changed it.
+    pub fn commit(&mut self) -> v1::SessionInfo {
+        self.memory
+            .store(self.session.memory_bytes(), Ordering::Relaxed);
+        let info = self.session.info(Duration::ZERO);
+        if let Ok(mut last) = self.last_used.lock() {
+            *last = Instant::now();
+        }
+        if let Ok(mut slot) = self.info.lock() {
+            *slot = info.clone();
+        }
+        info
+    }
+}
+
+/// All live sessions, bounded by [`SessionLimits`].
+#[derive(Clone)]
+pub struct SessionStore {
+    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    limits: SessionLimits,
+}
+
+impl SessionStore {
+    /// An empty store.
+    pub fn new(limits: SessionLimits) -> Self {
+        Self {
+            entries: Arc::new(Mutex::new(HashMap::new())),
+            limits,
+        }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<String, Entry>>, ControllerError> {
+        self.entries
+            .lock()
+            .map_err(|_| ControllerError::Internal("session store lock poisoned".into()))
+    }
+
+    /// Admits a new session, or refuses with RESOURCE_EXHAUSTED when the count or memory
+    /// budget would be exceeded; existing sessions are never touched.
+    pub fn insert(&self, session: Session) -> Result<String, ControllerError> {
+        let mut entries = self.lock()?;
+        if entries.len() >= self.limits.max_sessions {
+            return Err(ControllerError::ResourceExhausted(format!(
+                "{} sessions are open, the maximum (--max-sessions); close one or retry later",
+                entries.len()
+            )));
+        }
+        let used: u64 = entries
+            .values()
+            .map(|e| e.memory.load(Ordering::Relaxed))
+            .sum();
+        let need = session.memory_bytes();
+        if used + need > self.limits.max_memory_bytes {
+            return Err(ControllerError::ResourceExhausted(format!(
+                "session needs {need} bytes but {used} of {} are in use (--max-session-memory-bytes)",
+                self.limits.max_memory_bytes
+            )));
+        }
+        let id = session.id.clone();
+        let info = session.info(Duration::ZERO);
+        entries.insert(
+            id.clone(),
+            Entry {
+                session: Arc::new(tokio::sync::Mutex::new(session)),
+                memory: Arc::new(AtomicU64::new(need)),
+                last_used: Arc::new(Mutex::new(Instant::now())),
+                info: Arc::new(Mutex::new(info)),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Checks a session out for one call; ABORTED if another call holds it.
+    pub fn checkout(&self, id: &str) -> Result<Handle, ControllerError> {
+        let entries = self.lock()?;
+        let e = entries.get(id).ok_or_else(|| {
+            ControllerError::NotFound(format!(
+                "no session '{id}' (closed, expired, or never created)"
+            ))
+        })?;
+        let session = e.session.clone().try_lock_owned().map_err(|_| {
+            ControllerError::Aborted(format!("session '{id}' is busy with another call; retry"))
+        })?;
+        if let Ok(mut last) = e.last_used.lock() {
+            *last = Instant::now();
+        }
+        Ok(Handle {
+            session,
+            memory: e.memory.clone(),
+            last_used: e.last_used.clone(),
+            info: e.info.clone(),
+        })
+    }
+
+    /// Removes a session; false if it was not there.
+    pub fn remove(&self, id: &str) -> bool {
+        self.lock()
+            .map(|mut m| m.remove(id).is_some())
+            .unwrap_or(false)
+    }
+
+    /// Descriptions of every session (as of their last call).
+    pub fn list(&self) -> Vec<v1::SessionInfo> {
+        let Ok(entries) = self.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<v1::SessionInfo> = entries
+            .values()
+            .filter_map(|e| {
+                let idle = e.last_used.lock().map(|t| t.elapsed()).unwrap_or_default();
+                e.info.lock().ok().map(|i| v1::SessionInfo {
+                    idle_ms: idle.as_secs_f64() * 1e3,
+                    memory_bytes: e.memory.load(Ordering::Relaxed),
+                    ..i.clone()
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        out
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops sessions idle longer than the TTL (a session busy in a call is never idle).
+    pub fn expire(&self) -> usize {
+        let ttl = self.limits.ttl;
+        let Ok(mut entries) = self.lock() else {
+            return 0;
+        };
+        let before = entries.len();
+        entries.retain(|id, e| {
+            let busy = e.session.try_lock().is_err();
+            let idle = e.last_used.lock().map(|t| t.elapsed()).unwrap_or_default();
+            let keep = busy || idle < ttl;
+            if !keep {
+                tracing::info!(session_id = %id, idle_s = idle.as_secs_f64(), "session expired");
+            }
+            keep
+        });
+        before - entries.len()
+    }
+
+    /// Expires idle sessions periodically.
+    pub fn spawn_reaper(&self) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        let every = (self.limits.ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                store.expire();
+            }
+        })
+    }
+}
