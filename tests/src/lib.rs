@@ -10,12 +10,18 @@ use std::time::Duration;
 
 use crate::clap_free_args::denoiser_args;
 use candle_core::{DType, Device, Tensor};
+use std::sync::{Arc, Mutex};
 use teaserve_denoiser::loader::{HubOptions, resolve, var_builder};
 use teaserve_denoiser::models::flux::{Config, Flux, Inputs};
 use teaserve_denoiser::registry::LoadOptions;
+
+use teaserve_proto::v1;
+use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
 use teaserve_proto::v1::denoiser_client::DenoiserClient;
+use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use teaserve_proto::{TensorMap, encode_tensor};
 use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
 
 /// Folder of the reference fixtures copied into the repository.
 pub fn fixtures_dir() -> PathBuf {
@@ -229,4 +235,160 @@ impl Drop for TestDenoiser {
             let _ = tx.send(());
         }
     }
+}
+
+/// A cache-controller served in this process on a real loopback TCP socket.
+pub struct TestController {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestController {
+    /// Starts a controller with the binary's flags (e.g. `["--denoiser", url]`) on 127.0.0.1:0.
+    pub async fn start(flags: &[&str]) -> Self {
+        use clap::Parser as _;
+        let mut argv = vec!["cache-controller"];
+        argv.extend_from_slice(flags);
+        let args = teaserve_controller::config::Args::try_parse_from(argv).unwrap();
+        let opts = args.serve_options().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(teaserve_controller::server::serve(
+            listener,
+            opts,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        Self {
+            addr,
+            shutdown: Some(tx),
+        }
+    }
+
+    /// A CacheController client with large message limits.
+    pub async fn client(&self) -> CacheControllerClient<Channel> {
+        let url = format!("http://{}", self.addr);
+        let channel = loop {
+            match Channel::from_shared(url.clone()).unwrap().connect().await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        CacheControllerClient::new(channel)
+            .max_decoding_message_size(1 << 30)
+            .max_encoding_message_size(1 << 30)
+    }
+}
+
+impl Drop for TestController {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// What a [`RecordingProxy`] saw.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    /// Preprocess calls.
+    pub preprocess: usize,
+    /// RunBlocks calls.
+    pub run_blocks: usize,
+    /// Postprocess calls.
+    pub postprocess: usize,
+    /// Every Preprocess response's modulated input with its request's timestep, in order.
+    pub modulated: Vec<(f32, Tensor)>,
+}
+
+/// A real gRPC denoiser endpoint that forwards every call to an upstream denoiser and records
+/// what passes, so tests can count RunBlocks calls and see the modulated inputs the
+/// controller decided on.
+#[derive(Clone)]
+pub struct RecordingProxy {
+    upstream: DenoiserClient<Channel>,
+    /// What was seen so far.
+    pub log: Arc<Mutex<Recorded>>,
+}
+
+impl RecordingProxy {
+    /// Serves a proxy to `upstream` on 127.0.0.1:0; returns its URL and the proxy.
+    pub async fn start(upstream: &TestDenoiser) -> (String, Self) {
+        let proxy = Self {
+            upstream: upstream.client().await,
+            log: Arc::new(Mutex::new(Recorded::default())),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = DenoiserServer::new(proxy.clone())
+            .max_decoding_message_size(1 << 30)
+            .max_encoding_message_size(1 << 30);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (format!("http://{addr}"), proxy)
+    }
+
+    /// Forgets what was recorded.
+    pub fn clear(&self) {
+        *self.log.lock().unwrap() = Recorded::default();
+    }
+}
+
+#[tonic::async_trait]
+impl Denoiser for RecordingProxy {
+    async fn describe(
+        &self,
+        req: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::DescribeResponse>, Status> {
+        self.upstream.clone().describe(req.into_inner()).await
+    }
+
+    async fn preprocess(
+        &self,
+        req: Request<v1::PreprocessRequest>,
+    ) -> Result<Response<v1::PreprocessResponse>, Status> {
+        let req = req.into_inner();
+        let t = req
+            .inputs
+            .get("timestep")
+            .map(|t| decode(t).flatten_all().unwrap().to_vec1::<f32>().unwrap()[0])
+            .unwrap_or(f32::NAN);
+        let resp = self.upstream.clone().preprocess(req).await?;
+        let mut log = self.log.lock().unwrap();
+        log.preprocess += 1;
+        if let Some(m) = &resp.get_ref().modulated_input {
+            log.modulated.push((t, decode(m)));
+        }
+        Ok(resp)
+    }
+
+    async fn run_blocks(
+        &self,
+        req: Request<v1::RunBlocksRequest>,
+    ) -> Result<Response<v1::RunBlocksResponse>, Status> {
+        self.log.lock().unwrap().run_blocks += 1;
+        self.upstream.clone().run_blocks(req.into_inner()).await
+    }
+
+    async fn postprocess(
+        &self,
+        req: Request<v1::PostprocessRequest>,
+    ) -> Result<Response<v1::PostprocessResponse>, Status> {
+        self.log.lock().unwrap().postprocess += 1;
+        self.upstream.clone().postprocess(req.into_inner()).await
+    }
+}
+
+/// Decodes a wire tensor to f32 on the CPU.
+pub fn decode(t: &v1::Tensor) -> Tensor {
+    teaserve_proto::decode_tensor(t, &Device::Cpu, usize::MAX)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
 }

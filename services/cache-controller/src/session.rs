@@ -98,16 +98,26 @@ impl Session {
         defaults: &CacheDefaults,
         max_message_bytes: usize,
     ) -> Result<Self, ControllerError> {
-        let model_type = if req.model_class_name.is_empty() {
-            defaults.model_class_name.clone().ok_or_else(|| {
-                invalid(format!(
-                    "model_class_name is required (one of {})",
-                    models::supported_list()
-                ))
-            })?
+        // The cache plan first: its errors (the seed's) take precedence, and it injects
+        // model_class_name as the model type.
+        let model_class_name = if req.model_class_name.is_empty() {
+            defaults.model_class_name.clone().unwrap_or_default()
         } else {
             req.model_class_name.clone()
         };
+        let plan = cache_config::resolve(
+            defaults,
+            &req.cache_adapter,
+            req.cache_config.as_ref(),
+            &model_class_name,
+        )?;
+        if model_class_name.is_empty() {
+            return Err(invalid(format!(
+                "model_class_name is required (one of {})",
+                models::supported_list()
+            )));
+        }
+        let model_type = model_class_name;
         if !req.prompt.is_empty()
             || !req.negative_prompt.is_empty()
             || req.height != 0
@@ -120,12 +130,6 @@ impl Session {
                  encoder_hidden_states, ...)"
             )));
         }
-        let plan = cache_config::resolve(
-            defaults,
-            &req.cache_adapter,
-            req.cache_config.as_ref(),
-            &model_type,
-        )?;
         let wire_dtype = match DType::try_from(req.wire_dtype) {
             Ok(DType::DtypeUnspecified) => DType::F32,
             Ok(d) if is_float(d) => d,

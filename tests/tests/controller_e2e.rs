@@ -1,0 +1,383 @@
+//! Both services on loopback sockets with the flux-tiny fixture model: the controller's
+//! Generate stream and explicit sessions against an in-process reference loop and the pure
+//! TeaCache policy, with every denoiser call observed through a recording proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use candle_core::{DType as CDType, Device, Tensor};
+use teaserve_controller::models;
+use teaserve_controller::policy::{BranchState, TeaCacheParams};
+use teaserve_controller::schedule;
+use teaserve_proto::TensorMap;
+use teaserve_proto::v1::{self, DType, generate_event};
+use teaserve_tests::{
+    Fixture, RecordingProxy, TestController, TestDenoiser, decode, flux_inputs, load_flux,
+    max_abs_diff,
+};
+use tokio_stream::StreamExt as _;
+use tonic::Code;
+
+/// The model-native inputs of a fixture case, as a client sends them (no timestep: the
+/// controller sets it from the schedule).
+fn request_inputs(fx: &Fixture, prefix: &str) -> TensorMap {
+    let mut m = fx.wire_inputs(prefix, DType::F32);
+    m.remove("timestep");
+    m
+}
+
+fn request(
+    fx: &Fixture,
+    prefix: &str,
+    steps: u32,
+    adapter: &str,
+    thresh: Option<f64>,
+) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        model_class_name: "FluxPipeline".into(),
+        cache_adapter: adapter.into(),
+        cache_config: thresh.map(|t| v1::CacheConfig {
+            rel_l1_thresh: Some(t),
+            ..Default::default()
+        }),
+        num_inference_steps: steps,
+        inputs: request_inputs(fx, prefix),
+        ..Default::default()
+    }
+}
+
+struct Run {
+    steps: Vec<v1::StepEvent>,
+    result: v1::GenerateResult,
+}
+
+async fn generate(
+    c: &mut v1::cache_controller_client::CacheControllerClient<tonic::transport::Channel>,
+    req: v1::GenerateRequest,
+) -> Result<Run, tonic::Status> {
+    let mut stream = c.generate(req).await?.into_inner();
+    let mut steps = Vec::new();
+    while let Some(ev) = stream.next().await {
+        match ev?.event.unwrap() {
+            generate_event::Event::Step(s) => steps.push(s),
+            generate_event::Event::Result(result) => return Ok(Run { steps, result }),
+        }
+    }
+    panic!("stream ended without a result");
+}
+
+/// The reference: an in-process Euler loop over the monolithic forward.
+fn reference_loop(fx: &Fixture, prefix: &str, sigmas: &[f64]) -> Tensor {
+    let model = load_flux(fx);
+    let mut inputs = flux_inputs(fx, prefix);
+    let b = inputs.hidden_states.dim(0).unwrap();
+    let mut latents = inputs.hidden_states.to_dtype(CDType::F32).unwrap();
+    for w in sigmas.windows(2) {
+        inputs.hidden_states = latents.clone();
+        inputs.timestep = Tensor::full(w[0] as f32, b, &Device::Cpu).unwrap();
+        let v = model.forward(&inputs).unwrap();
+        latents = (&latents + (v * (w[1] - w[0])).unwrap()).unwrap();
+    }
+    latents
+}
+
+async fn pair(
+    fixture: &str,
+    controller_flags: &[&str],
+) -> (Fixture, TestDenoiser, RecordingProxy, TestController) {
+    let fx = Fixture::load(fixture);
+    let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let (url, proxy) = RecordingProxy::start(&denoiser).await;
+    let mut flags = vec!["--denoiser", url.as_str()];
+    flags.extend_from_slice(controller_flags);
+    let controller = TestController::start(&flags).await;
+    (fx, denoiser, proxy, controller)
+}
+
+#[tokio::test]
+async fn caching_off_equals_the_in_process_loop() {
+    let (fx, _d, proxy, ctl) = pair("flux-tiny", &[]).await;
+    let mut c = ctl.client().await;
+    for (prefix, steps, explicit) in [("", 6, None), ("b2.", 4, Some(vec![1.0, 0.7, 0.4, 0.1]))] {
+        proxy.clear();
+        let mut req = request(&fx, prefix, steps, "none", None);
+        if let Some(s) = &explicit {
+            req.sigmas = s.clone();
+        }
+        let run = generate(&mut c, req).await.unwrap();
+        let sigmas: Vec<f64> = match &explicit {
+            Some(s) => schedule::from_explicit(s),
+            None => schedule::default_sigmas(
+                &models::lookup("FluxPipeline").unwrap().schedule,
+                steps as usize,
+                64,
+            ),
+        };
+        let streamed: Vec<f64> = run.steps.iter().map(|s| s.sigma).collect();
+        assert_eq!(
+            streamed,
+            sigmas[..steps as usize],
+            "StepEvent sigmas follow the schedule"
+        );
+        let want = reference_loop(&fx, prefix, &sigmas);
+        let got = decode(run.result.latents.as_ref().unwrap());
+        let d = max_abs_diff(&got, &want);
+        eprintln!(
+            "caching off, {prefix:<3} {steps} steps: final latents max|diff| vs in-process loop = {d:.3e}"
+        );
+        assert!(d <= 1e-5, "{d}");
+        assert_eq!(
+            (run.result.computed_steps, run.result.reused_steps),
+            (steps, 0)
+        );
+        let log = proxy.log.lock().unwrap();
+        assert_eq!(
+            (log.preprocess, log.run_blocks, log.postprocess),
+            (steps as usize, steps as usize, steps as usize)
+        );
+        for s in &run.steps {
+            assert_eq!(s.branches.len(), 1);
+            assert!(s.branches[0].computed && !s.branches[0].forced);
+        }
+    }
+}
+
+fn flux_params(thresh: f64) -> TeaCacheParams {
+    TeaCacheParams {
+        rel_l1_thresh: thresh,
+        coefficients: models::lookup("FluxPipeline").unwrap().coefficients,
+        warmup_steps: 0,
+        cooldown_steps: 0,
+        max_consecutive_reuses: None,
+    }
+}
+
+#[tokio::test]
+async fn teacache_decisions_follow_the_pure_policy() {
+    let (fx, _d, proxy, ctl) = pair("flux-tiny", &[]).await;
+    let mut c = ctl.client().await;
+    let steps = 12u32;
+    let mut computed_by_thresh = Vec::new();
+    for thresh in [0.05, 0.3, 0.6, 1.0, 2.0] {
+        proxy.clear();
+        let run = generate(&mut c, request(&fx, "", steps, "tea_cache", Some(thresh)))
+            .await
+            .unwrap();
+        let log = proxy.log.lock().unwrap();
+        // The pure policy over exactly the modulated inputs Preprocess returned.
+        let mut state = BranchState::new();
+        let p = flux_params(thresh);
+        assert_eq!(log.modulated.len(), steps as usize);
+        for (i, ((t, m), ev)) in log.modulated.iter().zip(&run.steps).enumerate() {
+            assert_eq!(*t, ev.sigma as f32, "step {i} timestep");
+            let values: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+            let want = state.decide(&p, i, steps as usize, m.dims(), &values);
+            let got = &ev.branches[0];
+            assert_eq!(got.branch, v1::Branch::Positive as i32);
+            assert_eq!(got.computed, want.compute, "thresh {thresh} step {i}");
+            assert_eq!(
+                got.forced,
+                want.forced.is_some(),
+                "thresh {thresh} step {i}"
+            );
+            assert_eq!(got.rel_l1, want.rel_l1, "thresh {thresh} step {i}");
+            assert_eq!(got.rescaled, want.rescaled, "thresh {thresh} step {i}");
+            assert_eq!(
+                got.accumulated, want.accumulated,
+                "thresh {thresh} step {i}"
+            );
+        }
+        assert!(run.steps[0].branches[0].computed && run.steps[0].branches[0].forced);
+        assert!(run.steps.last().unwrap().branches[0].forced);
+        // Reuse never calls RunBlocks.
+        assert_eq!(
+            log.run_blocks, run.result.computed_steps as usize,
+            "thresh {thresh}"
+        );
+        assert_eq!(log.postprocess, steps as usize);
+        assert_eq!(run.result.computed_steps + run.result.reused_steps, steps);
+        let pattern: String = run
+            .steps
+            .iter()
+            .map(|s| if s.branches[0].computed { 'C' } else { '.' })
+            .collect();
+        eprintln!(
+            "thresh {thresh:<4}: {pattern} computed {}/{steps}",
+            run.result.computed_steps
+        );
+        computed_by_thresh.push(run.result.computed_steps);
+    }
+    assert!(
+        computed_by_thresh.windows(2).all(|w| w[0] >= w[1]),
+        "{computed_by_thresh:?}"
+    );
+    assert!(
+        computed_by_thresh.first() > computed_by_thresh.last(),
+        "{computed_by_thresh:?}"
+    );
+}
+
+async fn expect_invalid(
+    c: &mut v1::cache_controller_client::CacheControllerClient<tonic::transport::Channel>,
+    req: v1::GenerateRequest,
+    code: Code,
+    message: &str,
+) {
+    let err = match c.generate(req).await {
+        Err(e) => e,
+        Ok(resp) => match resp.into_inner().next().await {
+            Some(Err(e)) => e,
+            other => panic!("expected an error, got {other:?}"),
+        },
+    };
+    assert_eq!(err.code(), code, "{}", err.message());
+    assert!(
+        err.message().contains(message),
+        "{:?} lacks {message:?}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn bad_configs_get_the_seed_messages_and_the_controller_keeps_serving() {
+    let (fx, _d, _proxy, ctl) = pair("flux-tiny", &[]).await;
+    let mut c = ctl.client().await;
+    let good = request(&fx, "", 3, "tea_cache", None);
+    let with_cfg = |cfg: v1::CacheConfig| v1::GenerateRequest {
+        cache_config: Some(cfg),
+        ..good.clone()
+    };
+
+    let mut no_type = good.clone();
+    no_type.model_class_name.clear();
+    expect_invalid(
+        &mut c,
+        no_type,
+        Code::InvalidArgument,
+        "model_type must be provided in cache_config",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        with_cfg(v1::CacheConfig {
+            model_type: "SD3Pipeline".into(),
+            ..Default::default()
+        }),
+        Code::InvalidArgument,
+        "Unknown model type: 'SD3Pipeline'. Supported: ['FluxPipeline', 'QwenImagePipeline']",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        v1::GenerateRequest {
+            cache_adapter: "first_block_cache".into(),
+            ..good.clone()
+        },
+        Code::InvalidArgument,
+        "Unknown cache adapter 'first_block_cache'. Supported: ['none', 'tea_cache']",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        with_cfg(v1::CacheConfig {
+            rel_l1_thresh: Some(-0.2),
+            ..Default::default()
+        }),
+        Code::InvalidArgument,
+        "rel_l1_thresh must be a finite number >= 0, got -0.2",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        with_cfg(v1::CacheConfig {
+            rel_l1_thresh: Some(f64::NAN),
+            ..Default::default()
+        }),
+        Code::InvalidArgument,
+        "rel_l1_thresh must be a finite number >= 0, got NaN",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        with_cfg(v1::CacheConfig {
+            coefficients: vec![1.0, 2.0, 3.0],
+            ..Default::default()
+        }),
+        Code::InvalidArgument,
+        "coefficients must be exactly 5 finite numbers (highest power first), got [1.0, 2.0, 3.0]",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        v1::GenerateRequest {
+            num_inference_steps: 0,
+            ..good.clone()
+        },
+        Code::InvalidArgument,
+        "num_inference_steps must be between 1 and 1000, got 0",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        v1::GenerateRequest {
+            sigmas: vec![1.0, f64::NAN, 0.5],
+            num_inference_steps: 3,
+            ..good.clone()
+        },
+        Code::InvalidArgument,
+        "sigmas must be finite numbers in [0, 1], got NaN",
+    )
+    .await;
+    let mut with_timestep = good.clone();
+    with_timestep.inputs.insert(
+        "timestep".into(),
+        fx.wire_inputs("", DType::F32)["timestep"].clone(),
+    );
+    expect_invalid(
+        &mut c,
+        with_timestep,
+        Code::InvalidArgument,
+        "inputs['timestep'] is set by the controller",
+    )
+    .await;
+    let mut no_latents = good.clone();
+    no_latents.inputs.remove("hidden_states");
+    expect_invalid(
+        &mut c,
+        no_latents,
+        Code::InvalidArgument,
+        "inputs['hidden_states']",
+    )
+    .await;
+    // The denoiser's own validation reaches the client as INVALID_ARGUMENT.
+    let mut no_text = good.clone();
+    no_text.inputs.remove("encoder_hidden_states");
+    expect_invalid(
+        &mut c,
+        no_text,
+        Code::InvalidArgument,
+        "missing inputs tensor 'encoder_hidden_states'",
+    )
+    .await;
+    // A model type nobody serves.
+    expect_invalid(
+        &mut c,
+        v1::GenerateRequest {
+            model_class_name: "QwenImagePipeline".into(),
+            ..good.clone()
+        },
+        Code::Unavailable,
+        "no denoiser serves model type 'QwenImagePipeline'",
+    )
+    .await;
+
+    let run = generate(&mut c, good).await.unwrap();
+    assert_eq!(run.steps.len(), 3);
+    let sessions = c
+        .list_sessions(v1::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        sessions.sessions.is_empty(),
+        "failed requests leave no session behind"
+    );
+}
