@@ -381,3 +381,318 @@ async fn bad_configs_get_the_seed_messages_and_the_controller_keeps_serving() {
         "failed requests leave no session behind"
     );
 }
+
+#[tokio::test]
+async fn explicit_sessions_drive_the_same_generation() {
+    let (fx, _d, proxy, ctl) = pair("flux-tiny", &["--max-sessions", "2"]).await;
+    let mut c = ctl.client().await;
+    let req = request(&fx, "", 5, "tea_cache", Some(0.6));
+    let reference = generate(&mut c, req.clone()).await.unwrap();
+
+    let created = c
+        .create_session(v1::CreateSessionRequest {
+            request: Some(req.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!((created.next_step, created.num_inference_steps), (0, 5));
+    assert_eq!(created.cache_adapter, "tea_cache");
+    assert_eq!(created.sigmas.len(), 6);
+    let id = created.session_id.clone();
+    let listed = c
+        .list_sessions(v1::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].session_id, id);
+    assert!(listed[0].memory_bytes > 0);
+
+    let step = |c: &mut v1::cache_controller_client::CacheControllerClient<_>, id: String| {
+        let mut c = c.clone();
+        async move {
+            c.step(v1::StepRequest {
+                session_id: id,
+                return_latents: false,
+            })
+            .await
+        }
+    };
+    let run_all = |c: v1::cache_controller_client::CacheControllerClient<_>, id: String| async move {
+        let mut c = c;
+        let mut events = Vec::new();
+        loop {
+            let r = step(&mut c, id.clone()).await.unwrap().into_inner();
+            events.push(r.event.unwrap());
+            if let Some(result) = r.result {
+                assert!(r.latents.is_some());
+                return (events, result);
+            }
+            assert!(r.latents.is_none());
+        }
+    };
+    let (events, result) = run_all(c.clone(), id.clone()).await;
+    let without_time = |e: &v1::StepEvent| v1::StepEvent {
+        elapsed_ms: 0.0,
+        ..e.clone()
+    };
+    assert_eq!(
+        events.iter().map(without_time).collect::<Vec<_>>(),
+        reference.steps.iter().map(without_time).collect::<Vec<_>>(),
+        "Step calls make the same decisions as Generate"
+    );
+    assert_eq!(
+        max_abs_diff(
+            &decode(result.latents.as_ref().unwrap()),
+            &decode(reference.result.latents.as_ref().unwrap())
+        ),
+        0.0
+    );
+    assert_eq!(
+        (result.computed_steps, result.reused_steps),
+        (
+            reference.result.computed_steps,
+            reference.result.reused_steps
+        )
+    );
+
+    // All steps done: another Step is refused, the session stays for inspection.
+    let err = step(&mut c, id.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+
+    // Reset with restart rewinds to step 0 and the run repeats bit for bit.
+    let reset = c
+        .reset_session(v1::ResetSessionRequest {
+            session_id: id.clone(),
+            restart: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    assert_eq!(
+        (reset.next_step, reset.computed_steps, reset.finished),
+        (0, 0, false)
+    );
+    let (_, again) = run_all(c.clone(), id.clone()).await;
+    assert_eq!(
+        max_abs_diff(
+            &decode(again.latents.as_ref().unwrap()),
+            &decode(result.latents.as_ref().unwrap())
+        ),
+        0.0
+    );
+
+    // A cache-only reset mid-run makes the next step compute (the seed's adapter.reset).
+    c.reset_session(v1::ResetSessionRequest {
+        session_id: id.clone(),
+        restart: true,
+    })
+    .await
+    .unwrap();
+    for _ in 0..2 {
+        step(&mut c, id.clone()).await.unwrap();
+    }
+    c.reset_session(v1::ResetSessionRequest {
+        session_id: id.clone(),
+        restart: false,
+    })
+    .await
+    .unwrap();
+    proxy.clear();
+    let ev = step(&mut c, id.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    assert!(ev.branches[0].computed && ev.branches[0].forced);
+    assert_eq!(proxy.log.lock().unwrap().run_blocks, 1);
+
+    // Session limit: a second session fits, a third does not; existing ones are untouched.
+    let second = c
+        .create_session(v1::CreateSessionRequest {
+            request: Some(req.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let err = c
+        .create_session(v1::CreateSessionRequest {
+            request: Some(req.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(
+        err.message().contains("--max-sessions"),
+        "{}",
+        err.message()
+    );
+    let err = c.generate(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    step(&mut c, id.clone()).await.unwrap();
+
+    // Close frees; unknown ids are NOT_FOUND.
+    c.close_session(v1::CloseSessionRequest {
+        session_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    c.close_session(v1::CloseSessionRequest {
+        session_id: second.session_id,
+    })
+    .await
+    .unwrap();
+    let err = step(&mut c, id.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    let err = c
+        .close_session(v1::CloseSessionRequest {
+            session_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        c.list_sessions(v1::ListSessionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions
+            .is_empty()
+    );
+    generate(&mut c, req).await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_sessions_expire_and_cancelled_streams_free_their_session() {
+    let (fx, _d, _proxy, ctl) = pair("flux-tiny", &["--session-ttl-secs", "1"]).await;
+    let mut c = ctl.client().await;
+    let req = request(&fx, "", 400, "none", None);
+    let id = c
+        .create_session(v1::CreateSessionRequest {
+            request: Some(req.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap()
+        .session_id;
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    let err = c
+        .step(v1::StepRequest {
+            session_id: id,
+            return_latents: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+
+    // A long generation, cancelled after its first event: the session goes at once.
+    let mut stream = c.generate(req).await.unwrap().into_inner();
+    stream.next().await.unwrap().unwrap();
+    assert_eq!(
+        c.list_sessions(v1::ListSessionsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions
+            .len(),
+        1
+    );
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !c
+        .list_sessions(v1::ListSessionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cancelled Generate kept its session"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn cfg_branches_keep_separate_state_and_list_models_reports_the_fleet() {
+    let (fx, _d, proxy, ctl) = pair("flux-tiny", &[]).await;
+    let mut c = ctl.client().await;
+    let models = c
+        .list_models(v1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let flux = models
+        .iter()
+        .find(|m| m.model_type == "FluxPipeline")
+        .unwrap();
+    assert_eq!(
+        flux.coefficients,
+        models::lookup("FluxPipeline")
+            .unwrap()
+            .coefficients
+            .to_vec()
+    );
+    assert_eq!(flux.default_rel_l1_thresh, 0.2);
+    assert_eq!(flux.endpoints.len(), 1);
+    let qwen = models
+        .iter()
+        .find(|m| m.model_type == "QwenImagePipeline")
+        .unwrap();
+    assert_eq!(
+        qwen.coefficients,
+        vec![-4.5e+02, 2.8e+02, -4.5e+01, 3.2e+00, -2.0e-02]
+    );
+    assert!(qwen.endpoints.is_empty());
+
+    // True CFG: a NEGATIVE branch with its own text; both branches decide on their own input.
+    let mut req = request(&fx, "", 8, "tea_cache", Some(0.6));
+    let neg_text = fx
+        .get("b2.in.encoder_hidden_states")
+        .narrow(0, 1, 1)
+        .unwrap();
+    req.negative_inputs.insert(
+        "encoder_hidden_states".into(),
+        teaserve_proto::encode_tensor(&neg_text, DType::F32).unwrap(),
+    );
+    req.true_cfg_scale = 3.0;
+    proxy.clear();
+    let run = generate(&mut c, req.clone()).await.unwrap();
+    for s in &run.steps {
+        let b: Vec<i32> = s.branches.iter().map(|b| b.branch).collect();
+        assert_eq!(
+            b,
+            vec![v1::Branch::Positive as i32, v1::Branch::Negative as i32]
+        );
+    }
+    assert_eq!(
+        proxy.log.lock().unwrap().run_blocks,
+        run.result.computed_steps as usize
+    );
+    assert_eq!(run.result.computed_steps + run.result.reused_steps, 16);
+
+    // Shared decision: both branches compute whenever either needs it.
+    req.cache_config.as_mut().unwrap().shared_cfg_decision = Some(true);
+    let shared = generate(&mut c, req).await.unwrap();
+    for s in &shared.steps {
+        assert_eq!(
+            s.branches[0].computed, s.branches[1].computed,
+            "step {}",
+            s.step
+        );
+    }
+}
