@@ -5,13 +5,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use teaserve_proto::serving::bounded_shutdown;
+use teaserve_proto::serving::{bounded_shutdown, nodelay_incoming};
 use teaserve_proto::v1::cache_controller_server::{CacheController, CacheControllerServer};
 use teaserve_proto::v1::{self, generate_event};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::cache_config::CacheDefaults;
@@ -291,7 +291,6 @@ pub async fn serve(
     tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
     let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -299,7 +298,7 @@ pub async fn serve(
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(nodelay_incoming(listener), signal);
     let result = tokio::select! {
         r = server => r,
         () = drain_deadline => Ok(()),

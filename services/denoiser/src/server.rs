@@ -12,11 +12,10 @@ use std::time::Duration;
 use candle_core::Tensor;
 use teaserve_proto::TensorMap;
 use teaserve_proto::codec::{self, encode_tensor};
-use teaserve_proto::serving::{OversizeToResourceExhausted, bounded_shutdown};
+use teaserve_proto::serving::{OversizeToResourceExhausted, bounded_shutdown, nodelay_incoming};
 use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use teaserve_proto::v1::{self, DType};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
@@ -437,7 +436,6 @@ where
     let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);
     let server = tonic::transport::Server::builder()
         .layer(OversizeToResourceExhausted::new(max))
-        .tcp_nodelay(true)
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -445,7 +443,7 @@ where
         .add_service(health_service)
         .add_service(reflection)
         .add_service(grpc)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(nodelay_incoming(listener), signal);
     let served = tokio::select! {
         r = server => r,
         () = drain_deadline => Ok(()),
