@@ -75,6 +75,15 @@ impl Args {
             .transpose()?;
         let defaults =
             CacheDefaults::merge(stage.as_ref(), json.as_ref(), self.cache_adapter.as_deref())?;
+        for url in &self.denoisers {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && tonic::transport::Endpoint::from_shared(url.clone()).is_ok();
+            if !ok {
+                return Err(ConfigError(format!(
+                    "--denoiser {url}: expected a URL such as http://127.0.0.1:50051"
+                )));
+            }
+        }
         if self.max_sessions == 0 {
             return Err(ConfigError("--max-sessions must be at least 1".into()));
         }

@@ -124,10 +124,17 @@ fn bad_configuration_fails_fast() {
             ],
             "Unknown cache adapter 'magcache'. Supported: ['none', 'tea_cache']",
         ),
-        (vec!["--denoiser", "not a url"], "--denoiser not a url"),
+        (
+            vec!["--denoiser", "127.0.0.1:50051"],
+            "--denoiser 127.0.0.1:50051: expected a URL such as http://127.0.0.1:50051",
+        ),
         (vec![], "--denoiser"),
     ] {
-        let out = controller().args(&args).output().unwrap();
+        let out = controller()
+            .args(["--listen", "127.0.0.1:0"])
+            .args(&args)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
