@@ -312,6 +312,9 @@ pub struct RecordingProxy {
     upstream: DenoiserClient<Channel>,
     /// What was seen so far.
     pub log: Arc<Mutex<Recorded>>,
+    /// The next this-many RunBlocks calls fail with UNAVAILABLE (a lost connection, as the
+    /// caller sees it) without reaching the denoiser.
+    pub fail_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RecordingProxy {
@@ -320,6 +323,7 @@ impl RecordingProxy {
         let proxy = Self {
             upstream: upstream.client().await,
             log: Arc::new(Mutex::new(Recorded::default())),
+            fail_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -372,6 +376,14 @@ impl Denoiser for RecordingProxy {
         &self,
         req: Request<v1::RunBlocksRequest>,
     ) -> Result<Response<v1::RunBlocksResponse>, Status> {
+        use std::sync::atomic::Ordering;
+        let fail = self
+            .fail_run_blocks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(Status::unavailable("injected failure: connection lost"));
+        }
         self.log.lock().unwrap().run_blocks += 1;
         self.upstream.clone().run_blocks(req.into_inner()).await
     }

@@ -696,3 +696,172 @@ async fn cfg_branches_keep_separate_state_and_list_models_reports_the_fleet() {
         );
     }
 }
+
+#[tokio::test]
+async fn every_configuration_surface_gives_the_same_generation() {
+    let fx = Fixture::load("flux-tiny");
+    let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let url = denoiser.url();
+    let dir = tempfile::tempdir().unwrap();
+    let stage = dir.path().join("stage.yaml");
+    std::fs::write(
+        &stage,
+        format!(
+            "model: {}\nmodel_class_name: FluxPipeline\ncache_adapter: tea_cache\ncache_config:\n  rel_l1_thresh: 0.6\n",
+            fx.dir.display()
+        ),
+    )
+    .unwrap();
+    let full = request(&fx, "", 10, "tea_cache", Some(0.6));
+    let bare = v1::GenerateRequest {
+        cache_adapter: String::new(),
+        cache_config: None,
+        ..full.clone()
+    };
+    let cases: Vec<(Vec<String>, v1::GenerateRequest)> = vec![
+        (vec![], full.clone()),
+        (
+            vec![
+                "--cache-adapter".into(),
+                "tea_cache".into(),
+                "--cache-config".into(),
+                r#"{"rel_l1_thresh": 0.6}"#.into(),
+            ],
+            bare.clone(),
+        ),
+        (
+            vec!["--config".into(), stage.to_str().unwrap().into()],
+            v1::GenerateRequest {
+                model_class_name: String::new(),
+                ..bare.clone()
+            },
+        ),
+        (
+            // The request wins over server defaults that disagree.
+            vec![
+                "--cache-adapter".into(),
+                "none".into(),
+                "--cache-config".into(),
+                r#"{"rel_l1_thresh": 5.0}"#.into(),
+            ],
+            full.clone(),
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (flags, req) in cases {
+        let mut all = vec!["--denoiser".to_string(), url.clone()];
+        all.extend(flags);
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let ctl = TestController::start(&refs).await;
+        let run = generate(&mut ctl.client().await, req).await.unwrap();
+        let decisions: Vec<Vec<v1::BranchDecision>> =
+            run.steps.iter().map(|s| s.branches.clone()).collect();
+        runs.push((
+            decisions,
+            decode(run.result.latents.as_ref().unwrap()),
+            run.result.computed_steps,
+        ));
+    }
+    let (first, latents, computed) = &runs[0];
+    assert!(*computed < 10, "TeaCache must be on in the reference case");
+    for (i, (d, l, _)) in runs.iter().enumerate().skip(1) {
+        assert_eq!(d, first, "surface {i}: decisions differ");
+        assert_eq!(max_abs_diff(l, latents), 0.0, "surface {i}: latents differ");
+    }
+
+    // The memory budget refuses a session that would not fit.
+    let ctl =
+        TestController::start(&["--denoiser", &url, "--max-session-memory-bytes", "1000"]).await;
+    let err = ctl
+        .client()
+        .await
+        .create_session(v1::CreateSessionRequest {
+            request: Some(full),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("--max-session-memory-bytes"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_step_rolls_back_and_a_retry_decides_the_same() {
+    let (fx, _d, proxy, ctl) = pair("flux-tiny", &[]).await;
+    let mut c = ctl.client().await;
+    let req = request(&fx, "", 8, "tea_cache", Some(0.6));
+    let reference = generate(&mut c, req.clone()).await.unwrap();
+    let id = c
+        .create_session(v1::CreateSessionRequest { request: Some(req) })
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap()
+        .session_id;
+    let mut events = Vec::new();
+    let mut failures = 0;
+    let mut result = None;
+    // Step 0 succeeds, then the next RunBlocks fails once.
+    while result.is_none() {
+        if events.len() == 1 && failures == 0 {
+            proxy
+                .fail_run_blocks
+                .store(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        match c
+            .step(v1::StepRequest {
+                session_id: id.clone(),
+                return_latents: false,
+            })
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                events.push(v1::StepEvent {
+                    elapsed_ms: 0.0,
+                    ..r.event.unwrap()
+                });
+                result = r.result;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+                assert!(e.message().contains("RunBlocks"), "{}", e.message());
+                let info = c
+                    .list_sessions(v1::ListSessionsRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .sessions;
+                assert_eq!(
+                    info[0].next_step as usize,
+                    events.len(),
+                    "a failed step does not advance"
+                );
+                failures += 1;
+            }
+        }
+    }
+    assert_eq!(failures, 1);
+    let want: Vec<_> = reference
+        .steps
+        .iter()
+        .map(|s| v1::StepEvent {
+            elapsed_ms: 0.0,
+            ..s.clone()
+        })
+        .collect();
+    assert_eq!(events, want);
+    let result = result.unwrap();
+    assert_eq!(
+        max_abs_diff(
+            &decode(result.latents.as_ref().unwrap()),
+            &decode(reference.result.latents.as_ref().unwrap())
+        ),
+        0.0
+    );
+    assert_eq!(result.computed_steps, reference.result.computed_steps);
+}

@@ -71,7 +71,24 @@ fn always_compute() -> Decision {
 }
 
 /// Runs the session's next step; returns its event. `counts` accumulates denoiser calls.
+/// A step is all or nothing: if any call fails, every branch's cache state is rolled back
+/// and the session stays at the same step, so a retried `Step` decides exactly as before.
 pub async fn run_step(
+    session: &mut Session,
+    pool: &DenoiserPool,
+    counts: &mut CallCounts,
+) -> Result<v1::StepEvent, ControllerError> {
+    let snapshot: Vec<_> = session.branches.iter().map(|b| b.state.clone()).collect();
+    let result = step_once(session, pool, counts).await;
+    if result.is_err() {
+        for (b, state) in session.branches.iter_mut().zip(snapshot) {
+            b.state = state;
+        }
+    }
+    result
+}
+
+async fn step_once(
     session: &mut Session,
     pool: &DenoiserPool,
     counts: &mut CallCounts,
@@ -243,11 +260,6 @@ pub async fn run_step(
             }
         }
         counts.postprocess += 1;
-        if d.compute {
-            b.computed += 1;
-        } else {
-            b.reused += 1;
-        }
         preds.push(decode_f32(&sample, "sample")?);
         branch_events.push(v1::BranchDecision {
             branch: b.branch as i32,
@@ -269,6 +281,14 @@ pub async fn run_step(
     }
     session.latents = (&session.latents + (pred * (sigma_next - sigma))?)?;
     session.step += 1;
+    // Counted only now: a failed step leaves the counts as they were.
+    for (b, d) in session.branches.iter_mut().zip(&decisions) {
+        if d.compute {
+            b.computed += 1;
+        } else {
+            b.reused += 1;
+        }
+    }
     Ok(v1::StepEvent {
         step: i as u32,
         sigma,

@@ -104,6 +104,26 @@ async fn binary_serves_and_stops_on_sigterm() {
 }
 
 #[test]
+fn diffusion_cache_adapter_env_is_the_default_adapter_flag() {
+    let out = controller()
+        .env("DIFFUSION_CACHE_ADAPTER", "magcache")
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--denoiser",
+            "http://127.0.0.1:9",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Unknown cache adapter 'magcache'. Supported: ['none', 'tea_cache']"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_configuration_fails_fast() {
     for (args, needle) in [
         (

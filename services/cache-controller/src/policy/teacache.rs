@@ -10,6 +10,7 @@
 //! Pure: no I/O. Residuals are candle CPU tensors.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -97,7 +98,8 @@ pub struct BranchState {
     pub cnt: u32,
     /// Accumulated rescaled distance since the last compute.
     pub accumulated: f64,
-    prev: Option<(Vec<usize>, Vec<f32>)>,
+    /// Shared, so snapshotting a state (to roll back a failed step) is cheap.
+    prev: Option<(Vec<usize>, Arc<[f32]>)>,
     residuals: HashMap<String, Tensor>,
     consecutive_reuses: u32,
 }
@@ -171,7 +173,7 @@ impl BranchState {
         } else {
             self.consecutive_reuses += 1;
         }
-        self.prev = Some((shape.to_vec(), m.to_vec()));
+        self.prev = Some((shape.to_vec(), Arc::from(m)));
         self.cnt += 1;
         decision
     }
