@@ -4,20 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+pub use teaserve_proto::serving::LogFormat;
 
 use crate::cache_config::{CacheConfigSpec, CacheDefaults, ConfigError, StageConfig};
 use crate::server::ServeOptions;
 use crate::session::SessionLimits;
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// `cache-controller`: owns generation sessions and TeaCache state, drives the denoisers.
 #[derive(Debug, Clone, Parser)]

@@ -2,13 +2,12 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use teaserve_controller::config::{Args, LogFormat};
-use tracing_subscriber::EnvFilter;
+use teaserve_controller::config::Args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format);
+    teaserve_proto::serving::init_logging(args.log_format);
     let opts = args.serve_options().context("configuration")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -17,13 +16,4 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cache-controller stopped with an error")?;
     Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
+pub use teaserve_proto::serving::LogFormat;
 
 use crate::error::DenoiserError;
 use crate::loader::{HubOptions, ModelFiles, resolve};
@@ -30,15 +31,6 @@ impl From<DTypeArg> for DType {
             DTypeArg::Bf16 => DType::BF16,
         }
     }
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// `denoiser`: serves one diffusion transformer over gRPC (teaserve.v1.Denoiser).

@@ -2,13 +2,12 @@
 
 use anyhow::Context as _;
 use clap::Parser;
-use teaserve_denoiser::config::{Args, LogFormat};
-use tracing_subscriber::EnvFilter;
+use teaserve_denoiser::config::Args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format);
+    teaserve_proto::serving::init_logging(args.log_format);
     let files = args.model_files().context("resolving --model")?;
     let source = files.source.clone();
     let load = args.loader(files).context("configuring the model")?;
@@ -24,13 +23,4 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("denoiser stopped with an error")?;
     Ok(())
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
