@@ -28,10 +28,10 @@ fn parity(name: &str) {
         let inp = flux_inputs(&fx, p);
         let k = |s: &str| format!("{p}{s}");
 
-        let tp = timestep_projection(&inp.timestep, 1000.0).unwrap();
+        let tp = timestep_projection(&inp.timestep, 1000.0, 1.0).unwrap();
         check(&fx, &k("pre.time_proj"), &tp, &mut worst);
         if let Some(g) = &inp.guidance {
-            let gp = timestep_projection(g, 1000.0).unwrap();
+            let gp = timestep_projection(g, 1000.0, 1.0).unwrap();
             check(&fx, &k("pre.guidance_proj"), &gp, &mut worst);
         }
 

@@ -99,15 +99,24 @@ pub struct ModelEntry {
 }
 
 /// Every model type this denoiser can serve.
-pub static REGISTRY: &[ModelEntry] = &[ModelEntry {
-    model_type: "FluxPipeline",
-    architecture: "FluxTransformer2DModel",
-    load: adapters::flux::load,
-}];
+pub static REGISTRY: &[ModelEntry] = &[
+    ModelEntry {
+        model_type: "FluxPipeline",
+        architecture: "FluxTransformer2DModel",
+        load: adapters::flux::load,
+    },
+    ModelEntry {
+        model_type: "QwenImagePipeline",
+        architecture: "QwenImageTransformer2DModel",
+        load: adapters::qwen_image::load,
+    },
+];
 
-/// Registered model types, for error messages.
-pub fn supported() -> Vec<&'static str> {
-    REGISTRY.iter().map(|e| e.model_type).collect()
+/// Registered model types as Python writes a list of strings (the seed's message style):
+/// `['FluxPipeline', 'QwenImagePipeline']`.
+pub fn supported() -> String {
+    let names: Vec<String> = REGISTRY.iter().map(|e| format!("'{}'", e.model_type)).collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// Finds the entry for a model type, or for a checkpoint's `_class_name` when no type is
@@ -119,7 +128,7 @@ pub fn lookup(
     let entry = match (model_type, config_class) {
         (Some(t), _) => REGISTRY.iter().find(|e| e.model_type == t).ok_or_else(|| {
             DenoiserError::Config(format!(
-                "Unknown model type: '{t}'. Supported: {:?}",
+                "Unknown model type: '{t}'. Supported: {}",
                 supported()
             ))
         })?,
@@ -129,13 +138,13 @@ pub fn lookup(
             .ok_or_else(|| {
                 DenoiserError::Config(format!(
                     "config.json _class_name '{c}' matches no registered model; pass \
-                 --model-class-name, one of {:?}",
+                 --model-class-name, one of {}",
                     supported()
                 ))
             })?,
         (None, None) => {
             return Err(DenoiserError::Config(format!(
-                "config.json has no _class_name: pass --model-class-name, one of {:?}",
+                "config.json has no _class_name: pass --model-class-name, one of {}",
                 supported()
             )));
         }

@@ -12,8 +12,13 @@
 //! [`Flux::forward`] composes them and is the monolithic reference.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder, linear};
+use candle_nn::{Linear, VarBuilder, linear};
 use serde::Deserialize;
+
+pub use super::layers::timestep_projection;
+use super::layers::{
+    FeedForward, Mlp2, PlainNorm, Qkv, TIME_PROJ_DIM, ada_chunks, attention, gated, modulate,
+};
 
 /// `config.json` of a diffusers `FluxTransformer2DModel` (defaults are diffusers' own).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -81,9 +86,6 @@ fn default_axes_dims_rope() -> Vec<usize> {
     vec![16, 56, 56]
 }
 
-/// Width of the sinusoidal timestep projection.
-pub const TIME_PROJ_DIM: usize = 256;
-const NORM_EPS: f64 = 1e-6;
 const ROPE_THETA: f64 = 10_000.0;
 
 impl Config {
@@ -153,25 +155,6 @@ pub struct Preprocessed {
     pub temb: Tensor,
 }
 
-/// Sinusoidal projection of `values * scale` (diffusers' `Timesteps(256, flip_sin_to_cos=True,
-/// downscale_freq_shift=0)`), computed in f32 as diffusers does: `[B, 256]` as `[cos | sin]`.
-pub fn timestep_projection(values: &Tensor, scale: f32) -> Result<Tensor> {
-    let half = TIME_PROJ_DIM / 2;
-    let neg_log_period = -(10_000f64.ln()) as f32;
-    let freqs: Vec<f32> = (0..half)
-        .map(|k| (neg_log_period * k as f32 / half as f32).exp())
-        .collect();
-    let values = values.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let mut out = Vec::with_capacity(values.len() * TIME_PROJ_DIM);
-    for v in &values {
-        let v = v * scale;
-        let args: Vec<f32> = freqs.iter().map(|f| v * f).collect();
-        out.extend(args.iter().map(|a| a.cos()));
-        out.extend(args.iter().map(|a| a.sin()));
-    }
-    Tensor::from_vec(out, (values.len(), TIME_PROJ_DIM), &Device::Cpu)
-}
-
 /// Rotary tables for position ids `[S, axes]`: `(cos, sin)`, each `[S, head_dim / 2]` in f32,
 /// one entry per rotated pair (diffusers repeats each twice; `rope_i` pairs adjacent channels).
 /// Frequencies and angles are computed in f64 as diffusers does.
@@ -196,161 +179,6 @@ pub fn rope_tables(ids: &Tensor, axes_dims: &[usize], device: &Device) -> Result
         Tensor::from_vec(cos, (s, half), device)?,
         Tensor::from_vec(sin, (s, half), device)?,
     ))
-}
-
-/// Two linears with SiLU between (diffusers' `TimestepEmbedding` and
-/// `PixArtAlphaTextProjection` share this layout).
-#[derive(Debug, Clone)]
-struct Mlp2 {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl Mlp2 {
-    fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
-            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
-        })
-    }
-}
-
-impl Module for Mlp2 {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
-    }
-}
-
-/// LayerNorm without affine parameters (eps 1e-6), as FLUX's adaLN norms use.
-///
-/// Inputs are made contiguous first: candle's fused kernel only runs on contiguous tensors
-/// and its fallback rounds differently, so without this the result would depend on whether
-/// a stream arrived as a view (in-process) or fresh from the wire.
-#[derive(Debug, Clone)]
-struct PlainNorm(LayerNorm);
-
-impl PlainNorm {
-    fn new(dim: usize, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Self(LayerNorm::new(
-            Tensor::ones(dim, dtype, device)?,
-            Tensor::zeros(dim, dtype, device)?,
-            NORM_EPS,
-        )))
-    }
-}
-
-impl Module for PlainNorm {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.0.forward(&xs.contiguous()?)
-    }
-}
-
-/// `x * (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
-fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    xs.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
-}
-
-/// `gate[:, None] * xs`.
-fn gated(gate: &Tensor, xs: &Tensor) -> Result<Tensor> {
-    xs.broadcast_mul(&gate.unsqueeze(1)?)
-}
-
-/// Splits `linear(silu(temb))` into `N` chunks of `[B, dim]`.
-fn ada_chunks<const N: usize>(linear: &Linear, temb: &Tensor) -> Result<[Tensor; N]> {
-    let chunks = linear.forward(&temb.silu()?)?.chunk(N, 1)?;
-    let got = chunks.len();
-    chunks
-        .try_into()
-        .map_err(|_| candle_core::Error::msg(format!("adaLN: expected {N} chunks, got {got}")))
-}
-
-/// Splits `[B, S, H*D]` into heads, RMS-normalises each head and returns `[B, H, S, D]` in f32.
-fn heads(xs: &Tensor, norm: Option<&RmsNorm>, num_heads: usize) -> Result<Tensor> {
-    let (b, s, _) = xs.dims3()?;
-    let xs = xs.reshape((b, s, num_heads, ()))?;
-    let xs = match norm {
-        Some(n) => n.forward(&xs)?,
-        None => xs,
-    };
-    xs.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()
-}
-
-/// Scaled dot-product attention over `[B, H, S, D]` f32 tensors with rotary embedding applied
-/// to q and k; returns `[B, S, H*D]` in `out_dtype`.
-fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    rope: &(Tensor, Tensor),
-    out_dtype: DType,
-) -> Result<Tensor> {
-    let q = candle_nn::rotary_emb::rope_i(q, &rope.0, &rope.1)?;
-    let k = candle_nn::rotary_emb::rope_i(k, &rope.0, &rope.1)?;
-    let (b, h, s, d) = q.dims4()?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs
-        .matmul(v)?
-        .transpose(1, 2)?
-        .reshape((b, s, h * d))?
-        .to_dtype(out_dtype)
-}
-
-/// q/k/v projections with per-head QK RMSNorm (diffusers' `FluxAttention` input side).
-#[derive(Debug, Clone)]
-struct Qkv {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
-}
-
-impl Qkv {
-    /// `names`: the weight names of q, k, v, q-norm and k-norm under `vb`.
-    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder) -> Result<Self> {
-        let [q, k, v, nq, nk] = names;
-        Ok(Self {
-            to_q: linear(dim, dim, vb.pp(q))?,
-            to_k: linear(dim, dim, vb.pp(k))?,
-            to_v: linear(dim, dim, vb.pp(v))?,
-            norm_q: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nq))?,
-            norm_k: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nk))?,
-        })
-    }
-
-    /// `(q, k, v)` as `[B, H, S, D]` f32.
-    fn project(&self, xs: &Tensor, num_heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        Ok((
-            heads(&self.to_q.forward(xs)?, Some(&self.norm_q), num_heads)?,
-            heads(&self.to_k.forward(xs)?, Some(&self.norm_k), num_heads)?,
-            heads(&self.to_v.forward(xs)?, None, num_heads)?,
-        ))
-    }
-}
-
-/// diffusers' `FeedForward(dim, activation_fn="gelu-tanh-approximate")`.
-#[derive(Debug, Clone)]
-struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
-}
-
-impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            proj_in: linear(dim, dim * 4, vb.pp("net.0.proj"))?,
-            proj_out: linear(dim * 4, dim, vb.pp("net.2"))?,
-        })
-    }
-}
-
-impl Module for FeedForward {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(xs)?.gelu()?)
-    }
 }
 
 /// One double-stream block (diffusers' `FluxTransformerBlock`).
@@ -437,7 +265,7 @@ impl DoubleBlock {
         let q = Tensor::cat(&[&tq, &iq], 2)?;
         let k = Tensor::cat(&[&tk, &ik], 2)?;
         let v = Tensor::cat(&[&tv, &iv], 2)?;
-        let attn = attention(&q, &k, &v, rope, img.dtype())?;
+        let attn = attention(&q, &k, &v, rope, None, img.dtype())?;
         let t_len = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, t_len)?;
         let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?;
@@ -505,7 +333,7 @@ impl SingleBlock {
         let normed = modulate(&self.norm.forward(&xs)?, &shift, &scale)?;
         let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
         let (q, k, v) = self.qkv.project(&normed, self.num_heads)?;
-        let attn = attention(&q, &k, &v, rope, xs.dtype())?;
+        let attn = attention(&q, &k, &v, rope, None, xs.dtype())?;
         let out = self
             .proj_out
             .forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
@@ -593,7 +421,7 @@ impl Flux {
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
         let embed = |mlp: &Mlp2, values: &Tensor| -> Result<Tensor> {
-            let proj = timestep_projection(values, 1000.0)?
+            let proj = timestep_projection(values, 1000.0, 1.0)?
                 .to_device(&self.device)?
                 .to_dtype(self.dtype)?;
             mlp.forward(&proj)

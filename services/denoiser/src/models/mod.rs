@@ -2,3 +2,5 @@
 //! depend only on candle and serde; serving code reaches them through `adapters/`.
 
 pub mod flux;
+pub mod layers;
+pub mod qwen_image;

@@ -1,0 +1,263 @@
+//! The `QwenImagePipeline` adapter: maps named tensors onto [`QwenImage`]'s typed stages.
+//!
+//! `img_shapes` travels as an integer tensor `[B, 3]` (frames, height, width in latent
+//! patches); every row must be the same (diffusers uses the first for the whole batch).
+//! Context carried between stages: `temb`, `img_shapes`, and `encoder_hidden_states_mask`
+//! when given; RunBlocks rebuilds the rotary tables and the attention mask from them.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::DenoiserError;
+use crate::loader::{ModelFiles, var_builder};
+use crate::models::qwen_image::{Config, Inputs, QwenImage};
+use crate::registry::{LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, StageSpec, Tensors};
+use crate::spec::{Dim, InputError, Kind, TensorSpec};
+
+/// `QwenImagePipeline` served from a diffusers `QwenImageTransformer2DModel` checkpoint.
+pub struct QwenImageAdapter {
+    model: QwenImage,
+    info: ModelInfo,
+}
+
+/// Loads a Qwen-Image checkpoint (registry entry point).
+pub fn load(
+    files: &ModelFiles,
+    opts: &LoadOptions,
+) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
+    let config: Config = serde_json::from_str(&files.config_json)
+        .map_err(|e| DenoiserError::Config(format!("{}: {e}", files.config_path.display())))?;
+    config
+        .validate()
+        .map_err(|e| DenoiserError::Config(format!("{}: {e}", files.config_path.display())))?;
+    let vb = var_builder(files, opts)?;
+    let model = QwenImage::new(&config, vb)
+        .map_err(|e| DenoiserError::Load(format!("building QwenImageTransformer2DModel: {e}")))?;
+    Ok(Box::new(QwenImageAdapter::new(
+        model,
+        files.config_json.clone(),
+    )))
+}
+
+fn sym(s: &'static str) -> Dim {
+    Dim::Sym(s)
+}
+
+impl QwenImageAdapter {
+    /// Wraps a built model; `config_json` is reported by Describe.
+    pub fn new(model: QwenImage, config_json: String) -> Self {
+        let c = model.config();
+        let d = Dim::Fixed(c.inner_dim(), "inner_dim");
+        let img = TensorSpec::new(
+            "hidden_states",
+            vec![sym("B"), sym("N"), d.clone()],
+            Kind::Float,
+            "image stream [B, N image tokens, inner_dim]",
+        );
+        let txt = TensorSpec::new(
+            "encoder_hidden_states",
+            vec![sym("B"), sym("T"), d.clone()],
+            Kind::Float,
+            "text stream [B, T text tokens, inner_dim]",
+        );
+        let temb = TensorSpec::new(
+            "temb",
+            vec![sym("B"), d.clone()],
+            Kind::Float,
+            "conditioning vector (timestep embedding)",
+        );
+        let img_shapes = TensorSpec::new(
+            "img_shapes",
+            vec![sym("B"), Dim::Fixed(3, "")],
+            Kind::Numeric,
+            "latent grid per sample (frames, height, width) in patches; rows must be equal",
+        );
+        let mask = TensorSpec::new(
+            "encoder_hidden_states_mask",
+            vec![sym("B"), sym("T")],
+            Kind::Numeric,
+            "text mask, 1 = valid, 0 = padding (absent: all valid)",
+        )
+        .optional();
+        let context = vec![temb, img_shapes.clone(), mask.clone()];
+        let inputs = vec![
+            TensorSpec::new(
+                "hidden_states",
+                vec![sym("B"), sym("N"), Dim::Fixed(c.in_channels, "in_channels")],
+                Kind::Float,
+                "packed latents [B, N, in_channels]",
+            ),
+            TensorSpec::new(
+                "encoder_hidden_states",
+                vec![
+                    sym("B"),
+                    sym("T"),
+                    Dim::Fixed(c.joint_attention_dim, "joint_attention_dim"),
+                ],
+                Kind::Float,
+                "text encoder hidden states [B, T, joint_attention_dim]",
+            ),
+            mask,
+            TensorSpec::new(
+                "timestep",
+                vec![sym("B")],
+                Kind::Float,
+                "sigma in [0, 1] per sample",
+            ),
+            img_shapes,
+        ];
+        let modulated = TensorSpec::new(
+            "modulated_input",
+            vec![sym("B"), sym("N"), d.clone()],
+            Kind::Float,
+            "TeaCache indicator: img_norm1(hidden) modulated by img_mod(temb) chunk 0 of block 0",
+        );
+        let sample = TensorSpec::new(
+            "sample",
+            vec![
+                sym("B"),
+                sym("N"),
+                Dim::Fixed(c.out_dim(), "patch_size^2 * out_channels"),
+            ],
+            Kind::Float,
+            "model output (flow-matching velocity) in the packed latent layout",
+        );
+        let post_context: Vec<TensorSpec> = context
+            .iter()
+            .map(|s| {
+                if s.name == "temb" {
+                    s.clone()
+                } else {
+                    s.clone().optional()
+                }
+            })
+            .collect();
+        let info = ModelInfo {
+            model_type: "QwenImagePipeline",
+            architecture: "QwenImageTransformer2DModel",
+            config_json,
+            dtype: model.dtype(),
+            device: model.device().clone(),
+            preprocess: StageSpec {
+                inputs,
+                context: vec![],
+                outputs: [vec![modulated, img.clone(), txt.clone()], context.clone()].concat(),
+            },
+            run_blocks: StageSpec {
+                inputs: vec![img.clone(), txt.clone()],
+                context,
+                outputs: vec![img.clone(), txt],
+            },
+            postprocess: StageSpec {
+                inputs: vec![img],
+                context: post_context,
+                outputs: vec![sample],
+            },
+        };
+        Self { model, info }
+    }
+}
+
+fn get<'a>(map: &'a Tensors, name: &str) -> Result<&'a Tensor, DenoiserError> {
+    map.get(name)
+        .ok_or_else(|| InputError::Invalid(format!("missing tensor '{name}'")).into())
+}
+
+/// The single (frames, height, width) of a `[B, 3]` `img_shapes`, checked against `N` tokens.
+fn img_shape(t: &Tensor, tokens: usize) -> Result<(usize, usize, usize), DenoiserError> {
+    let rows: Vec<Vec<f64>> = t.to_dtype(DType::F64)?.to_vec2()?;
+    let bad =
+        |why: String| -> DenoiserError { InputError::Invalid(format!("img_shapes: {why}")).into() };
+    let first = rows.first().ok_or_else(|| bad("empty".into()))?.clone();
+    if rows.iter().any(|r| *r != first) {
+        return Err(bad(format!(
+            "every sample must have the same (frames, height, width); got {rows:?}"
+        )));
+    }
+    let dims: Vec<usize> = first
+        .iter()
+        .map(|&v| {
+            if v.fract() == 0.0 && v >= 1.0 && v <= 1e6 {
+                Ok(v as usize)
+            } else {
+                Err(bad(format!(
+                    "values must be positive integers, got {first:?}"
+                )))
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let [f, h, w] = dims[..] else {
+        return Err(bad(format!("expected 3 values per row, got {first:?}")));
+    };
+    if f * h * w != tokens {
+        return Err(bad(format!(
+            "({f}, {h}, {w}) covers {} tokens but hidden_states has N = {tokens}",
+            f * h * w
+        )));
+    }
+    Ok((f, h, w))
+}
+
+impl ModelAdapter for QwenImageAdapter {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
+        let hidden_states = get(inputs, "hidden_states")?.clone();
+        let shapes = get(inputs, "img_shapes")?.clone();
+        let typed = Inputs {
+            img_shape: img_shape(&shapes, hidden_states.dim(1)?)?,
+            hidden_states,
+            encoder_hidden_states: get(inputs, "encoder_hidden_states")?.clone(),
+            encoder_hidden_states_mask: inputs.get("encoder_hidden_states_mask").cloned(),
+            timestep: get(inputs, "timestep")?.clone(),
+        };
+        let pre = self.model.preprocess(&typed)?;
+        let mut context = Tensors::from([
+            ("temb".to_string(), pre.temb),
+            ("img_shapes".to_string(), shapes),
+        ]);
+        if let Some(mask) = typed.encoder_hidden_states_mask {
+            context.insert("encoder_hidden_states_mask".to_string(), mask);
+        }
+        Ok(PreprocessOutput {
+            modulated_input: pre.modulated_input,
+            streams: Tensors::from([
+                ("hidden_states".to_string(), pre.hidden_states),
+                (
+                    "encoder_hidden_states".to_string(),
+                    pre.encoder_hidden_states,
+                ),
+            ]),
+            context,
+        })
+    }
+
+    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
+        let img = get(streams, "hidden_states")?;
+        let txt = get(streams, "encoder_hidden_states")?;
+        let shape = img_shape(get(context, "img_shapes")?, img.dim(1)?)?;
+        let rope = self.model.rope(shape, txt.dim(1)?)?;
+        let (img, txt) = self.model.run_blocks(
+            img,
+            txt,
+            get(context, "temb")?,
+            &rope,
+            context.get("encoder_hidden_states_mask"),
+        )?;
+        Ok(Tensors::from([
+            ("hidden_states".to_string(), img),
+            ("encoder_hidden_states".to_string(), txt),
+        ]))
+    }
+
+    fn postprocess(
+        &self,
+        hidden_states: &Tensor,
+        context: &Tensors,
+    ) -> Result<Tensor, DenoiserError> {
+        Ok(self
+            .model
+            .postprocess(hidden_states, get(context, "temb")?)?)
+    }
+}

@@ -1,0 +1,203 @@
+//! Building blocks shared by the DiT model files: adaLN modulation, plain LayerNorm, QK-normed
+//! projections, rotary attention, the sinusoidal timestep projection, MLPs. Each mirrors the
+//! diffusers module named in its doc comment, with diffusers' weight names.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder, linear};
+
+/// Width of the sinusoidal timestep projection.
+pub const TIME_PROJ_DIM: usize = 256;
+/// Epsilon of every norm in these models.
+pub const NORM_EPS: f64 = 1e-6;
+
+/// Sinusoidal projection of timesteps (diffusers' `Timesteps(256, flip_sin_to_cos=True,
+/// downscale_freq_shift=0, scale=after)`), in f32 as diffusers computes it: the argument is
+/// `((v * before) * freq) * after`, `[B, 256]` as `[cos | sin]`. FLUX scales the timestep by
+/// 1000 before (`before = 1000, after = 1`), Qwen-Image after (`before = 1, after = 1000`);
+/// the rounding differs, so both are kept.
+pub fn timestep_projection(values: &Tensor, before: f32, after: f32) -> Result<Tensor> {
+    let half = TIME_PROJ_DIM / 2;
+    let neg_log_period = -(10_000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half)
+        .map(|k| (neg_log_period * k as f32 / half as f32).exp())
+        .collect();
+    let values = values.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut out = Vec::with_capacity(values.len() * TIME_PROJ_DIM);
+    for v in &values {
+        let v = v * before;
+        let args: Vec<f32> = freqs.iter().map(|f| (v * f) * after).collect();
+        out.extend(args.iter().map(|a| a.cos()));
+        out.extend(args.iter().map(|a| a.sin()));
+    }
+    Tensor::from_vec(out, (values.len(), TIME_PROJ_DIM), &Device::Cpu)
+}
+
+/// Two linears with SiLU between (diffusers' `TimestepEmbedding` and
+/// `PixArtAlphaTextProjection` share this layout).
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp2 {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl Mlp2 {
+    pub(crate) fn new(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for Mlp2 {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+    }
+}
+
+/// LayerNorm without affine parameters (eps 1e-6), as FLUX's adaLN norms use.
+///
+/// Inputs are made contiguous first: candle's fused kernel only runs on contiguous tensors
+/// and its fallback rounds differently, so without this the result would depend on whether
+/// a stream arrived as a view (in-process) or fresh from the wire.
+#[derive(Debug, Clone)]
+pub(crate) struct PlainNorm(LayerNorm);
+
+impl PlainNorm {
+    pub(crate) fn new(dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self(LayerNorm::new(
+            Tensor::ones(dim, dtype, device)?,
+            Tensor::zeros(dim, dtype, device)?,
+            NORM_EPS,
+        )))
+    }
+}
+
+impl Module for PlainNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.0.forward(&xs.contiguous()?)
+    }
+}
+
+/// `x * (1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
+pub(crate) fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    xs.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `gate[:, None] * xs`.
+pub(crate) fn gated(gate: &Tensor, xs: &Tensor) -> Result<Tensor> {
+    xs.broadcast_mul(&gate.unsqueeze(1)?)
+}
+
+/// Splits `linear(silu(temb))` into `N` chunks of `[B, dim]`.
+pub(crate) fn ada_chunks<const N: usize>(linear: &Linear, temb: &Tensor) -> Result<[Tensor; N]> {
+    let chunks = linear.forward(&temb.silu()?)?.chunk(N, 1)?;
+    let got = chunks.len();
+    chunks
+        .try_into()
+        .map_err(|_| candle_core::Error::msg(format!("adaLN: expected {N} chunks, got {got}")))
+}
+
+/// Splits `[B, S, H*D]` into heads, RMS-normalises each head and returns `[B, H, S, D]` in f32.
+pub(crate) fn heads(xs: &Tensor, norm: Option<&RmsNorm>, num_heads: usize) -> Result<Tensor> {
+    let (b, s, _) = xs.dims3()?;
+    let xs = xs.reshape((b, s, num_heads, ()))?;
+    let xs = match norm {
+        Some(n) => n.forward(&xs)?,
+        None => xs,
+    };
+    xs.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()
+}
+
+/// Scaled dot-product attention over `[B, H, S, D]` f32 tensors with rotary embedding applied
+/// to q and k (adjacent channel pairs rotated, `rope` = `(cos, sin)` `[S, D/2]`); `key_bias`,
+/// when given, is added to the scores (`[B, 1, 1, S]`, `-inf` masks a key). Returns
+/// `[B, S, H*D]` in `out_dtype`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rope: &(Tensor, Tensor),
+    key_bias: Option<&Tensor>,
+    out_dtype: DType,
+) -> Result<Tensor> {
+    let q = candle_nn::rotary_emb::rope_i(q, &rope.0, &rope.1)?;
+    let k = candle_nn::rotary_emb::rope_i(k, &rope.0, &rope.1)?;
+    let (b, h, s, d) = q.dims4()?;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut scores = (q.matmul(&k.t()?)? * scale)?;
+    if let Some(bias) = key_bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs
+        .matmul(v)?
+        .transpose(1, 2)?
+        .reshape((b, s, h * d))?
+        .to_dtype(out_dtype)
+}
+
+/// q/k/v projections with per-head QK RMSNorm (diffusers' `FluxAttention` input side).
+#[derive(Debug, Clone)]
+pub(crate) struct Qkv {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+}
+
+impl Qkv {
+    /// `names`: the weight names of q, k, v, q-norm and k-norm under `vb`.
+    pub(crate) fn new(
+        dim: usize,
+        head_dim: usize,
+        names: [&str; 5],
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let [q, k, v, nq, nk] = names;
+        Ok(Self {
+            to_q: linear(dim, dim, vb.pp(q))?,
+            to_k: linear(dim, dim, vb.pp(k))?,
+            to_v: linear(dim, dim, vb.pp(v))?,
+            norm_q: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nq))?,
+            norm_k: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nk))?,
+        })
+    }
+
+    /// `(q, k, v)` as `[B, H, S, D]` f32.
+    pub(crate) fn project(
+        &self,
+        xs: &Tensor,
+        num_heads: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok((
+            heads(&self.to_q.forward(xs)?, Some(&self.norm_q), num_heads)?,
+            heads(&self.to_k.forward(xs)?, Some(&self.norm_k), num_heads)?,
+            heads(&self.to_v.forward(xs)?, None, num_heads)?,
+        ))
+    }
+}
+
+/// diffusers' `FeedForward(dim, activation_fn="gelu-tanh-approximate")`.
+#[derive(Debug, Clone)]
+pub(crate) struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    pub(crate) fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj_in: linear(dim, dim * 4, vb.pp("net.0.proj"))?,
+            proj_out: linear(dim * 4, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward(&self.proj_in.forward(xs)?.gelu()?)
+    }
+}

@@ -1,0 +1,452 @@
+//! Qwen-Image: a candle port of diffusers' `QwenImageTransformer2DModel`, split into the three
+//! stages teaserve serves.
+//!
+//! Dual-stream blocks only (joint attention over `[text ; image]`), text normalised by
+//! `txt_norm` (RMSNorm) before `txt_in`, a timestep-only conditioning vector, complex RoPE
+//! over (frame, height, width) with centred image positions and text positions after the
+//! image's, and an optional text mask that hides padded text keys from attention.
+//! - [`QwenImage::preprocess`]: embeddings, `temb`, and TeaCache's indicator
+//!   `img_norm1(hidden) * (1 + scale1) + shift1` with the first chunk of
+//!   `transformer_blocks[0].img_mod(temb)`;
+//! - [`QwenImage::run_blocks`]: every block;
+//! - [`QwenImage::postprocess`]: `norm_out` and `proj_out`.
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::{Linear, RmsNorm, VarBuilder, linear};
+use serde::Deserialize;
+
+use super::layers::{
+    FeedForward, Mlp2, NORM_EPS, PlainNorm, Qkv, TIME_PROJ_DIM, ada_chunks, attention, gated,
+    modulate, timestep_projection,
+};
+
+/// `config.json` of a diffusers `QwenImageTransformer2DModel` (defaults are diffusers' own).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Config {
+    /// Patch size of the packed latents (2: each token is a 2x2 patch).
+    #[serde(default = "default_patch_size")]
+    pub patch_size: usize,
+    /// Channels per packed latent token.
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    /// Latent channels of the output (before packing); `None` means `in_channels`.
+    #[serde(default = "default_out_channels")]
+    pub out_channels: Option<usize>,
+    /// Number of dual-stream blocks.
+    #[serde(default = "default_num_layers")]
+    pub num_layers: usize,
+    /// Width of one attention head.
+    #[serde(default = "default_attention_head_dim")]
+    pub attention_head_dim: usize,
+    /// Number of attention heads.
+    #[serde(default = "default_num_attention_heads")]
+    pub num_attention_heads: usize,
+    /// Width of the text encoder's hidden states.
+    #[serde(default = "default_joint_attention_dim")]
+    pub joint_attention_dim: usize,
+    /// Unused by diffusers' forward for this class; must be false.
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    /// Rotary dimensions per axis (frame, height, width); they sum to `attention_head_dim`.
+    #[serde(default = "default_axes_dims_rope")]
+    pub axes_dims_rope: Vec<usize>,
+    /// Edit-model variant; not supported.
+    #[serde(default)]
+    pub zero_cond_t: bool,
+    /// Layered variant; not supported.
+    #[serde(default)]
+    pub use_additional_t_cond: bool,
+    /// Layered variant; not supported.
+    #[serde(default)]
+    pub use_layer3d_rope: bool,
+}
+
+fn default_patch_size() -> usize {
+    2
+}
+fn default_in_channels() -> usize {
+    64
+}
+fn default_out_channels() -> Option<usize> {
+    Some(16)
+}
+fn default_num_layers() -> usize {
+    60
+}
+fn default_attention_head_dim() -> usize {
+    128
+}
+fn default_num_attention_heads() -> usize {
+    24
+}
+fn default_joint_attention_dim() -> usize {
+    3584
+}
+fn default_axes_dims_rope() -> Vec<usize> {
+    vec![16, 56, 56]
+}
+
+const ROPE_THETA: f32 = 10_000.0;
+
+impl Config {
+    /// Hidden width of both streams.
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    /// Channels per token of the model output.
+    pub fn out_dim(&self) -> usize {
+        self.patch_size * self.patch_size * self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Checks what this port supports and diffusers assumes.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.attention_head_dim == 0 || self.num_attention_heads == 0 || self.num_layers == 0 {
+            return Err(
+                "attention_head_dim, num_attention_heads and num_layers must be > 0".into(),
+            );
+        }
+        if self.axes_dims_rope.len() != 3
+            || self.axes_dims_rope.iter().sum::<usize>() != self.attention_head_dim
+            || self.axes_dims_rope.iter().any(|d| d % 2 != 0)
+        {
+            return Err(format!(
+                "axes_dims_rope {:?} must be 3 even numbers summing to attention_head_dim {}",
+                self.axes_dims_rope, self.attention_head_dim
+            ));
+        }
+        for (flag, name) in [
+            (self.zero_cond_t, "zero_cond_t"),
+            (self.use_additional_t_cond, "use_additional_t_cond"),
+            (self.use_layer3d_rope, "use_layer3d_rope"),
+            (self.guidance_embeds, "guidance_embeds"),
+        ] {
+            if flag {
+                return Err(format!("{name} = true is not supported by this port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Model-native inputs of one call.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// Packed latents `[B, N, in_channels]`.
+    pub hidden_states: Tensor,
+    /// Text encoder states `[B, T, joint_attention_dim]`.
+    pub encoder_hidden_states: Tensor,
+    /// Text mask `[B, T]` (nonzero = valid); `None` = all valid.
+    pub encoder_hidden_states_mask: Option<Tensor>,
+    /// Sigma in `[0, 1]`, `[B]`.
+    pub timestep: Tensor,
+    /// Latent grid in patches: (frames, height, width), the same for the whole batch.
+    pub img_shape: (usize, usize, usize),
+}
+
+/// What [`QwenImage::preprocess`] returns.
+#[derive(Debug, Clone)]
+pub struct Preprocessed {
+    /// TeaCache's indicator `[B, N, inner_dim]`.
+    pub modulated_input: Tensor,
+    /// Image stream entering the blocks `[B, N, inner_dim]`.
+    pub hidden_states: Tensor,
+    /// Text stream entering the blocks `[B, T, inner_dim]`.
+    pub encoder_hidden_states: Tensor,
+    /// Conditioning vector `[B, inner_dim]`.
+    pub temb: Tensor,
+}
+
+/// Angles of one axis for integer positions, in f32 as diffusers' `rope_params` computes them.
+fn axis_angles(pos: i64, dim: usize) -> impl Iterator<Item = f32> {
+    (0..dim / 2).map(move |k| {
+        let freq = 1.0 / ROPE_THETA.powf((2 * k) as f32 / dim as f32);
+        pos as f32 * freq
+    })
+}
+
+/// Rotary tables `(cos, sin)`, each `[T + N, head_dim / 2]` in f32, rows in `[text ; image]`
+/// order (diffusers' `QwenEmbedRope` with `scale_rope=True`): image rows over (frame, row,
+/// col) with frame positions `0..F`, row positions `-(H - H/2)..H/2` and column positions
+/// likewise; text row `i` at position `max(H/2, W/2) + i` on every axis.
+pub fn rope_tables(
+    axes_dims: &[usize],
+    img_shape: (usize, usize, usize),
+    txt_len: usize,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let (f, h, w) = img_shape;
+    let half: usize = axes_dims.iter().sum::<usize>() / 2;
+    let rows = txt_len + f * h * w;
+    let (mut cos, mut sin) = (
+        Vec::with_capacity(rows * half),
+        Vec::with_capacity(rows * half),
+    );
+    let mut push = |positions: [i64; 3]| {
+        for (&p, &dim) in positions.iter().zip(axes_dims) {
+            for a in axis_angles(p, dim) {
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+    };
+    let centred = |i: usize, n: usize| i as i64 - (n - n / 2) as i64;
+    let txt_start = (h / 2).max(w / 2) as i64;
+    for i in 0..txt_len as i64 {
+        push([txt_start + i; 3]);
+    }
+    for fi in 0..f {
+        for hi in 0..h {
+            for wi in 0..w {
+                push([fi as i64, centred(hi, h), centred(wi, w)]);
+            }
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (rows, half), device)?,
+        Tensor::from_vec(sin, (rows, half), device)?,
+    ))
+}
+
+/// One dual-stream block (diffusers' `QwenImageTransformerBlock`).
+#[derive(Debug, Clone)]
+struct Block {
+    img_mod: Linear,
+    txt_mod: Linear,
+    img_qkv: Qkv,
+    txt_qkv: Qkv,
+    to_out: Linear,
+    to_add_out: Linear,
+    img_mlp: FeedForward,
+    txt_mlp: FeedForward,
+    norm: PlainNorm,
+    num_heads: usize,
+}
+
+impl Block {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.inner_dim();
+        let hd = cfg.attention_head_dim;
+        let attn = vb.pp("attn");
+        Ok(Self {
+            img_mod: linear(dim, 6 * dim, vb.pp("img_mod.1"))?,
+            txt_mod: linear(dim, 6 * dim, vb.pp("txt_mod.1"))?,
+            img_qkv: Qkv::new(dim, hd, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
+            txt_qkv: Qkv::new(
+                dim,
+                hd,
+                [
+                    "add_q_proj",
+                    "add_k_proj",
+                    "add_v_proj",
+                    "norm_added_q",
+                    "norm_added_k",
+                ],
+                &attn,
+            )?,
+            to_out: linear(dim, dim, attn.pp("to_out.0"))?,
+            to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
+            img_mlp: FeedForward::new(dim, vb.pp("img_mlp"))?,
+            txt_mlp: FeedForward::new(dim, vb.pp("txt_mlp"))?,
+            norm: PlainNorm::new(dim, vb.dtype(), vb.device())?,
+            num_heads: cfg.num_attention_heads,
+        })
+    }
+
+    /// `img_norm1(hidden)` modulated by the first chunk of `img_mod(temb)`.
+    fn modulated_input(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let [shift, scale, ..] = ada_chunks::<6>(&self.img_mod, temb)?;
+        modulate(&self.norm.forward(img)?, &shift, &scale)
+    }
+
+    /// Returns `(img, txt)` after the block.
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        key_bias: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        // Chunk order (mod1 then mod2, each shift, scale, gate).
+        let [shift1, scale1, gate1, shift2, scale2, gate2] = ada_chunks::<6>(&self.img_mod, temb)?;
+        let [t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2] =
+            ada_chunks::<6>(&self.txt_mod, temb)?;
+        let img_mod = modulate(&self.norm.forward(img)?, &shift1, &scale1)?;
+        let txt_mod = modulate(&self.norm.forward(txt)?, &t_shift1, &t_scale1)?;
+        let (iq, ik, iv) = self.img_qkv.project(&img_mod, self.num_heads)?;
+        let (tq, tk, tv) = self.txt_qkv.project(&txt_mod, self.num_heads)?;
+        let q = Tensor::cat(&[&tq, &iq], 2)?;
+        let k = Tensor::cat(&[&tk, &ik], 2)?;
+        let v = Tensor::cat(&[&tv, &iv], 2)?;
+        let attn = attention(&q, &k, &v, rope, key_bias, img.dtype())?;
+        let t_len = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, t_len)?;
+        let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?;
+
+        let img = (img + gated(&gate1, &self.to_out.forward(&img_attn.contiguous()?)?)?)?;
+        let txt = (txt + gated(&t_gate1, &self.to_add_out.forward(&txt_attn.contiguous()?)?)?)?;
+        let img_ff =
+            self.img_mlp
+                .forward(&modulate(&self.norm.forward(&img)?, &shift2, &scale2)?)?;
+        let img = (img + gated(&gate2, &img_ff)?)?;
+        let txt_ff =
+            self.txt_mlp
+                .forward(&modulate(&self.norm.forward(&txt)?, &t_shift2, &t_scale2)?)?;
+        let txt = (txt + gated(&t_gate2, &txt_ff)?)?;
+        Ok((img, txt))
+    }
+}
+
+/// diffusers' `QwenImageTransformer2DModel`.
+#[derive(Debug, Clone)]
+pub struct QwenImage {
+    config: Config,
+    img_in: Linear,
+    txt_in: Linear,
+    txt_norm: RmsNorm,
+    timestep_embedder: Mlp2,
+    blocks: Vec<Block>,
+    norm_out_linear: Linear,
+    norm_out: PlainNorm,
+    proj_out: Linear,
+    device: Device,
+    dtype: DType,
+}
+
+impl QwenImage {
+    /// Builds the model from diffusers-named weights (`vb` at the checkpoint root).
+    pub fn new(config: &Config, vb: VarBuilder) -> Result<Self> {
+        config.validate().map_err(candle_core::Error::msg)?;
+        let dim = config.inner_dim();
+        let blocks = (0..config.num_layers)
+            .map(|i| Block::new(config, vb.pp("transformer_blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            img_in: linear(config.in_channels, dim, vb.pp("img_in"))?,
+            txt_in: linear(config.joint_attention_dim, dim, vb.pp("txt_in"))?,
+            txt_norm: candle_nn::rms_norm(config.joint_attention_dim, NORM_EPS, vb.pp("txt_norm"))?,
+            timestep_embedder: Mlp2::new(
+                TIME_PROJ_DIM,
+                dim,
+                vb.pp("time_text_embed.timestep_embedder"),
+            )?,
+            blocks,
+            norm_out_linear: linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
+            norm_out: PlainNorm::new(dim, vb.dtype(), vb.device())?,
+            proj_out: linear(dim, config.out_dim(), vb.pp("proj_out"))?,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// The architecture config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Compute dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Compute device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Rotary tables for `[text ; image]` tokens.
+    pub fn rope(
+        &self,
+        img_shape: (usize, usize, usize),
+        txt_len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        rope_tables(
+            &self.config.axes_dims_rope,
+            img_shape,
+            txt_len,
+            &self.device,
+        )
+    }
+
+    /// Additive key bias `[B, 1, 1, T + N]` from a text mask `[B, T]` (0 = padding, hidden from
+    /// attention); image keys are always visible.
+    pub fn key_bias(&self, mask: &Tensor, img_tokens: usize) -> Result<Tensor> {
+        let (b, t) = mask.dims2()?;
+        let valid = mask.to_dtype(DType::F32)?.ne(0f32)?;
+        let zeros = Tensor::zeros((b, t), DType::F32, &self.device)?;
+        let neg = Tensor::full(f32::NEG_INFINITY, (b, t), &self.device)?;
+        let txt = valid.where_cond(&zeros, &neg)?;
+        let img = Tensor::zeros((b, img_tokens), DType::F32, &self.device)?;
+        Tensor::cat(&[&txt, &img], 1)?.reshape((b, 1, 1, t + img_tokens))
+    }
+
+    /// `timestep_embedder(time_proj(timestep))`, `[B, inner_dim]`.
+    pub fn conditioning(&self, timestep: &Tensor) -> Result<Tensor> {
+        let proj = timestep_projection(timestep, 1.0, 1000.0)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        self.timestep_embedder.forward(&proj)
+    }
+
+    /// Embeds the inputs; returns the streams entering the blocks, `temb` and TeaCache's
+    /// modulated input.
+    pub fn preprocess(&self, inputs: &Inputs) -> Result<Preprocessed> {
+        let hidden_states = self.img_in.forward(&inputs.hidden_states)?;
+        let encoder_hidden_states = self.txt_in.forward(
+            &self
+                .txt_norm
+                .forward(&inputs.encoder_hidden_states.contiguous()?)?,
+        )?;
+        let temb = self.conditioning(&inputs.timestep)?;
+        let modulated_input = match self.blocks.first() {
+            Some(b) => b.modulated_input(&hidden_states, &temb)?,
+            None => candle_core::bail!("model has no transformer block"),
+        };
+        Ok(Preprocessed {
+            modulated_input,
+            hidden_states,
+            encoder_hidden_states,
+            temb,
+        })
+    }
+
+    /// Runs every block; returns `(hidden_states, encoder_hidden_states)`.
+    pub fn run_blocks(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let bias = mask.map(|m| self.key_bias(m, img.dim(1)?)).transpose()?;
+        let (mut img, mut txt) = (img.clone(), txt.clone());
+        for block in &self.blocks {
+            (img, txt) = block.forward(&img, &txt, temb, rope, bias.as_ref())?;
+        }
+        Ok((img, txt))
+    }
+
+    /// `norm_out` (scale first) then `proj_out`: the model output.
+    pub fn postprocess(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let [scale, shift] = ada_chunks::<2>(&self.norm_out_linear, temb)?;
+        let normed = modulate(&self.norm_out.forward(img)?, &shift, &scale)?;
+        self.proj_out.forward(&normed)
+    }
+
+    /// The monolithic forward pass.
+    pub fn forward(&self, inputs: &Inputs) -> Result<Tensor> {
+        let pre = self.preprocess(inputs)?;
+        let rope = self.rope(inputs.img_shape, inputs.encoder_hidden_states.dim(1)?)?;
+        let (img, _) = self.run_blocks(
+            &pre.hidden_states,
+            &pre.encoder_hidden_states,
+            &pre.temb,
+            &rope,
+            inputs.encoder_hidden_states_mask.as_ref(),
+        )?;
+        self.postprocess(&img, &pre.temb)
+    }
+}
