@@ -13,6 +13,9 @@ use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
 use teaserve_denoiser::loader::{HubOptions, resolve, var_builder};
 use teaserve_denoiser::models::flux::{Config, Flux, Inputs};
+use teaserve_denoiser::models::qwen_image::{
+    Config as QwenConfig, Inputs as QwenInputs, QwenImage,
+};
 use teaserve_denoiser::registry::LoadOptions;
 
 use teaserve_proto::v1;
@@ -57,32 +60,62 @@ impl Fixture {
     }
 
     /// The model inputs of a case (`prefix` "" for batch 1, "b2." for batch 2) as a wire map,
-    /// named as the model's forward() arguments.
+    /// named as the model's forward() arguments: every `in.*` tensor except the unpacked
+    /// latents, floats in `dtype` except the per-sample scalars (`timestep`, `guidance`) and
+    /// position ids, which stay F32 as the controller sends them (bf16 would turn sigma 0.6
+    /// into 0.6016), integer masks as they are, plus Qwen-Image's `img_shapes` `[B, 3]`.
     pub fn wire_inputs(&self, prefix: &str, dtype: teaserve_proto::v1::DType) -> TensorMap {
-        let mut names = vec![
-            "hidden_states",
-            "encoder_hidden_states",
-            "pooled_projections",
-            "timestep",
-            "img_ids",
-            "txt_ids",
-        ];
-        if self.stages.contains_key(&format!("{prefix}in.guidance")) {
-            names.push("guidance");
-        }
-        names
-            .into_iter()
-            .map(|n| {
-                let t = self.get(&format!("{prefix}in.{n}"));
-                // Position ids stay f32 whatever the wire dtype: they are exact small integers.
-                let d = if n.ends_with("_ids") {
-                    teaserve_proto::v1::DType::F32
-                } else {
+        use teaserve_proto::v1::DType as W;
+        let head = format!("{prefix}in.");
+        let mut map: TensorMap = self
+            .stages
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(&head).map(|n| (n, t)))
+            .filter(|(n, _)| !n.contains('.') && *n != "latents_unpacked")
+            .map(|(n, t)| {
+                let d = if n.ends_with("_ids") || n == "timestep" || n == "guidance" {
+                    W::F32
+                } else if t.dtype().is_float() {
                     dtype
+                } else {
+                    W::DtypeUnspecified
                 };
                 (n.to_string(), encode_tensor(t, d).unwrap())
             })
-            .collect()
+            .collect();
+        let case = if prefix.is_empty() { "b1" } else { "b2" };
+        if let Some(shapes) = self.meta["cases"][case]["img_shapes"].as_array() {
+            let rows: Vec<i64> = shapes
+                .iter()
+                .flat_map(|s| s[0].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()))
+                .collect();
+            let t = Tensor::from_vec(rows, (shapes.len(), 3), &Device::Cpu).unwrap();
+            map.insert("img_shapes".into(), encode_tensor(&t, W::I64).unwrap());
+        }
+        map
+    }
+}
+
+/// Builds the fixture's Qwen-Image model in-process through the real loading code.
+pub fn load_qwen(fx: &Fixture) -> QwenImage {
+    let files = resolve(fx.dir.to_str().unwrap(), None, &HubOptions::default()).unwrap();
+    let config: QwenConfig = serde_json::from_str(&files.config_json).unwrap();
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        dtype: DType::F32,
+    };
+    QwenImage::new(&config, var_builder(&files, &opts).unwrap()).unwrap()
+}
+
+/// The typed Qwen-Image inputs of a fixture case (8x8 latent grid, mask as given).
+pub fn qwen_inputs(fx: &Fixture, prefix: &str) -> QwenInputs {
+    let g = |n: &str| fx.get(&format!("{prefix}in.{n}")).clone();
+    QwenInputs {
+        hidden_states: g("hidden_states"),
+        encoder_hidden_states: g("encoder_hidden_states"),
+        encoder_hidden_states_mask: Some(g("encoder_hidden_states_mask")),
+        timestep: g("timestep"),
+        img_shape: (1, 8, 8),
     }
 }
 

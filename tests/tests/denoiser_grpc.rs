@@ -583,3 +583,90 @@ async fn bf16_weights_serve_the_same_model() {
         assert!(d > 0.0 && d < 0.1, "{p}: {d}");
     }
 }
+
+#[tokio::test]
+async fn qwen_split_over_grpc_matches_diffusers_with_padded_text() {
+    let fx = Fixture::load("qwen-image-tiny");
+    let server = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let mut c = server.client().await;
+    let info = c
+        .describe(v1::DescribeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.model_type, "QwenImagePipeline");
+    assert_eq!(info.architecture, "QwenImageTransformer2DModel");
+    let model = teaserve_tests::load_qwen(&fx);
+    for p in ["", "b2."] {
+        let k = |s: &str| format!("{p}{s}");
+        let run = run_split(&mut c, fx.wire_inputs(p, DType::F32), DType::F32).await;
+        let d_mod = max_abs_diff(&run.modulated_input, fx.get(&k("pre.modulated_input")));
+        let d_img = max_abs_diff(
+            &dec(&run.blocks["hidden_states"]),
+            fx.get(&k("blocks.hidden_states")),
+        );
+        let d_out = max_abs_diff(&run.sample, fx.get(&k("out.sample")));
+        eprintln!(
+            "qwen-image-tiny {p:<3} F32 wire: modulated {d_mod:.2e} blocks {d_img:.2e} sample {d_out:.2e}"
+        );
+        for d in [d_mod, d_img, d_out] {
+            assert!(d <= 1e-4, "{p}: {d}");
+        }
+        let mono = model.forward(&teaserve_tests::qwen_inputs(&fx, p)).unwrap();
+        assert_eq!(
+            max_abs_diff(&run.sample, &mono),
+            0.0,
+            "{p}: split != forward"
+        );
+        let bf16 = run_split(&mut c, fx.wire_inputs(p, DType::Bf16), DType::Bf16).await;
+        let d_bf = max_abs_diff(&bf16.sample, fx.get(&k("out.sample")));
+        eprintln!("qwen-image-tiny {p:<3} BF16 wire: sample {d_bf:.2e}");
+        assert!(d_bf <= BF16_TOL, "{p}: {d_bf}");
+    }
+
+    let good = fx.wire_inputs("b2.", DType::F32);
+    let with = |name: &str, t: v1::Tensor| {
+        let mut m = good.clone();
+        m.insert(name.to_string(), t);
+        m
+    };
+    let i64_wire = |shape: &[i64], values: &[i64]| v1::Tensor {
+        dtype: DType::I64 as i32,
+        shape: shape.to_vec(),
+        data: Bytes::from(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ),
+    };
+    expect_pre_err(
+        &mut c,
+        with("img_shapes", i64_wire(&[2, 3], &[1, 8, 7, 1, 8, 7])),
+        Code::InvalidArgument,
+        &["img_shapes: (1, 8, 7) covers 56 tokens but hidden_states has N = 64"],
+    )
+    .await;
+    expect_pre_err(
+        &mut c,
+        with("img_shapes", i64_wire(&[2, 3], &[1, 8, 8, 1, 4, 16])),
+        Code::InvalidArgument,
+        &["img_shapes: every sample must have the same"],
+    )
+    .await;
+    expect_pre_err(
+        &mut c,
+        with("encoder_hidden_states_mask", i64_wire(&[2, 6], &[1; 12])),
+        Code::InvalidArgument,
+        &[
+            "'encoder_hidden_states_mask'",
+            "(T) is 6 but 'encoder_hidden_states' set T = 7",
+        ],
+    )
+    .await;
+    // The mask is optional: without it every text token is attended.
+    let mut no_mask = fx.wire_inputs("", DType::F32);
+    no_mask.remove("encoder_hidden_states_mask");
+    let run = run_split(&mut c, no_mask, DType::F32).await;
+    assert!(max_abs_diff(&run.sample, fx.get("out.sample")) <= 1e-4);
+}

@@ -2,24 +2,12 @@
 //! fixture), loaded through the real loading code: batch 1, and batch 2 with padded text.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use candle_core::{DType, Device, Tensor};
-use teaserve_denoiser::loader::{HubOptions, resolve, var_builder};
+use candle_core::Tensor;
 use teaserve_denoiser::models::layers::timestep_projection;
-use teaserve_denoiser::models::qwen_image::{Config, Inputs, QwenImage};
-use teaserve_denoiser::registry::LoadOptions;
-use teaserve_tests::{Fixture, max_abs_diff};
+use teaserve_denoiser::models::qwen_image::Inputs;
+use teaserve_tests::{Fixture, load_qwen, max_abs_diff, qwen_inputs};
 
 const TOL: f32 = 1e-4;
-
-fn load(fx: &Fixture) -> QwenImage {
-    let files = resolve(fx.dir.to_str().unwrap(), None, &HubOptions::default()).unwrap();
-    let config: Config = serde_json::from_str(&files.config_json).unwrap();
-    let opts = LoadOptions {
-        device: Device::Cpu,
-        dtype: DType::F32,
-    };
-    QwenImage::new(&config, var_builder(&files, &opts).unwrap()).unwrap()
-}
 
 fn check(fx: &Fixture, key: &str, ours: &Tensor, worst: &mut f32) {
     let d = max_abs_diff(ours, fx.get(key));
@@ -31,24 +19,28 @@ fn check(fx: &Fixture, key: &str, ours: &Tensor, worst: &mut f32) {
 #[test]
 fn qwen_image_tiny_matches_diffusers() {
     let fx = Fixture::load("qwen-image-tiny");
-    let model = load(&fx);
+    let model = load_qwen(&fx);
     let mut worst = 0f32;
     for p in ["", "b2."] {
         let k = |s: &str| format!("{p}{s}");
-        let inputs = Inputs {
-            hidden_states: fx.get(&k("in.hidden_states")).clone(),
-            encoder_hidden_states: fx.get(&k("in.encoder_hidden_states")).clone(),
-            encoder_hidden_states_mask: Some(fx.get(&k("in.encoder_hidden_states_mask")).clone()),
-            timestep: fx.get(&k("in.timestep")).clone(),
-            img_shape: (1, 8, 8),
-        };
+        let inputs = qwen_inputs(&fx, p);
         let tp = timestep_projection(&inputs.timestep, 1.0, 1000.0).unwrap();
         check(&fx, &k("pre.time_proj"), &tp, &mut worst);
         let pre = model.preprocess(&inputs).unwrap();
         check(&fx, &k("pre.hidden_states"), &pre.hidden_states, &mut worst);
-        check(&fx, &k("pre.encoder_hidden_states"), &pre.encoder_hidden_states, &mut worst);
+        check(
+            &fx,
+            &k("pre.encoder_hidden_states"),
+            &pre.encoder_hidden_states,
+            &mut worst,
+        );
         check(&fx, &k("pre.temb"), &pre.temb, &mut worst);
-        check(&fx, &k("pre.modulated_input"), &pre.modulated_input, &mut worst);
+        check(
+            &fx,
+            &k("pre.modulated_input"),
+            &pre.modulated_input,
+            &mut worst,
+        );
 
         let (cos, sin) = model.rope((1, 8, 8), 7).unwrap();
         let txt = |t: &Tensor| t.narrow(0, 0, 7).unwrap();
@@ -69,7 +61,12 @@ fn qwen_image_tiny_matches_diffusers() {
             )
             .unwrap();
         check(&fx, &k("blocks.hidden_states"), &img_out, &mut worst);
-        check(&fx, &k("blocks.encoder_hidden_states"), &txt_out, &mut worst);
+        check(
+            &fx,
+            &k("blocks.encoder_hidden_states"),
+            &txt_out,
+            &mut worst,
+        );
         let residual = (&img_out - &pre.hidden_states).unwrap();
         check(&fx, &k("blocks.residual"), &residual, &mut worst);
         let out = model.postprocess(&img_out, &pre.temb).unwrap();

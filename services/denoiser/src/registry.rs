@@ -115,7 +115,10 @@ pub static REGISTRY: &[ModelEntry] = &[
 /// Registered model types as Python writes a list of strings (the seed's message style):
 /// `['FluxPipeline', 'QwenImagePipeline']`.
 pub fn supported() -> String {
-    let names: Vec<String> = REGISTRY.iter().map(|e| format!("'{}'", e.model_type)).collect();
+    let names: Vec<String> = REGISTRY
+        .iter()
+        .map(|e| format!("'{}'", e.model_type))
+        .collect();
     format!("[{}]", names.join(", "))
 }
 

@@ -137,7 +137,9 @@ fn bad_flags_fail_fast_with_a_clear_message() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("Unknown model type: 'NopePipeline'. Supported: ['FluxPipeline', 'QwenImagePipeline']"),
+        err.contains(
+            "Unknown model type: 'NopePipeline'. Supported: ['FluxPipeline', 'QwenImagePipeline']"
+        ),
         "{err}"
     );
 
