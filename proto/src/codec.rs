@@ -73,6 +73,9 @@ pub enum CodecError {
     /// The candle tensor's dtype has no wire equivalent.
     #[error("candle dtype {0:?} has no wire dtype; wire dtypes: F32, F16, BF16, I32, I64")]
     UnsupportedDtype(CDType),
+    /// Tensors cannot be stacked or split along the batch dimension.
+    #[error("{0}")]
+    BatchMismatch(String),
     /// candle failed while building or reading the tensor.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -253,6 +256,65 @@ pub fn encode_tensor(t: &Tensor, dtype: DType) -> Result<v1::Tensor, CodecError>
     })
 }
 
+/// Stacks wire tensors along their first (batch) dimension without decoding them: same dtype
+/// and trailing dimensions required. Row-major layout makes this a byte concatenation.
+pub fn concat_batch(parts: &[&v1::Tensor]) -> Result<v1::Tensor, CodecError> {
+    let first = parts
+        .first()
+        .ok_or(CodecError::BatchMismatch("no tensors to stack".into()))?;
+    for p in parts {
+        if p.dtype != first.dtype || p.shape.is_empty() || p.shape.get(1..) != first.shape.get(1..)
+        {
+            return Err(CodecError::BatchMismatch(format!(
+                "cannot stack dtype {} shape {:?} with dtype {} shape {:?}",
+                p.dtype, p.shape, first.dtype, first.shape
+            )));
+        }
+    }
+    let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+    for p in parts {
+        data.extend_from_slice(&p.data);
+    }
+    let mut shape = first.shape.clone();
+    shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+    Ok(v1::Tensor {
+        dtype: first.dtype,
+        shape,
+        data: Bytes::from(data),
+    })
+}
+
+/// Splits a wire tensor along its first dimension into pieces of `sizes` rows, sharing its
+/// buffer (no copy). The sizes must sum to the first dimension.
+pub fn split_batch(t: &v1::Tensor, sizes: &[i64]) -> Result<Vec<v1::Tensor>, CodecError> {
+    let rows = *t
+        .shape
+        .first()
+        .ok_or(CodecError::BatchMismatch("cannot split a scalar".into()))?;
+    if sizes.iter().sum::<i64>() != rows || sizes.iter().any(|&s| s < 0) || rows <= 0 {
+        return Err(CodecError::BatchMismatch(format!(
+            "cannot split {rows} rows into {sizes:?}"
+        )));
+    }
+    let row_bytes = t.data.len() / rows as usize;
+    let mut start = 0usize;
+    Ok(sizes
+        .iter()
+        .map(|&n| {
+            let len = n as usize * row_bytes;
+            let mut shape = t.shape.clone();
+            shape[0] = n;
+            let piece = v1::Tensor {
+                dtype: t.dtype,
+                shape,
+                data: t.data.slice(start..start + len),
+            };
+            start += len;
+            piece
+        })
+        .collect())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -356,6 +418,41 @@ mod tests {
             decode_tensor(&overflow, &dev, usize::MAX),
             Err(CodecError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn batch_concat_and_split_are_byte_exact() {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 6.0, &dev)
+            .unwrap()
+            .reshape((1, 2, 3))
+            .unwrap();
+        let b = Tensor::arange(6f32, 18.0, &dev)
+            .unwrap()
+            .reshape((2, 2, 3))
+            .unwrap();
+        let (wa, wb) = (
+            encode_tensor(&a, DType::F32).unwrap(),
+            encode_tensor(&b, DType::F32).unwrap(),
+        );
+        let ab = concat_batch(&[&wa, &wb]).unwrap();
+        assert_eq!(ab.shape, vec![3, 2, 3]);
+        let want = Tensor::cat(&[&a, &b], 0).unwrap();
+        let got = decode_tensor(&ab, &dev, 1 << 20).unwrap();
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let parts = split_batch(&ab, &[1, 2]).unwrap();
+        assert_eq!(parts[0], wa);
+        assert_eq!(parts[1], wb);
+        let c = encode_tensor(
+            &Tensor::zeros((1, 3, 3), candle_core::DType::F32, &dev).unwrap(),
+            DType::F32,
+        )
+        .unwrap();
+        assert!(concat_batch(&[&wa, &c]).is_err());
+        assert!(split_batch(&ab, &[1, 1]).is_err());
     }
 
     #[test]

@@ -333,8 +333,9 @@ pub struct Recorded {
     pub run_blocks: usize,
     /// Postprocess calls.
     pub postprocess: usize,
-    /// Every Preprocess response's modulated input with its request's timestep, in order.
-    pub modulated: Vec<(f32, Tensor)>,
+    /// Every Preprocess call in arrival order: its timestep, its `encoder_hidden_states`
+    /// (which tells CFG branches apart) and the modulated input it returned.
+    pub modulated: Vec<(f32, v1::Tensor, Tensor)>,
 }
 
 /// A real gRPC denoiser endpoint that forwards every call to an upstream denoiser and records
@@ -396,11 +397,12 @@ impl Denoiser for RecordingProxy {
             .get("timestep")
             .map(|t| decode(t).flatten_all().unwrap().to_vec1::<f32>().unwrap()[0])
             .unwrap_or(f32::NAN);
+        let text = req.inputs.get("encoder_hidden_states").cloned().unwrap_or_default();
         let resp = self.upstream.clone().preprocess(req).await?;
         let mut log = self.log.lock().unwrap();
         log.preprocess += 1;
         if let Some(m) = &resp.get_ref().modulated_input {
-            log.modulated.push((t, decode(m)));
+            log.modulated.push((t, text, decode(m)));
         }
         Ok(resp)
     }

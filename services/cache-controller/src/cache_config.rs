@@ -141,6 +141,8 @@ pub struct CacheDefaults {
     pub cache_config: CacheConfigSpec,
     /// `model_class_name` for requests that name none.
     pub model_class_name: Option<String>,
+    /// Stack CFG branches into one RunBlocks call when both compute (`--batch-cfg`).
+    pub batch_cfg_branches: bool,
 }
 
 impl CacheDefaults {
@@ -168,6 +170,7 @@ impl CacheDefaults {
                 .or_else(|| stage.and_then(|s| s.cache_adapter.clone())),
             cache_config,
             model_class_name: stage.and_then(|s| s.model_class_name.clone()),
+            batch_cfg_branches: true,
         })
     }
 }

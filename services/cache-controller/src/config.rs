@@ -36,6 +36,9 @@ pub struct Args {
     /// Default cache config as JSON, e.g. '{"rel_l1_thresh": 0.4}'.
     #[arg(long, env = "TEASERVE_CACHE_CONFIG")]
     pub cache_config: Option<String>,
+    /// Stack both CFG branches into one RunBlocks call when both compute and shapes allow.
+    #[arg(long, env = "TEASERVE_BATCH_CFG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub batch_cfg: bool,
     /// Most sessions at once (Generate calls included); more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TEASERVE_MAX_SESSIONS", default_value_t = 64)]
     pub max_sessions: usize,
@@ -65,8 +68,9 @@ impl Args {
             .as_deref()
             .map(CacheConfigSpec::from_json)
             .transpose()?;
-        let defaults =
+        let mut defaults =
             CacheDefaults::merge(stage.as_ref(), json.as_ref(), self.cache_adapter.as_deref())?;
+        defaults.batch_cfg_branches = self.batch_cfg;
         for url in &self.denoisers {
             let ok = (url.starts_with("http://") || url.starts_with("https://"))
                 && tonic::transport::Endpoint::from_shared(url.clone()).is_ok();

@@ -8,13 +8,13 @@ use std::time::Instant;
 
 use candle_core::{D, DType as CDType, Device, Tensor};
 use teaserve_proto::TensorMap;
-use teaserve_proto::codec::{decode_tensor, encode_tensor};
+use teaserve_proto::codec::{concat_batch, decode_tensor, encode_tensor, split_batch};
 use teaserve_proto::v1::{self, DType};
 
 use crate::cache_config::CachePlan;
 use crate::error::ControllerError;
 use crate::policy::{Decision, Forced};
-use crate::pool::{Client, DenoiserPool};
+use crate::pool::DenoiserPool;
 use crate::session::Session;
 
 /// Counts of denoiser calls, for callers that want to observe the split.
@@ -28,10 +28,66 @@ pub struct CallCounts {
     pub postprocess: u32,
 }
 
-/// One branch's denoiser traffic within a step.
-struct BranchCall {
-    endpoint: String,
-    client: Client,
+/// One RunBlocks request for several branches stacked along the batch dimension, with each
+/// branch's batch size; `None` when their tensors cannot be stacked: different stream names or
+/// trailing shapes, a context tensor without a leading batch dimension (per Describe) that
+/// differs between branches, or a stacked batch over the denoiser's `max_batch`.
+fn batch_request(
+    pre: &[v1::PreprocessResponse],
+    branches: &[usize],
+    describe: &v1::DescribeResponse,
+    wire: DType,
+) -> Option<(v1::RunBlocksRequest, Vec<i64>)> {
+    let picked: Vec<&v1::PreprocessResponse> =
+        branches.iter().filter_map(|&k| pre.get(k)).collect();
+    let sizes: Vec<i64> = picked
+        .iter()
+        .map(|p| {
+            p.streams
+                .get("hidden_states")
+                .and_then(|t| t.shape.first().copied())
+        })
+        .collect::<Option<_>>()?;
+    if sizes.iter().sum::<i64>() > i64::from(describe.max_batch) {
+        return None;
+    }
+    let batched_dim = |name: &str| {
+        describe
+            .run_blocks
+            .as_ref()
+            .and_then(|s| s.inputs.iter().find(|t| t.name == name))
+            .map(|t| t.dims.first().is_some_and(|d| d == "B"))
+    };
+    let stack = |maps: Vec<&TensorMap>| -> Option<TensorMap> {
+        let first = *maps.first()?;
+        if maps.iter().any(|m| m.len() != first.len()) {
+            return None;
+        }
+        let mut out = TensorMap::new();
+        for name in first.keys() {
+            let parts: Vec<&v1::Tensor> =
+                maps.iter().map(|m| m.get(name)).collect::<Option<_>>()?;
+            let t = if batched_dim(name)? {
+                concat_batch(&parts).ok()?
+            } else if parts.iter().all(|p| *p == parts[0]) {
+                parts[0].clone()
+            } else {
+                return None;
+            };
+            out.insert(name.clone(), t);
+        }
+        Some(out)
+    };
+    let streams = stack(picked.iter().map(|p| &p.streams).collect())?;
+    let context = stack(picked.iter().map(|p| &p.context).collect())?;
+    Some((
+        v1::RunBlocksRequest {
+            streams,
+            context,
+            wire_dtype: wire as i32,
+        },
+        sizes,
+    ))
 }
 
 fn denoiser_err(endpoint: &str, method: &'static str, s: tonic::Status) -> ControllerError {
@@ -118,8 +174,7 @@ async fn step_once(
     // 1. Preprocess every branch concurrently.
     let mut calls = Vec::with_capacity(session.branches.len());
     for _ in &session.branches {
-        let (endpoint, client) = pool.client_for(&session.model_type).await?;
-        calls.push(BranchCall { endpoint, client });
+        calls.push(pool.client_for(&session.model_type).await?);
     }
     let pre =
         futures::future::try_join_all(session.branches.iter().zip(&calls).map(|(b, call)| {
@@ -181,10 +236,11 @@ async fn step_once(
         }
     }
 
-    // 3. RunBlocks or reuse, then Postprocess, every branch concurrently.
-    let mut reuse_hidden = Vec::with_capacity(pre.len());
+    // 3. RunBlocks for the branches that compute (one batched call when allowed), the cached
+    //    residual for the others, then Postprocess every branch concurrently.
+    let mut hidden: Vec<Option<v1::Tensor>> = Vec::with_capacity(pre.len());
     for ((b, d), streams) in session.branches.iter().zip(&decisions).zip(&streams_in) {
-        let hidden = match (d.compute, streams) {
+        let reused = match (d.compute, streams) {
             (false, Some(streams)) => {
                 let out = b
                     .state
@@ -197,38 +253,78 @@ async fn step_once(
             }
             _ => None,
         };
-        reuse_hidden.push(hidden);
+        hidden.push(reused);
     }
-    let results = futures::future::try_join_all(pre.iter().zip(&calls).zip(reuse_hidden).map(
-        |((p, call), reused)| {
+    let computing: Vec<usize> = (0..decisions.len())
+        .filter(|&k| decisions[k].compute)
+        .collect();
+    let mut blocks_out: Vec<Option<TensorMap>> = vec![None; pre.len()];
+    let batched = match (session.batch_branches, computing.as_slice()) {
+        (true, [first, _, ..]) => batch_request(&pre, &computing, &calls[*first].describe, wire),
+        _ => None,
+    };
+    if let Some((req, sizes)) = batched {
+        let call = &calls[computing[0]];
+        let out = call
+            .client
+            .clone()
+            .run_blocks(req)
+            .await
+            .map_err(|s| denoiser_err(&call.endpoint, "RunBlocks", s))?
+            .into_inner()
+            .streams;
+        counts.run_blocks += 1;
+        let mut per_branch: Vec<TensorMap> = vec![TensorMap::new(); computing.len()];
+        for (name, t) in &out {
+            for (slot, piece) in per_branch.iter_mut().zip(split_batch(t, &sizes)?) {
+                slot.insert(name.clone(), piece);
+            }
+        }
+        for (&k, map) in computing.iter().zip(per_branch) {
+            blocks_out[k] = Some(map);
+        }
+    } else {
+        let outs = futures::future::try_join_all(computing.iter().map(|&k| {
+            let call = &calls[k];
             let mut client = call.client.clone();
             let endpoint = call.endpoint.clone();
-            let streams = p.streams.clone();
+            let req = v1::RunBlocksRequest {
+                streams: pre[k].streams.clone(),
+                context: pre[k].context.clone(),
+                wire_dtype: wire as i32,
+            };
+            async move {
+                client
+                    .run_blocks(req)
+                    .await
+                    .map(|r| r.into_inner().streams)
+                    .map_err(|s| denoiser_err(&endpoint, "RunBlocks", s))
+            }
+        }))
+        .await?;
+        counts.run_blocks += outs.len() as u32;
+        for (&k, out) in computing.iter().zip(outs) {
+            blocks_out[k] = Some(out);
+        }
+    }
+    for (h, out) in hidden.iter_mut().zip(&blocks_out) {
+        if let Some(out) = out {
+            *h = Some(
+                out.get("hidden_states")
+                    .cloned()
+                    .ok_or_else(|| missing("hidden_states", "RunBlocks"))?,
+            );
+        }
+    }
+    let samples =
+        futures::future::try_join_all(pre.iter().zip(&calls).zip(hidden).map(|((p, call), h)| {
+            let mut client = call.client.clone();
+            let endpoint = call.endpoint.clone();
             let context = p.context.clone();
             async move {
-                let (hidden, blocks_out) = match reused {
-                    Some(h) => (h, None),
-                    None => {
-                        let out = client
-                            .run_blocks(v1::RunBlocksRequest {
-                                streams,
-                                context: context.clone(),
-                                wire_dtype: wire as i32,
-                            })
-                            .await
-                            .map_err(|s| denoiser_err(&endpoint, "RunBlocks", s))?
-                            .into_inner()
-                            .streams;
-                        let h = out
-                            .get("hidden_states")
-                            .cloned()
-                            .ok_or_else(|| missing("hidden_states", "RunBlocks"))?;
-                        (h, Some(out))
-                    }
-                };
-                let sample = client
+                client
                     .postprocess(v1::PostprocessRequest {
-                        hidden_states: Some(hidden),
+                        hidden_states: h,
                         context,
                         wire_dtype: wire as i32,
                     })
@@ -236,30 +332,26 @@ async fn step_once(
                     .map_err(|s| denoiser_err(&endpoint, "Postprocess", s))?
                     .into_inner()
                     .sample
-                    .ok_or_else(|| missing("sample", "Postprocess"))?;
-                Ok::<_, ControllerError>((blocks_out, sample))
+                    .ok_or_else(|| missing("sample", "Postprocess"))
             }
-        },
-    ))
-    .await?;
+        }))
+        .await?;
+    counts.postprocess += samples.len() as u32;
 
     // 4. Keep residuals of computed branches; combine predictions; Euler step.
-    let mut preds = Vec::with_capacity(results.len());
-    let mut branch_events = Vec::with_capacity(results.len());
-    for (((b, d), streams), (blocks_out, sample)) in session
+    let mut preds = Vec::with_capacity(samples.len());
+    let mut branch_events = Vec::with_capacity(samples.len());
+    for ((((b, d), streams), out), sample) in session
         .branches
         .iter_mut()
         .zip(&decisions)
         .zip(streams_in)
-        .zip(results)
+        .zip(&blocks_out)
+        .zip(samples)
     {
-        if let Some(out) = &blocks_out {
-            counts.run_blocks += 1;
-            if let Some(streams) = streams {
-                b.state.store_residuals(&streams, &decode_streams(out)?)?;
-            }
+        if let (Some(out), Some(streams)) = (out, streams) {
+            b.state.store_residuals(&streams, &decode_streams(out)?)?;
         }
-        counts.postprocess += 1;
         preds.push(decode_f32(&sample, "sample")?);
         branch_events.push(v1::BranchDecision {
             branch: b.branch as i32,

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use teaserve_proto::v1::DescribeRequest;
 use teaserve_proto::v1::denoiser_client::DenoiserClient;
+use teaserve_proto::v1::{DescribeRequest, DescribeResponse};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ControllerError;
@@ -18,8 +18,19 @@ pub type Client = DenoiserClient<Channel>;
 struct Member {
     url: String,
     client: Client,
-    /// `Describe`'s model type, once the endpoint answered.
-    model_type: RwLock<Option<String>>,
+    /// `Describe`'s answer, once the endpoint answered.
+    described: RwLock<Option<Arc<DescribeResponse>>>,
+}
+
+/// A denoiser picked for a call: where it is, a client, and what it serves.
+#[derive(Clone)]
+pub struct Picked {
+    /// Its URL.
+    pub endpoint: String,
+    /// A client of it.
+    pub client: Client,
+    /// Its `Describe` answer (model type, tensor contracts, max batch).
+    pub describe: Arc<DescribeResponse>,
 }
 
 /// The set of denoisers this controller drives.
@@ -59,7 +70,7 @@ impl DenoiserPool {
                 Ok(Member {
                     url: url.clone(),
                     client,
-                    model_type: RwLock::new(None),
+                    described: RwLock::new(None),
                 })
             })
             .collect::<Result<Vec<_>, ControllerError>>()?;
@@ -80,10 +91,14 @@ impl DenoiserPool {
                 match tokio::time::timeout(PROBE_TIMEOUT, client.describe(DescribeRequest {})).await
                 {
                     Ok(Ok(resp)) => {
-                        let model_type = resp.into_inner().model_type;
-                        tracing::info!(endpoint = %m.url, %model_type, "denoiser discovered");
-                        if let Ok(mut slot) = m.model_type.write() {
-                            *slot = Some(model_type);
+                        let describe = resp.into_inner();
+                        tracing::info!(
+                            endpoint = %m.url,
+                            model_type = %describe.model_type,
+                            "denoiser discovered"
+                        );
+                        if let Ok(mut slot) = m.described.write() {
+                            *slot = Some(Arc::new(describe));
                         }
                     }
                     Ok(Err(status)) => {
@@ -95,8 +110,12 @@ impl DenoiserPool {
         futures::future::join_all(probes).await;
     }
 
+    fn described(&self, m: &Member) -> Option<Arc<DescribeResponse>> {
+        m.described.read().ok().and_then(|s| s.clone())
+    }
+
     fn known(&self, m: &Member) -> Option<String> {
-        m.model_type.read().ok().and_then(|s| s.clone())
+        self.described(m).map(|d| d.model_type.clone())
     }
 
     /// Endpoints with the model type each serves (`None`: not reached yet).
@@ -109,7 +128,7 @@ impl DenoiserPool {
 
     /// A client for a denoiser serving `model_type`, round-robin; probes unknown endpoints
     /// once before giving up with UNAVAILABLE.
-    pub async fn client_for(&self, model_type: &str) -> Result<(String, Client), ControllerError> {
+    pub async fn client_for(&self, model_type: &str) -> Result<Picked, ControllerError> {
         if let Some(found) = self.pick(model_type) {
             return Ok(found);
         }
@@ -127,17 +146,22 @@ impl DenoiserPool {
         })
     }
 
-    fn pick(&self, model_type: &str) -> Option<(String, Client)> {
-        let serving: Vec<&Member> = self
+    fn pick(&self, model_type: &str) -> Option<Picked> {
+        let serving: Vec<(&Member, Arc<DescribeResponse>)> = self
             .members
             .iter()
-            .filter(|m| self.known(m).as_deref() == Some(model_type))
+            .filter_map(|m| self.described(m).map(|d| (m, d)))
+            .filter(|(_, d)| d.model_type == model_type)
             .collect();
         if serving.is_empty() {
             return None;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % serving.len();
-        serving.get(i).map(|m| (m.url.clone(), m.client.clone()))
+        serving.get(i).map(|(m, d)| Picked {
+            endpoint: m.url.clone(),
+            client: m.client.clone(),
+            describe: d.clone(),
+        })
     }
 
     /// Keeps probing unreached endpoints every `every` until all answered.

@@ -64,6 +64,8 @@ pub struct Session {
     pub cfg_renorm: bool,
     /// Wire dtype for latents and streams.
     pub wire_dtype: DType,
+    /// Stack the CFG branches into one RunBlocks call when both compute and shapes allow.
+    pub batch_branches: bool,
     /// When the session was created.
     pub created: Instant,
 }
@@ -244,6 +246,7 @@ impl Session {
             true_cfg_scale: req.true_cfg_scale,
             cfg_renorm: req.cfg_renorm,
             wire_dtype,
+            batch_branches: defaults.batch_cfg_branches,
             created: Instant::now(),
         })
     }

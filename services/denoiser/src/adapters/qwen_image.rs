@@ -176,7 +176,7 @@ fn img_shape(t: &Tensor, tokens: usize) -> Result<(usize, usize, usize), Denoise
     let dims: Vec<usize> = first
         .iter()
         .map(|&v| {
-            if v.fract() == 0.0 && v >= 1.0 && v <= 1e6 {
+            if v.fract() == 0.0 && (1.0..=1e6).contains(&v) {
                 Ok(v as usize)
             } else {
                 Err(bad(format!(
