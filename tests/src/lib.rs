@@ -397,7 +397,11 @@ impl Denoiser for RecordingProxy {
             .get("timestep")
             .map(|t| decode(t).flatten_all().unwrap().to_vec1::<f32>().unwrap()[0])
             .unwrap_or(f32::NAN);
-        let text = req.inputs.get("encoder_hidden_states").cloned().unwrap_or_default();
+        let text = req
+            .inputs
+            .get("encoder_hidden_states")
+            .cloned()
+            .unwrap_or_default();
         let resp = self.upstream.clone().preprocess(req).await?;
         let mut log = self.log.lock().unwrap();
         log.preprocess += 1;

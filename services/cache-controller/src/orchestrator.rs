@@ -405,7 +405,7 @@ fn combine(session: &Session, mut preds: Vec<Tensor>) -> Result<Tensor, Controll
     }
     let norm =
         |t: &Tensor| -> candle_core::Result<Tensor> { t.sqr()?.sum_keepdim(D::Minus1)?.sqrt() };
-    let ratio = (norm(&pos)? / (norm(&comb)? + 1e-12)?)?;
+    let ratio = (norm(&pos)? / norm(&comb)?)?;
     Ok(comb.broadcast_mul(&ratio)?)
 }
 
