@@ -48,6 +48,103 @@ pub struct ModelInfo {
     pub postprocess: StageSpec,
 }
 
+/// The tensor contracts of a dual-stream DiT split into three stages, built from what differs
+/// between models: the Preprocess inputs and the context tensors after `temb`.
+///
+/// Streams are `hidden_states [B, N, inner_dim]` and `encoder_hidden_states [B, T,
+/// inner_dim]`; the context starts with `temb [B, inner_dim]`; Postprocess needs only `temb`
+/// and accepts the rest of the context as passed along.
+pub struct DualStreamContract {
+    /// Pipeline class name.
+    pub model_type: &'static str,
+    /// Transformer class name.
+    pub architecture: &'static str,
+    /// Hidden width of both streams.
+    pub inner_dim: usize,
+    /// Channels per token of the model output.
+    pub out_dim: usize,
+    /// Preprocess's model-native inputs.
+    pub preprocess_inputs: Vec<TensorSpec>,
+    /// What `temb` holds, for Describe.
+    pub temb_description: &'static str,
+    /// Context tensors after `temb`, passed from Preprocess to the later stages.
+    pub extra_context: Vec<TensorSpec>,
+    /// How the TeaCache indicator is computed, for Describe.
+    pub indicator_description: &'static str,
+}
+
+impl DualStreamContract {
+    /// The full [`ModelInfo`].
+    pub fn info(self, config_json: String, dtype: DType, device: Device) -> ModelInfo {
+        use crate::spec::{Dim, Kind};
+        let b = || Dim::Sym("B");
+        let d = || Dim::Fixed(self.inner_dim, "inner_dim");
+        let stream = |name, tokens, description| {
+            TensorSpec::new(
+                name,
+                vec![b(), Dim::Sym(tokens), d()],
+                Kind::Float,
+                description,
+            )
+        };
+        let img = stream(
+            "hidden_states",
+            "N",
+            "image stream [B, N image tokens, inner_dim]",
+        );
+        let txt = stream(
+            "encoder_hidden_states",
+            "T",
+            "text stream [B, T text tokens, inner_dim]",
+        );
+        let temb = TensorSpec::new("temb", vec![b(), d()], Kind::Float, self.temb_description);
+        let mut context = vec![temb.clone()];
+        context.extend(self.extra_context.iter().cloned());
+        let mut post_context = vec![temb];
+        post_context.extend(self.extra_context.into_iter().map(TensorSpec::optional));
+        let indicator = stream("modulated_input", "N", self.indicator_description);
+        let sample = TensorSpec::new(
+            "sample",
+            vec![
+                b(),
+                Dim::Sym("N"),
+                Dim::Fixed(self.out_dim, "patch_size^2 * out_channels"),
+            ],
+            Kind::Float,
+            "model output (flow-matching velocity) in the packed latent layout",
+        );
+        ModelInfo {
+            model_type: self.model_type,
+            architecture: self.architecture,
+            config_json,
+            dtype,
+            device,
+            preprocess: StageSpec {
+                inputs: self.preprocess_inputs,
+                context: vec![],
+                outputs: [vec![indicator, img.clone(), txt.clone()], context.clone()].concat(),
+            },
+            run_blocks: StageSpec {
+                inputs: vec![img.clone(), txt.clone()],
+                context,
+                outputs: vec![img.clone(), txt],
+            },
+            postprocess: StageSpec {
+                inputs: vec![img],
+                context: post_context,
+                outputs: vec![sample],
+            },
+        }
+    }
+}
+
+/// A tensor the stage's specs made required; absence here is a contract bug, reported as an
+/// input error rather than a panic.
+pub fn required<'a>(map: &'a Tensors, name: &str) -> Result<&'a Tensor, DenoiserError> {
+    map.get(name)
+        .ok_or_else(|| crate::spec::InputError::Invalid(format!("missing tensor '{name}'")).into())
+}
+
 /// What Preprocess returns.
 #[derive(Debug, Clone)]
 pub struct PreprocessOutput {

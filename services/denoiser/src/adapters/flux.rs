@@ -9,8 +9,10 @@ use candle_core::Tensor;
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, var_builder};
 use crate::models::flux::{Config, Flux, Inputs};
-use crate::registry::{LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, StageSpec, Tensors};
-use crate::spec::{Dim, InputError, Kind, TensorSpec};
+use crate::registry::{
+    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors, required,
+};
+use crate::spec::{Dim, Kind, TensorSpec};
 
 /// `FluxPipeline` served from a diffusers `FluxTransformer2DModel` checkpoint.
 pub struct FluxAdapter {
@@ -42,7 +44,6 @@ impl FluxAdapter {
     /// Wraps a built model; `config_json` is reported by Describe.
     pub fn new(model: Flux, config_json: String) -> Self {
         let c = model.config();
-        let d = Dim::Fixed(c.inner_dim(), "inner_dim");
         let ids = |name, tokens, what| {
             TensorSpec::new(
                 name,
@@ -51,31 +52,13 @@ impl FluxAdapter {
                 what,
             )
         };
-        let img = TensorSpec::new(
-            "hidden_states",
-            vec![sym("B"), sym("N"), d.clone()],
-            Kind::Float,
-            "image stream [B, N image tokens, inner_dim]",
-        );
-        let txt = TensorSpec::new(
-            "encoder_hidden_states",
-            vec![sym("B"), sym("T"), d.clone()],
-            Kind::Float,
-            "text stream [B, T text tokens, inner_dim]",
-        );
-        let temb = TensorSpec::new(
-            "temb",
-            vec![sym("B"), d.clone()],
-            Kind::Float,
-            "conditioning vector (timestep + guidance + pooled text)",
-        );
         let img_ids = ids("img_ids", "N", "image position ids (0, row, col)");
         let txt_ids = ids("txt_ids", "T", "text position ids (zeros)");
-        let context = vec![temb, img_ids.clone(), txt_ids.clone()];
+        let fixed = |n, why| Dim::Fixed(n, why);
         let mut inputs = vec![
             TensorSpec::new(
                 "hidden_states",
-                vec![sym("B"), sym("N"), Dim::Fixed(c.in_channels, "in_channels")],
+                vec![sym("B"), sym("N"), fixed(c.in_channels, "in_channels")],
                 Kind::Float,
                 "packed latents [B, N, in_channels]",
             ),
@@ -84,7 +67,7 @@ impl FluxAdapter {
                 vec![
                     sym("B"),
                     sym("T"),
-                    Dim::Fixed(c.joint_attention_dim, "joint_attention_dim"),
+                    fixed(c.joint_attention_dim, "joint_attention_dim"),
                 ],
                 Kind::Float,
                 "text encoder hidden states [B, T, joint_attention_dim]",
@@ -93,7 +76,7 @@ impl FluxAdapter {
                 "pooled_projections",
                 vec![
                     sym("B"),
-                    Dim::Fixed(c.pooled_projection_dim, "pooled_projection_dim"),
+                    fixed(c.pooled_projection_dim, "pooled_projection_dim"),
                 ],
                 Kind::Float,
                 "pooled text embedding [B, pooled_projection_dim]",
@@ -104,8 +87,8 @@ impl FluxAdapter {
                 Kind::Float,
                 "sigma in [0, 1] per sample (the model multiplies by 1000)",
             ),
-            img_ids,
-            txt_ids,
+            img_ids.clone(),
+            txt_ids.clone(),
         ];
         if c.guidance_embeds {
             inputs.push(TensorSpec::new(
@@ -115,54 +98,17 @@ impl FluxAdapter {
                 "raw guidance scale per sample, e.g. 3.5 (config.guidance_embeds = true)",
             ));
         }
-        let modulated = TensorSpec::new(
-            "modulated_input",
-            vec![sym("B"), sym("N"), d.clone()],
-            Kind::Float,
-            "TeaCache indicator: transformer_blocks[0].norm1(hidden_states, temb)[0]",
-        );
-        let sample = TensorSpec::new(
-            "sample",
-            vec![
-                sym("B"),
-                sym("N"),
-                Dim::Fixed(c.out_dim(), "patch_size^2 * out_channels"),
-            ],
-            Kind::Float,
-            "model output (flow-matching velocity) in the packed latent layout",
-        );
-        let optional_ids: Vec<TensorSpec> = context
-            .iter()
-            .map(|s| {
-                if s.name == "temb" {
-                    s.clone()
-                } else {
-                    s.clone().optional()
-                }
-            })
-            .collect();
-        let info = ModelInfo {
+        let info = DualStreamContract {
             model_type: "FluxPipeline",
             architecture: "FluxTransformer2DModel",
-            config_json,
-            dtype: model.dtype(),
-            device: model.device().clone(),
-            preprocess: StageSpec {
-                inputs,
-                context: vec![],
-                outputs: [vec![modulated, img.clone(), txt.clone()], context.clone()].concat(),
-            },
-            run_blocks: StageSpec {
-                inputs: vec![img.clone(), txt.clone()],
-                context: context.clone(),
-                outputs: vec![img.clone(), txt],
-            },
-            postprocess: StageSpec {
-                inputs: vec![img],
-                context: optional_ids,
-                outputs: vec![sample],
-            },
-        };
+            inner_dim: c.inner_dim(),
+            out_dim: c.out_dim(),
+            preprocess_inputs: inputs,
+            temb_description: "conditioning vector (timestep + guidance + pooled text)",
+            extra_context: vec![img_ids, txt_ids],
+            indicator_description: "TeaCache indicator: transformer_blocks[0].norm1(hidden_states, temb)[0]",
+        }
+        .info(config_json, model.dtype(), model.device().clone());
         Self { model, info }
     }
 
@@ -172,12 +118,6 @@ impl FluxAdapter {
     }
 }
 
-/// A tensor the specs made required; its absence here is a contract bug, reported as such.
-fn get<'a>(map: &'a Tensors, name: &str) -> Result<&'a Tensor, DenoiserError> {
-    map.get(name)
-        .ok_or_else(|| InputError::Invalid(format!("missing tensor '{name}'")).into())
-}
-
 impl ModelAdapter for FluxAdapter {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -185,12 +125,12 @@ impl ModelAdapter for FluxAdapter {
 
     fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
         let typed = Inputs {
-            hidden_states: get(inputs, "hidden_states")?.clone(),
-            encoder_hidden_states: get(inputs, "encoder_hidden_states")?.clone(),
-            pooled_projections: get(inputs, "pooled_projections")?.clone(),
-            timestep: get(inputs, "timestep")?.clone(),
-            img_ids: get(inputs, "img_ids")?.clone(),
-            txt_ids: get(inputs, "txt_ids")?.clone(),
+            hidden_states: required(inputs, "hidden_states")?.clone(),
+            encoder_hidden_states: required(inputs, "encoder_hidden_states")?.clone(),
+            pooled_projections: required(inputs, "pooled_projections")?.clone(),
+            timestep: required(inputs, "timestep")?.clone(),
+            img_ids: required(inputs, "img_ids")?.clone(),
+            txt_ids: required(inputs, "txt_ids")?.clone(),
             guidance: inputs.get("guidance").cloned(),
         };
         let pre = self.model.preprocess(&typed)?;
@@ -214,11 +154,11 @@ impl ModelAdapter for FluxAdapter {
     fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
         let rope = self
             .model
-            .rope(get(context, "txt_ids")?, get(context, "img_ids")?)?;
+            .rope(required(context, "txt_ids")?, required(context, "img_ids")?)?;
         let (img, txt) = self.model.run_blocks(
-            get(streams, "hidden_states")?,
-            get(streams, "encoder_hidden_states")?,
-            get(context, "temb")?,
+            required(streams, "hidden_states")?,
+            required(streams, "encoder_hidden_states")?,
+            required(context, "temb")?,
             &rope,
         )?;
         Ok(Tensors::from([
@@ -234,6 +174,6 @@ impl ModelAdapter for FluxAdapter {
     ) -> Result<Tensor, DenoiserError> {
         Ok(self
             .model
-            .postprocess(hidden_states, get(context, "temb")?)?)
+            .postprocess(hidden_states, required(context, "temb")?)?)
     }
 }

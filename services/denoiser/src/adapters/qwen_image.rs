@@ -10,7 +10,9 @@ use candle_core::{DType, Tensor};
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, var_builder};
 use crate::models::qwen_image::{Config, Inputs, QwenImage};
-use crate::registry::{LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, StageSpec, Tensors};
+use crate::registry::{
+    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors, required,
+};
 use crate::spec::{Dim, InputError, Kind, TensorSpec};
 
 /// `QwenImagePipeline` served from a diffusers `QwenImageTransformer2DModel` checkpoint.
@@ -46,25 +48,6 @@ impl QwenImageAdapter {
     /// Wraps a built model; `config_json` is reported by Describe.
     pub fn new(model: QwenImage, config_json: String) -> Self {
         let c = model.config();
-        let d = Dim::Fixed(c.inner_dim(), "inner_dim");
-        let img = TensorSpec::new(
-            "hidden_states",
-            vec![sym("B"), sym("N"), d.clone()],
-            Kind::Float,
-            "image stream [B, N image tokens, inner_dim]",
-        );
-        let txt = TensorSpec::new(
-            "encoder_hidden_states",
-            vec![sym("B"), sym("T"), d.clone()],
-            Kind::Float,
-            "text stream [B, T text tokens, inner_dim]",
-        );
-        let temb = TensorSpec::new(
-            "temb",
-            vec![sym("B"), d.clone()],
-            Kind::Float,
-            "conditioning vector (timestep embedding)",
-        );
         let img_shapes = TensorSpec::new(
             "img_shapes",
             vec![sym("B"), Dim::Fixed(3, "")],
@@ -78,7 +61,6 @@ impl QwenImageAdapter {
             "text mask, 1 = valid, 0 = padding (absent: all valid)",
         )
         .optional();
-        let context = vec![temb, img_shapes.clone(), mask.clone()];
         let inputs = vec![
             TensorSpec::new(
                 "hidden_states",
@@ -96,70 +78,29 @@ impl QwenImageAdapter {
                 Kind::Float,
                 "text encoder hidden states [B, T, joint_attention_dim]",
             ),
-            mask,
+            mask.clone(),
             TensorSpec::new(
                 "timestep",
                 vec![sym("B")],
                 Kind::Float,
                 "sigma in [0, 1] per sample",
             ),
-            img_shapes,
+            img_shapes.clone(),
         ];
-        let modulated = TensorSpec::new(
-            "modulated_input",
-            vec![sym("B"), sym("N"), d.clone()],
-            Kind::Float,
-            "TeaCache indicator: img_norm1(hidden) modulated by img_mod(temb) chunk 0 of block 0",
-        );
-        let sample = TensorSpec::new(
-            "sample",
-            vec![
-                sym("B"),
-                sym("N"),
-                Dim::Fixed(c.out_dim(), "patch_size^2 * out_channels"),
-            ],
-            Kind::Float,
-            "model output (flow-matching velocity) in the packed latent layout",
-        );
-        let post_context: Vec<TensorSpec> = context
-            .iter()
-            .map(|s| {
-                if s.name == "temb" {
-                    s.clone()
-                } else {
-                    s.clone().optional()
-                }
-            })
-            .collect();
-        let info = ModelInfo {
+        let info = DualStreamContract {
             model_type: "QwenImagePipeline",
             architecture: "QwenImageTransformer2DModel",
-            config_json,
-            dtype: model.dtype(),
-            device: model.device().clone(),
-            preprocess: StageSpec {
-                inputs,
-                context: vec![],
-                outputs: [vec![modulated, img.clone(), txt.clone()], context.clone()].concat(),
-            },
-            run_blocks: StageSpec {
-                inputs: vec![img.clone(), txt.clone()],
-                context,
-                outputs: vec![img.clone(), txt],
-            },
-            postprocess: StageSpec {
-                inputs: vec![img],
-                context: post_context,
-                outputs: vec![sample],
-            },
-        };
+            inner_dim: c.inner_dim(),
+            out_dim: c.out_dim(),
+            preprocess_inputs: inputs,
+            temb_description: "conditioning vector (timestep embedding)",
+            extra_context: vec![img_shapes, mask],
+            indicator_description:
+                "TeaCache indicator: img_norm1(hidden) modulated by img_mod(temb) chunk 0 of block 0",
+        }
+        .info(config_json, model.dtype(), model.device().clone());
         Self { model, info }
     }
-}
-
-fn get<'a>(map: &'a Tensors, name: &str) -> Result<&'a Tensor, DenoiserError> {
-    map.get(name)
-        .ok_or_else(|| InputError::Invalid(format!("missing tensor '{name}'")).into())
 }
 
 /// The single (frames, height, width) of a `[B, 3]` `img_shapes`, checked against `N` tokens.
@@ -203,14 +144,14 @@ impl ModelAdapter for QwenImageAdapter {
     }
 
     fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
-        let hidden_states = get(inputs, "hidden_states")?.clone();
-        let shapes = get(inputs, "img_shapes")?.clone();
+        let hidden_states = required(inputs, "hidden_states")?.clone();
+        let shapes = required(inputs, "img_shapes")?.clone();
         let typed = Inputs {
             img_shape: img_shape(&shapes, hidden_states.dim(1)?)?,
             hidden_states,
-            encoder_hidden_states: get(inputs, "encoder_hidden_states")?.clone(),
+            encoder_hidden_states: required(inputs, "encoder_hidden_states")?.clone(),
             encoder_hidden_states_mask: inputs.get("encoder_hidden_states_mask").cloned(),
-            timestep: get(inputs, "timestep")?.clone(),
+            timestep: required(inputs, "timestep")?.clone(),
         };
         let pre = self.model.preprocess(&typed)?;
         let mut context = Tensors::from([
@@ -234,14 +175,14 @@ impl ModelAdapter for QwenImageAdapter {
     }
 
     fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
-        let img = get(streams, "hidden_states")?;
-        let txt = get(streams, "encoder_hidden_states")?;
-        let shape = img_shape(get(context, "img_shapes")?, img.dim(1)?)?;
+        let img = required(streams, "hidden_states")?;
+        let txt = required(streams, "encoder_hidden_states")?;
+        let shape = img_shape(required(context, "img_shapes")?, img.dim(1)?)?;
         let rope = self.model.rope(shape, txt.dim(1)?)?;
         let (img, txt) = self.model.run_blocks(
             img,
             txt,
-            get(context, "temb")?,
+            required(context, "temb")?,
             &rope,
             context.get("encoder_hidden_states_mask"),
         )?;
@@ -258,6 +199,6 @@ impl ModelAdapter for QwenImageAdapter {
     ) -> Result<Tensor, DenoiserError> {
         Ok(self
             .model
-            .postprocess(hidden_states, get(context, "temb")?)?)
+            .postprocess(hidden_states, required(context, "temb")?)?)
     }
 }

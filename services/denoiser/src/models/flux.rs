@@ -17,7 +17,8 @@ use serde::Deserialize;
 
 pub use super::layers::timestep_projection;
 use super::layers::{
-    FeedForward, Mlp2, PlainNorm, Qkv, TIME_PROJ_DIM, ada_chunks, attention, gated, modulate,
+    DualStreamBlock, DualStreamNames, Mlp2, PlainNorm, Qkv, TIME_PROJ_DIM, ada_chunks, attention,
+    gated, modulate,
 };
 
 /// `config.json` of a diffusers `FluxTransformer2DModel` (defaults are diffusers' own).
@@ -181,113 +182,13 @@ pub fn rope_tables(ids: &Tensor, axes_dims: &[usize], device: &Device) -> Result
     ))
 }
 
-/// One double-stream block (diffusers' `FluxTransformerBlock`).
-#[derive(Debug, Clone)]
-struct DoubleBlock {
-    norm1: Linear,
-    norm1_context: Linear,
-    img_qkv: Qkv,
-    txt_qkv: Qkv,
-    to_out: Linear,
-    to_add_out: Linear,
-    ff: FeedForward,
-    ff_context: FeedForward,
-    norm: PlainNorm,
-    num_heads: usize,
-}
-
-impl DoubleBlock {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let dim = cfg.inner_dim();
-        let hd = cfg.attention_head_dim;
-        let attn = vb.pp("attn");
-        Ok(Self {
-            norm1: linear(dim, 6 * dim, vb.pp("norm1.linear"))?,
-            norm1_context: linear(dim, 6 * dim, vb.pp("norm1_context.linear"))?,
-            img_qkv: Qkv::new(dim, hd, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
-            txt_qkv: Qkv::new(
-                dim,
-                hd,
-                [
-                    "add_q_proj",
-                    "add_k_proj",
-                    "add_v_proj",
-                    "norm_added_q",
-                    "norm_added_k",
-                ],
-                &attn,
-            )?,
-            to_out: linear(dim, dim, attn.pp("to_out.0"))?,
-            to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
-            ff: FeedForward::new(dim, vb.pp("ff"))?,
-            ff_context: FeedForward::new(dim, vb.pp("ff_context"))?,
-            norm: PlainNorm::new(dim, vb.dtype(), vb.device())?,
-            num_heads: cfg.num_attention_heads,
-        })
-    }
-
-    /// `norm1(hidden, emb=temb)[0]`: the adaLN-Zero modulated image stream.
-    fn modulated_input(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let [shift, scale, ..] = ada_chunks::<6>(&self.norm1, temb)?;
-        modulate(&self.norm.forward(img)?, &shift, &scale)
-    }
-
-    /// Returns `(img, txt)` after the block.
-    fn forward(
-        &self,
-        img: &Tensor,
-        txt: &Tensor,
-        temb: &Tensor,
-        rope: &(Tensor, Tensor),
-    ) -> Result<(Tensor, Tensor)> {
-        let [
-            shift_msa,
-            scale_msa,
-            gate_msa,
-            shift_mlp,
-            scale_mlp,
-            gate_mlp,
-        ] = ada_chunks::<6>(&self.norm1, temb)?;
-        let [
-            c_shift_msa,
-            c_scale_msa,
-            c_gate_msa,
-            c_shift_mlp,
-            c_scale_mlp,
-            c_gate_mlp,
-        ] = ada_chunks::<6>(&self.norm1_context, temb)?;
-        let img_mod = modulate(&self.norm.forward(img)?, &shift_msa, &scale_msa)?;
-        let txt_mod = modulate(&self.norm.forward(txt)?, &c_shift_msa, &c_scale_msa)?;
-
-        let (iq, ik, iv) = self.img_qkv.project(&img_mod, self.num_heads)?;
-        let (tq, tk, tv) = self.txt_qkv.project(&txt_mod, self.num_heads)?;
-        // Joint attention over [text ; image] tokens.
-        let q = Tensor::cat(&[&tq, &iq], 2)?;
-        let k = Tensor::cat(&[&tk, &ik], 2)?;
-        let v = Tensor::cat(&[&tv, &iv], 2)?;
-        let attn = attention(&q, &k, &v, rope, None, img.dtype())?;
-        let t_len = txt.dim(1)?;
-        let txt_attn = attn.narrow(1, 0, t_len)?;
-        let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?;
-
-        let img = (img + gated(&gate_msa, &self.to_out.forward(&img_attn)?)?)?;
-        let img_ff = self.ff.forward(&modulate(
-            &self.norm.forward(&img)?,
-            &shift_mlp,
-            &scale_mlp,
-        )?)?;
-        let img = (img + gated(&gate_mlp, &img_ff)?)?;
-
-        let txt = (txt + gated(&c_gate_msa, &self.to_add_out.forward(&txt_attn)?)?)?;
-        let txt_ff = self.ff_context.forward(&modulate(
-            &self.norm.forward(&txt)?,
-            &c_shift_mlp,
-            &c_scale_mlp,
-        )?)?;
-        let txt = (txt + gated(&c_gate_mlp, &txt_ff)?)?;
-        Ok((img, txt))
-    }
-}
+/// Weight names of FLUX's double-stream blocks (diffusers' `FluxTransformerBlock`).
+const DOUBLE_BLOCK: DualStreamNames = DualStreamNames {
+    img_mod: "norm1.linear",
+    txt_mod: "norm1_context.linear",
+    img_mlp: "ff",
+    txt_mlp: "ff_context",
+};
 
 /// One single-stream block (diffusers' `FluxSingleTransformerBlock`).
 #[derive(Debug, Clone)]
@@ -352,7 +253,7 @@ pub struct Flux {
     timestep_embedder: Mlp2,
     guidance_embedder: Option<Mlp2>,
     text_embedder: Mlp2,
-    double_blocks: Vec<DoubleBlock>,
+    double_blocks: Vec<DualStreamBlock>,
     single_blocks: Vec<SingleBlock>,
     norm_out_linear: Linear,
     norm_out: PlainNorm,
@@ -373,7 +274,15 @@ impl Flux {
             None
         };
         let double_blocks = (0..config.num_layers)
-            .map(|i| DoubleBlock::new(config, vb.pp("transformer_blocks").pp(i)))
+            .map(|i| {
+                DualStreamBlock::new(
+                    dim,
+                    config.attention_head_dim,
+                    config.num_attention_heads,
+                    DOUBLE_BLOCK,
+                    vb.pp("transformer_blocks").pp(i),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let single_blocks = (0..config.num_single_layers)
             .map(|i| SingleBlock::new(config, vb.pp("single_transformer_blocks").pp(i)))
@@ -479,7 +388,7 @@ impl Flux {
     ) -> Result<(Tensor, Tensor)> {
         let (mut img, mut txt) = (img.clone(), txt.clone());
         for block in &self.double_blocks {
-            (img, txt) = block.forward(&img, &txt, temb, rope)?;
+            (img, txt) = block.forward(&img, &txt, temb, rope, None)?;
         }
         Ok((img, txt))
     }

@@ -201,3 +201,118 @@ impl Module for FeedForward {
         self.proj_out.forward(&self.proj_in.forward(xs)?.gelu()?)
     }
 }
+
+/// Weight names that differ between the dual-stream blocks of FLUX and Qwen-Image.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DualStreamNames {
+    /// adaLN linear of the image stream (`norm1.linear` / `img_mod.1`).
+    pub img_mod: &'static str,
+    /// adaLN linear of the text stream (`norm1_context.linear` / `txt_mod.1`).
+    pub txt_mod: &'static str,
+    /// Image MLP (`ff` / `img_mlp`).
+    pub img_mlp: &'static str,
+    /// Text MLP (`ff_context` / `txt_mlp`).
+    pub txt_mlp: &'static str,
+}
+
+/// A dual-stream (MM-DiT) block: adaLN-Zero modulation of each stream (chunks shift, scale,
+/// gate for attention, then for the MLP), joint attention over `[text ; image]` with
+/// per-stream QK-normed projections, gated residuals, per-stream MLPs. FLUX's
+/// `FluxTransformerBlock` and Qwen-Image's `QwenImageTransformerBlock` are both this.
+#[derive(Debug, Clone)]
+pub(crate) struct DualStreamBlock {
+    img_mod: Linear,
+    txt_mod: Linear,
+    img_qkv: Qkv,
+    txt_qkv: Qkv,
+    to_out: Linear,
+    to_add_out: Linear,
+    img_mlp: FeedForward,
+    txt_mlp: FeedForward,
+    norm: PlainNorm,
+    num_heads: usize,
+}
+
+impl DualStreamBlock {
+    pub(crate) fn new(
+        dim: usize,
+        head_dim: usize,
+        num_heads: usize,
+        names: DualStreamNames,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let attn = vb.pp("attn");
+        Ok(Self {
+            img_mod: linear(dim, 6 * dim, vb.pp(names.img_mod))?,
+            txt_mod: linear(dim, 6 * dim, vb.pp(names.txt_mod))?,
+            img_qkv: Qkv::new(
+                dim,
+                head_dim,
+                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                &attn,
+            )?,
+            txt_qkv: Qkv::new(
+                dim,
+                head_dim,
+                [
+                    "add_q_proj",
+                    "add_k_proj",
+                    "add_v_proj",
+                    "norm_added_q",
+                    "norm_added_k",
+                ],
+                &attn,
+            )?,
+            to_out: linear(dim, dim, attn.pp("to_out.0"))?,
+            to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
+            img_mlp: FeedForward::new(dim, vb.pp(names.img_mlp))?,
+            txt_mlp: FeedForward::new(dim, vb.pp(names.txt_mlp))?,
+            norm: PlainNorm::new(dim, vb.dtype(), vb.device())?,
+            num_heads,
+        })
+    }
+
+    /// The modulated image stream entering attention: TeaCache's indicator for block 0.
+    pub(crate) fn modulated_input(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let [shift, scale, ..] = ada_chunks::<6>(&self.img_mod, temb)?;
+        modulate(&self.norm.forward(img)?, &shift, &scale)
+    }
+
+    /// Returns `(img, txt)` after the block.
+    pub(crate) fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        key_bias: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let [shift1, scale1, gate1, shift2, scale2, gate2] = ada_chunks::<6>(&self.img_mod, temb)?;
+        let [t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2] =
+            ada_chunks::<6>(&self.txt_mod, temb)?;
+        let img_mod = modulate(&self.norm.forward(img)?, &shift1, &scale1)?;
+        let txt_mod = modulate(&self.norm.forward(txt)?, &t_shift1, &t_scale1)?;
+        let (iq, ik, iv) = self.img_qkv.project(&img_mod, self.num_heads)?;
+        let (tq, tk, tv) = self.txt_qkv.project(&txt_mod, self.num_heads)?;
+        let q = Tensor::cat(&[&tq, &iq], 2)?;
+        let k = Tensor::cat(&[&tk, &ik], 2)?;
+        let v = Tensor::cat(&[&tv, &iv], 2)?;
+        let attn = attention(&q, &k, &v, rope, key_bias, img.dtype())?;
+        let t_len = txt.dim(1)?;
+        let txt_attn = attn.narrow(1, 0, t_len)?.contiguous()?;
+        let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?.contiguous()?;
+
+        let img = (img + gated(&gate1, &self.to_out.forward(&img_attn)?)?)?;
+        let txt = (txt + gated(&t_gate1, &self.to_add_out.forward(&txt_attn)?)?)?;
+        let img_ff =
+            self.img_mlp
+                .forward(&modulate(&self.norm.forward(&img)?, &shift2, &scale2)?)?;
+        let txt_ff =
+            self.txt_mlp
+                .forward(&modulate(&self.norm.forward(&txt)?, &t_shift2, &t_scale2)?)?;
+        Ok((
+            (img + gated(&gate2, &img_ff)?)?,
+            (txt + gated(&t_gate2, &txt_ff)?)?,
+        ))
+    }
+}

@@ -16,7 +16,7 @@ use candle_nn::{Linear, RmsNorm, VarBuilder, linear};
 use serde::Deserialize;
 
 use super::layers::{
-    FeedForward, Mlp2, NORM_EPS, PlainNorm, Qkv, TIME_PROJ_DIM, ada_chunks, attention, gated,
+    DualStreamBlock, DualStreamNames, Mlp2, NORM_EPS, PlainNorm, TIME_PROJ_DIM, ada_chunks,
     modulate, timestep_projection,
 };
 
@@ -208,95 +208,13 @@ pub fn rope_tables(
     ))
 }
 
-/// One dual-stream block (diffusers' `QwenImageTransformerBlock`).
-#[derive(Debug, Clone)]
-struct Block {
-    img_mod: Linear,
-    txt_mod: Linear,
-    img_qkv: Qkv,
-    txt_qkv: Qkv,
-    to_out: Linear,
-    to_add_out: Linear,
-    img_mlp: FeedForward,
-    txt_mlp: FeedForward,
-    norm: PlainNorm,
-    num_heads: usize,
-}
-
-impl Block {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
-        let dim = cfg.inner_dim();
-        let hd = cfg.attention_head_dim;
-        let attn = vb.pp("attn");
-        Ok(Self {
-            img_mod: linear(dim, 6 * dim, vb.pp("img_mod.1"))?,
-            txt_mod: linear(dim, 6 * dim, vb.pp("txt_mod.1"))?,
-            img_qkv: Qkv::new(dim, hd, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
-            txt_qkv: Qkv::new(
-                dim,
-                hd,
-                [
-                    "add_q_proj",
-                    "add_k_proj",
-                    "add_v_proj",
-                    "norm_added_q",
-                    "norm_added_k",
-                ],
-                &attn,
-            )?,
-            to_out: linear(dim, dim, attn.pp("to_out.0"))?,
-            to_add_out: linear(dim, dim, attn.pp("to_add_out"))?,
-            img_mlp: FeedForward::new(dim, vb.pp("img_mlp"))?,
-            txt_mlp: FeedForward::new(dim, vb.pp("txt_mlp"))?,
-            norm: PlainNorm::new(dim, vb.dtype(), vb.device())?,
-            num_heads: cfg.num_attention_heads,
-        })
-    }
-
-    /// `img_norm1(hidden)` modulated by the first chunk of `img_mod(temb)`.
-    fn modulated_input(&self, img: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let [shift, scale, ..] = ada_chunks::<6>(&self.img_mod, temb)?;
-        modulate(&self.norm.forward(img)?, &shift, &scale)
-    }
-
-    /// Returns `(img, txt)` after the block.
-    fn forward(
-        &self,
-        img: &Tensor,
-        txt: &Tensor,
-        temb: &Tensor,
-        rope: &(Tensor, Tensor),
-        key_bias: Option<&Tensor>,
-    ) -> Result<(Tensor, Tensor)> {
-        // Chunk order (mod1 then mod2, each shift, scale, gate).
-        let [shift1, scale1, gate1, shift2, scale2, gate2] = ada_chunks::<6>(&self.img_mod, temb)?;
-        let [t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2] =
-            ada_chunks::<6>(&self.txt_mod, temb)?;
-        let img_mod = modulate(&self.norm.forward(img)?, &shift1, &scale1)?;
-        let txt_mod = modulate(&self.norm.forward(txt)?, &t_shift1, &t_scale1)?;
-        let (iq, ik, iv) = self.img_qkv.project(&img_mod, self.num_heads)?;
-        let (tq, tk, tv) = self.txt_qkv.project(&txt_mod, self.num_heads)?;
-        let q = Tensor::cat(&[&tq, &iq], 2)?;
-        let k = Tensor::cat(&[&tk, &ik], 2)?;
-        let v = Tensor::cat(&[&tv, &iv], 2)?;
-        let attn = attention(&q, &k, &v, rope, key_bias, img.dtype())?;
-        let t_len = txt.dim(1)?;
-        let txt_attn = attn.narrow(1, 0, t_len)?;
-        let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?;
-
-        let img = (img + gated(&gate1, &self.to_out.forward(&img_attn.contiguous()?)?)?)?;
-        let txt = (txt + gated(&t_gate1, &self.to_add_out.forward(&txt_attn.contiguous()?)?)?)?;
-        let img_ff =
-            self.img_mlp
-                .forward(&modulate(&self.norm.forward(&img)?, &shift2, &scale2)?)?;
-        let img = (img + gated(&gate2, &img_ff)?)?;
-        let txt_ff =
-            self.txt_mlp
-                .forward(&modulate(&self.norm.forward(&txt)?, &t_shift2, &t_scale2)?)?;
-        let txt = (txt + gated(&t_gate2, &txt_ff)?)?;
-        Ok((img, txt))
-    }
-}
+/// Weight names of Qwen-Image's blocks (diffusers' `QwenImageTransformerBlock`).
+const BLOCK: DualStreamNames = DualStreamNames {
+    img_mod: "img_mod.1",
+    txt_mod: "txt_mod.1",
+    img_mlp: "img_mlp",
+    txt_mlp: "txt_mlp",
+};
 
 /// diffusers' `QwenImageTransformer2DModel`.
 #[derive(Debug, Clone)]
@@ -306,7 +224,7 @@ pub struct QwenImage {
     txt_in: Linear,
     txt_norm: RmsNorm,
     timestep_embedder: Mlp2,
-    blocks: Vec<Block>,
+    blocks: Vec<DualStreamBlock>,
     norm_out_linear: Linear,
     norm_out: PlainNorm,
     proj_out: Linear,
@@ -320,7 +238,15 @@ impl QwenImage {
         config.validate().map_err(candle_core::Error::msg)?;
         let dim = config.inner_dim();
         let blocks = (0..config.num_layers)
-            .map(|i| Block::new(config, vb.pp("transformer_blocks").pp(i)))
+            .map(|i| {
+                DualStreamBlock::new(
+                    dim,
+                    config.attention_head_dim,
+                    config.num_attention_heads,
+                    BLOCK,
+                    vb.pp("transformer_blocks").pp(i),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: config.clone(),
