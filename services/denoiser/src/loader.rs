@@ -226,6 +226,18 @@ fn resolve_hub(
     Err(last_err.unwrap_or_else(|| load_err(format!("{repo_id}: no config.json found"))))
 }
 
+/// Parses `config.json` into a model's config type and runs its consistency check; errors
+/// name the file.
+pub fn parse_config<C: serde::de::DeserializeOwned>(
+    files: &ModelFiles,
+    validate: impl FnOnce(&C) -> Result<(), String>,
+) -> Result<C, DenoiserError> {
+    let at = |e: String| DenoiserError::Config(format!("{}: {e}", files.config_path.display()));
+    let config: C = serde_json::from_str(&files.config_json).map_err(|e| at(e.to_string()))?;
+    validate(&config).map_err(at)?;
+    Ok(config)
+}
+
 /// Memory-maps the weights into a candle `VarBuilder` at `opts.dtype` on `opts.device`.
 #[allow(unsafe_code)]
 pub fn var_builder(

@@ -7,7 +7,7 @@
 use candle_core::Tensor;
 
 use crate::error::DenoiserError;
-use crate::loader::{ModelFiles, var_builder};
+use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::flux::{Config, Flux, Inputs};
 use crate::registry::{
     DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors, required,
@@ -25,11 +25,7 @@ pub fn load(
     files: &ModelFiles,
     opts: &LoadOptions,
 ) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
-    let config: Config = serde_json::from_str(&files.config_json)
-        .map_err(|e| DenoiserError::Config(format!("{}: {e}", files.config_path.display())))?;
-    config
-        .validate()
-        .map_err(|e| DenoiserError::Config(format!("{}: {e}", files.config_path.display())))?;
+    let config: Config = parse_config(files, Config::validate)?;
     let vb = var_builder(files, opts)?;
     let model = Flux::new(&config, vb)
         .map_err(|e| DenoiserError::Load(format!("building FluxTransformer2DModel: {e}")))?;

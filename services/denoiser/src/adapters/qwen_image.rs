@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::error::DenoiserError;
-use crate::loader::{ModelFiles, var_builder};
+use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::qwen_image::{Config, Inputs, QwenImage};
 use crate::registry::{
     DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors, required,
@@ -26,11 +26,7 @@ pub fn load(
     files: &ModelFiles,
     opts: &LoadOptions,
 ) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
-    let config: Config = serde_json::from_str(&files.config_json)
-        .map_err(|e| DenoiserError::Config(format!("{}: {e}", files.config_path.display())))?;
-    config
-        .validate()
-        .map_err(|e| DenoiserError::Config(format!("{}: {e}", files.config_path.display())))?;
+    let config: Config = parse_config(files, Config::validate)?;
     let vb = var_builder(files, opts)?;
     let model = QwenImage::new(&config, vb)
         .map_err(|e| DenoiserError::Load(format!("building QwenImageTransformer2DModel: {e}")))?;
