@@ -256,6 +256,11 @@ pub fn encode_tensor(t: &Tensor, dtype: DType) -> Result<v1::Tensor, CodecError>
     })
 }
 
+/// Payload bytes of a tensor map (what travels as tensor data).
+pub fn map_bytes(map: &TensorMap) -> u64 {
+    map.values().map(|t| t.data.len() as u64).sum()
+}
+
 /// Stacks wire tensors along their first (batch) dimension without decoding them: same dtype
 /// and trailing dimensions required. Row-major layout makes this a byte concatenation.
 pub fn concat_batch(parts: &[&v1::Tensor]) -> Result<v1::Tensor, CodecError> {

@@ -1,5 +1,5 @@
 //! Server plumbing shared by teaserve's services: the oversize-message status layer, the
-//! Ctrl-C / SIGTERM signal, and a bounded graceful drain.
+//! Ctrl-C / SIGTERM signal, a bounded graceful drain, and TCP_NODELAY on accepted sockets.
 //!
 //! Message-size limits are reported the way gRPC specifies: a request over the size limit
 //! gets RESOURCE_EXHAUSTED. tonic's decoder answers OUT_OF_RANGE for it, before any handler
@@ -111,27 +111,6 @@ pub fn nodelay_incoming(
         }
         Ok(conn)
     })
-}
-
-/// Log line format of the services (`--log-format`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Installs the global `tracing` subscriber: filter from `RUST_LOG` (default `info`), text or
-/// JSON lines on stdout.
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

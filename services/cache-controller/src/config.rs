@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-pub use teaserve_proto::serving::LogFormat;
+pub use teaserve_telemetry::LogFormat;
 
 use crate::cache_config::{CacheConfigSpec, CacheDefaults, ConfigError, StageConfig};
 use crate::server::ServeOptions;
@@ -54,6 +54,9 @@ pub struct Args {
     /// Seconds in-flight calls may take to finish after SIGTERM / Ctrl-C.
     #[arg(long, env = "TEASERVE_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    /// Serve Prometheus metrics on http://ADDR/metrics (off when unset).
+    #[arg(long, env = "TEASERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log format (filter with RUST_LOG, default info).
     #[arg(long, env = "TEASERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -93,6 +96,8 @@ impl Args {
             },
             max_message_bytes: self.max_message_bytes,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
+            metrics_listen: self.metrics_listen,
+            metrics: teaserve_telemetry::Metrics::new(),
         })
     }
 }

@@ -5,6 +5,7 @@
 pub mod cache_config;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod models;
 pub mod orchestrator;
 pub mod policy;

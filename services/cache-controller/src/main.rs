@@ -7,13 +7,21 @@ use teaserve_controller::config::Args;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    teaserve_proto::serving::init_logging(args.log_format);
+    let telemetry = teaserve_telemetry::init(
+        args.log_format,
+        &teaserve_telemetry::OtelConfig::from_env("cache-controller"),
+    )?;
     let opts = args.serve_options().context("configuration")?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding --listen {}", args.listen))?;
-    teaserve_controller::server::serve(listener, opts, teaserve_proto::serving::shutdown_signal())
-        .await
-        .context("cache-controller stopped with an error")?;
-    Ok(())
+    let result = teaserve_controller::server::serve(
+        listener,
+        opts,
+        teaserve_proto::serving::shutdown_signal(),
+    )
+    .await
+    .context("cache-controller stopped with an error");
+    telemetry.shutdown().await;
+    result
 }

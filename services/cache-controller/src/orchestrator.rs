@@ -8,11 +8,13 @@ use std::time::Instant;
 
 use candle_core::{D, DType as CDType, Device, Tensor};
 use teaserve_proto::TensorMap;
-use teaserve_proto::codec::{concat_batch, decode_tensor, encode_tensor, split_batch};
-use teaserve_proto::v1::{self, DType};
+use teaserve_proto::codec::{concat_batch, decode_tensor, encode_tensor, map_bytes, split_batch};
+use teaserve_proto::v1::{self, Branch, DType};
+use tracing::Instrument as _;
 
 use crate::cache_config::CachePlan;
 use crate::error::ControllerError;
+use crate::metrics::ControllerMetrics;
 use crate::policy::{Decision, Forced};
 use crate::pool::DenoiserPool;
 use crate::session::Session;
@@ -132,10 +134,19 @@ fn always_compute() -> Decision {
 pub async fn run_step(
     session: &mut Session,
     pool: &DenoiserPool,
+    metrics: &ControllerMetrics,
     counts: &mut CallCounts,
 ) -> Result<v1::StepEvent, ControllerError> {
     let snapshot: Vec<_> = session.branches.iter().map(|b| b.state.clone()).collect();
-    let result = step_once(session, pool, counts).await;
+    let span = tracing::info_span!(
+        "step",
+        step = session.step,
+        sigma = session.sigmas.get(session.step).copied().unwrap_or(f64::NAN),
+        session_id = %session.id,
+    );
+    let result = step_once(session, pool, metrics, counts)
+        .instrument(span)
+        .await;
     if result.is_err() {
         for (b, state) in session.branches.iter_mut().zip(snapshot) {
             b.state = state;
@@ -144,9 +155,57 @@ pub async fn run_step(
     result
 }
 
+/// A client span for one denoiser call, named `Denoiser/<method>`; the call's `traceparent`
+/// points at it, so the denoiser's server span is its child.
+fn call_span(method: &'static str, endpoint: &str, branches: &str) -> tracing::Span {
+    tracing::info_span!(
+        "denoiser.call",
+        otel.name = %format!("Denoiser/{method}"),
+        otel.kind = "client",
+        rpc.system = "grpc",
+        rpc.method = method,
+        endpoint = %endpoint,
+        branches = %branches,
+    )
+}
+
+/// Records one branch's decision as a `teacache.decide` span under the current step.
+fn decide_span(branch: Branch, d: &Decision, threshold: f64) {
+    let span = tracing::info_span!(
+        "teacache.decide",
+        branch = branch_name(branch),
+        decision = if d.compute { "compute" } else { "reuse" },
+        forced = d.forced.is_some(),
+        forced_reason = tracing::field::Empty,
+        rel_l1 = tracing::field::Empty,
+        rescaled = tracing::field::Empty,
+        accumulated = d.accumulated,
+        threshold,
+    );
+    if let Some(f) = d.forced {
+        span.record("forced_reason", tracing::field::debug(f));
+    }
+    if let Some(r) = d.rel_l1 {
+        span.record("rel_l1", r);
+    }
+    if let Some(r) = d.rescaled {
+        span.record("rescaled", r);
+    }
+}
+
+/// `positive` / `negative`, as spans and metrics label branches.
+pub fn branch_name(b: Branch) -> &'static str {
+    match b {
+        Branch::Positive => "positive",
+        Branch::Negative => "negative",
+        Branch::Unspecified => "unspecified",
+    }
+}
+
 async fn step_once(
     session: &mut Session,
     pool: &DenoiserPool,
+    metrics: &ControllerMetrics,
     counts: &mut CallCounts,
 ) -> Result<v1::StepEvent, ControllerError> {
     let started = Instant::now();
@@ -183,6 +242,8 @@ async fn step_once(
             inputs.insert("timestep".into(), timestep.clone());
             let mut client = call.client.clone();
             let endpoint = call.endpoint.clone();
+            metrics.tensors("to_denoiser", map_bytes(&inputs));
+            let span = call_span("Preprocess", &endpoint, branch_name(b.branch));
             async move {
                 client
                     .preprocess(v1::PreprocessRequest {
@@ -193,9 +254,20 @@ async fn step_once(
                     .map(tonic::Response::into_inner)
                     .map_err(|s| denoiser_err(&endpoint, "Preprocess", s))
             }
+            .instrument(span)
         }))
         .await?;
     counts.preprocess += pre.len() as u32;
+    for p in &pre {
+        let indicator = p
+            .modulated_input
+            .as_ref()
+            .map_or(0, |t| t.data.len() as u64);
+        metrics.tensors(
+            "from_denoiser",
+            map_bytes(&p.streams) + map_bytes(&p.context) + indicator,
+        );
+    }
 
     // 2. Decide per branch (pure policy), then apply the shared-CFG extension.
     let mut decisions = Vec::with_capacity(pre.len());
@@ -235,6 +307,10 @@ async fn step_once(
             b.state.force_compute(d, Forced::SharedCfg);
         }
     }
+    let threshold = session.plan.threshold();
+    for (b, d) in session.branches.iter().zip(&decisions) {
+        decide_span(b.branch, d, threshold);
+    }
 
     // 3. RunBlocks for the branches that compute (one batched call when allowed), the cached
     //    residual for the others, then Postprocess every branch concurrently.
@@ -263,16 +339,32 @@ async fn step_once(
         (true, [first, _, ..]) => batch_request(&pre, &computing, &calls[*first].describe, wire),
         _ => None,
     };
+    let names_of = |ks: &[usize]| -> String {
+        ks.iter()
+            .filter_map(|&k| session.branches.get(k).map(|b| branch_name(b.branch)))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     if let Some((req, sizes)) = batched {
         let call = &calls[computing[0]];
+        metrics.tensors(
+            "to_denoiser",
+            map_bytes(&req.streams) + map_bytes(&req.context),
+        );
         let out = call
             .client
             .clone()
             .run_blocks(req)
+            .instrument(call_span(
+                "RunBlocks",
+                &call.endpoint,
+                &names_of(&computing),
+            ))
             .await
             .map_err(|s| denoiser_err(&call.endpoint, "RunBlocks", s))?
             .into_inner()
             .streams;
+        metrics.tensors("from_denoiser", map_bytes(&out));
         counts.run_blocks += 1;
         let mut per_branch: Vec<TensorMap> = vec![TensorMap::new(); computing.len()];
         for (name, t) in &out {
@@ -293,13 +385,21 @@ async fn step_once(
                 context: pre[k].context.clone(),
                 wire_dtype: wire as i32,
             };
+            metrics.tensors(
+                "to_denoiser",
+                map_bytes(&req.streams) + map_bytes(&req.context),
+            );
+            let span = call_span("RunBlocks", &endpoint, &names_of(&[k]));
             async move {
-                client
+                let out = client
                     .run_blocks(req)
                     .await
                     .map(|r| r.into_inner().streams)
-                    .map_err(|s| denoiser_err(&endpoint, "RunBlocks", s))
+                    .map_err(|s| denoiser_err(&endpoint, "RunBlocks", s))?;
+                metrics.tensors("from_denoiser", map_bytes(&out));
+                Ok::<_, ControllerError>(out)
             }
+            .instrument(span)
         }))
         .await?;
         counts.run_blocks += outs.len() as u32;
@@ -337,6 +437,10 @@ async fn step_once(
         }))
         .await?;
     counts.postprocess += samples.len() as u32;
+    for (p, sample) in pre.iter().zip(&samples) {
+        metrics.tensors("to_denoiser", map_bytes(&p.context));
+        metrics.tensors("from_denoiser", sample.data.len() as u64);
+    }
 
     // 4. Keep residuals of computed branches; combine predictions; Euler step.
     let mut preds = Vec::with_capacity(samples.len());
@@ -380,6 +484,7 @@ async fn step_once(
         } else {
             b.reused += 1;
         }
+        metrics.step(&session.model_type, branch_name(b.branch), d.compute);
     }
     Ok(v1::StepEvent {
         step: i as u32,

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use teaserve_proto::v1::denoiser_client::DenoiserClient;
 use teaserve_proto::v1::{DescribeRequest, DescribeResponse};
+use teaserve_telemetry::propagation::InjectTraceContext;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::ControllerError;
 
-/// A client of one denoiser.
-pub type Client = DenoiserClient<Channel>;
+/// A client of one denoiser; every call carries the caller's `traceparent`.
+pub type Client = DenoiserClient<InterceptedService<Channel, InjectTraceContext>>;
 
 struct Member {
     url: String,
@@ -64,9 +66,10 @@ impl DenoiserPool {
                     .keep_alive_timeout(Duration::from_secs(10))
                     .initial_stream_window_size(Some(16 << 20))
                     .initial_connection_window_size(Some(64 << 20));
-                let client = DenoiserClient::new(endpoint.connect_lazy())
-                    .max_decoding_message_size(max_message_bytes)
-                    .max_encoding_message_size(max_message_bytes);
+                let client =
+                    DenoiserClient::with_interceptor(endpoint.connect_lazy(), InjectTraceContext)
+                        .max_decoding_message_size(max_message_bytes)
+                        .max_encoding_message_size(max_message_bytes);
                 Ok(Member {
                     url: url.clone(),
                     client,

@@ -8,14 +8,17 @@ use std::time::{Duration, Instant};
 use teaserve_proto::serving::{bounded_shutdown, nodelay_incoming};
 use teaserve_proto::v1::cache_controller_server::{CacheController, CacheControllerServer};
 use teaserve_proto::v1::{self, generate_event};
+use teaserve_telemetry::{Metrics, ServerLayer, serve_metrics};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::cache_config::CacheDefaults;
 use crate::error::ControllerError;
+use crate::metrics::ControllerMetrics;
 use crate::models;
 use crate::orchestrator::{self, CallCounts};
 use crate::pool::DenoiserPool;
@@ -28,6 +31,7 @@ pub struct ControllerService {
     pool: DenoiserPool,
     defaults: CacheDefaults,
     max_message_bytes: usize,
+    metrics: ControllerMetrics,
 }
 
 impl ControllerService {
@@ -37,12 +41,14 @@ impl ControllerService {
         defaults: CacheDefaults,
         limits: SessionLimits,
         max_message_bytes: usize,
+        metrics: ControllerMetrics,
     ) -> Self {
         Self {
-            store: SessionStore::new(limits),
+            store: SessionStore::new(limits, metrics.clone()),
             pool,
             defaults,
             max_message_bytes,
+            metrics,
         }
     }
 
@@ -85,6 +91,7 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<v1::GenerateEvent, Status>> 
 async fn drive(
     store: SessionStore,
     pool: DenoiserPool,
+    metrics: ControllerMetrics,
     id: String,
     tx: mpsc::Sender<Result<v1::GenerateEvent, Status>>,
 ) {
@@ -100,7 +107,7 @@ async fn drive(
     let mut counts = CallCounts::default();
     while !handle.session.finished() {
         let step = tokio::select! {
-            r = orchestrator::run_step(&mut handle.session, &pool, &mut counts) => r,
+            r = orchestrator::run_step(&mut handle.session, &pool, &metrics, &mut counts) => r,
             () = tx.closed() => {
                 tracing::info!(session_id = %id, "Generate cancelled by the client; session freed");
                 return;
@@ -126,7 +133,10 @@ async fn drive(
     }
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
     let msg = orchestrator::result(&handle.session, wall_ms).map(|r| v1::GenerateEvent {
-        event: Some(generate_event::Event::Result(r)),
+        event: Some(generate_event::Event::Result(v1::GenerateResult {
+            trace_id: teaserve_telemetry::current_trace_id(),
+            ..r
+        })),
     });
     let (computed, reused) = handle.session.counts();
     tracing::info!(session_id = %id, computed, reused, wall_ms, run_blocks_calls = counts.run_blocks, "generation finished");
@@ -141,9 +151,28 @@ impl CacheController for ControllerService {
         &self,
         req: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let (id, _) = self.create(req.get_ref())?;
+        let (id, info) = self.create(req.get_ref())?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(drive(self.store.clone(), self.pool.clone(), id, tx));
+        // Child of the gRPC server span, which continues the caller's traceparent.
+        let span = tracing::info_span!(
+            "generate",
+            session_id = %id,
+            model_type = %info.model_type,
+            steps = info.num_inference_steps,
+            adapter = %info.cache_adapter,
+            threshold = info.rel_l1_thresh,
+            cfg = info.cfg,
+        );
+        tokio::spawn(
+            drive(
+                self.store.clone(),
+                self.pool.clone(),
+                self.metrics.clone(),
+                id,
+                tx,
+            )
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -191,7 +220,9 @@ impl CacheController for ControllerService {
         let mut handle = self.store.checkout(&req.session_id)?;
         let started = handle.session.created;
         let mut counts = CallCounts::default();
-        let event = orchestrator::run_step(&mut handle.session, &self.pool, &mut counts).await;
+        let event =
+            orchestrator::run_step(&mut handle.session, &self.pool, &self.metrics, &mut counts)
+                .await;
         let info = handle.commit();
         let event = event?;
         let done = handle.session.finished();
@@ -266,6 +297,10 @@ pub struct ServeOptions {
     pub max_message_bytes: usize,
     /// After the shutdown signal, how long in-flight calls may take.
     pub shutdown_grace: Duration,
+    /// Where to serve `/metrics` (none: not served, still recorded).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The metric registry this server records into.
+    pub metrics: Metrics,
 }
 
 /// Serves the controller on `listener` until `shutdown` resolves.
@@ -276,7 +311,22 @@ pub async fn serve(
 ) -> Result<(), ControllerError> {
     let pool = DenoiserPool::new(&opts.denoisers, opts.max_message_bytes)?;
     let discovery = pool.spawn_discovery(Duration::from_secs(2));
-    let service = ControllerService::new(pool, opts.defaults, opts.limits, opts.max_message_bytes);
+    let controller_metrics = ControllerMetrics::register(&opts.metrics);
+    let service = ControllerService::new(
+        pool,
+        opts.defaults,
+        opts.limits,
+        opts.max_message_bytes,
+        controller_metrics,
+    );
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = opts.metrics_listen {
+        serve_metrics(addr, opts.metrics.clone(), async move {
+            let _ = metrics_stopped.await;
+        })
+        .await
+        .map_err(|e| ControllerError::InvalidArgument(format!("--metrics-listen {addr}: {e}")))?;
+    }
     let reaper = service.store().spawn_reaper();
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -291,6 +341,7 @@ pub async fn serve(
     tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
     let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);
     let server = tonic::transport::Server::builder()
+        .layer(ServerLayer::new(Some(opts.metrics.rpc.clone())))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -305,5 +356,6 @@ pub async fn serve(
     };
     discovery.abort();
     reaper.abort();
+    let _ = stop_metrics.send(());
     result.map_err(|e| ControllerError::Unavailable(format!("gRPC server failed: {e}")))
 }

@@ -14,6 +14,7 @@ use teaserve_proto::v1::{self, Branch, DType};
 
 use crate::cache_config::{self, CacheDefaults, CachePlan};
 use crate::error::ControllerError;
+use crate::metrics::ControllerMetrics;
 use crate::models;
 use crate::policy::BranchState;
 use crate::schedule;
@@ -342,6 +343,7 @@ pub struct Handle {
     memory: Arc<AtomicU64>,
     last_used: Arc<Mutex<Instant>>,
     info: Arc<Mutex<v1::SessionInfo>>,
+    store: SessionStore,
 }
 
 impl Handle {
@@ -356,6 +358,7 @@ impl Handle {
         if let Ok(mut slot) = self.info.lock() {
             *slot = info.clone();
         }
+        self.store.publish();
         info
     }
 }
@@ -365,14 +368,27 @@ impl Handle {
 pub struct SessionStore {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     limits: SessionLimits,
+    metrics: ControllerMetrics,
 }
 
 impl SessionStore {
-    /// An empty store.
-    pub fn new(limits: SessionLimits) -> Self {
+    /// An empty store publishing its gauges to `metrics`.
+    pub fn new(limits: SessionLimits, metrics: ControllerMetrics) -> Self {
         Self {
             entries: Arc::new(Mutex::new(HashMap::new())),
             limits,
+            metrics,
+        }
+    }
+
+    /// Publishes the session count and memory gauges.
+    pub fn publish(&self) {
+        if let Ok(entries) = self.entries.lock() {
+            let memory = entries
+                .values()
+                .map(|e| e.memory.load(Ordering::Relaxed))
+                .sum();
+            self.metrics.sessions(entries.len(), memory);
         }
     }
 
@@ -414,6 +430,8 @@ impl SessionStore {
                 info: Arc::new(Mutex::new(info)),
             },
         );
+        drop(entries);
+        self.publish();
         Ok(id)
     }
 
@@ -436,6 +454,7 @@ impl SessionStore {
             memory: e.memory.clone(),
             last_used: e.last_used.clone(),
             info: e.info.clone(),
+            store: self.clone(),
         })
     }
 
@@ -492,7 +511,12 @@ impl SessionStore {
             }
             keep
         });
-        before - entries.len()
+        let expired = before - entries.len();
+        drop(entries);
+        if expired > 0 {
+            self.publish();
+        }
+        expired
     }
 
     /// Expires idle sessions periodically.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
-pub use teaserve_proto::serving::LogFormat;
+pub use teaserve_telemetry::LogFormat;
 
 use crate::error::DenoiserError;
 use crate::loader::{HubOptions, ModelFiles, resolve};
@@ -83,6 +83,9 @@ pub struct Args {
     #[arg(long, env = "HF_HUB_OFFLINE", value_parser = parse_flag, default_value = "0",
           num_args = 0..=1, default_missing_value = "1")]
     pub hf_hub_offline: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics (off when unset).
+    #[arg(long, env = "TEASERVE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log format (filter with RUST_LOG, default info).
     #[arg(long, env = "TEASERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -156,6 +159,8 @@ impl Args {
             queue_depth: self.queue_depth,
             model_source,
             shutdown_grace: std::time::Duration::from_secs_f64(self.shutdown_grace_secs),
+            metrics_listen: self.metrics_listen,
+            metrics: teaserve_telemetry::Metrics::new(),
         }
     }
 

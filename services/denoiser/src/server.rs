@@ -10,11 +10,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use candle_core::Tensor;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use teaserve_proto::TensorMap;
+use teaserve_proto::codec::map_bytes;
 use teaserve_proto::codec::{self, encode_tensor};
 use teaserve_proto::serving::{OversizeToResourceExhausted, bounded_shutdown, nodelay_incoming};
 use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use teaserve_proto::v1::{self, DType};
+use teaserve_telemetry::{Metrics, ServerLayer, serve_metrics};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
@@ -40,16 +45,83 @@ pub struct DenoiserService {
     engine: Arc<OnceLock<Engine>>,
     limits: Limits,
     model_source: Arc<String>,
+    tensor_bytes: Family<TensorLabels, Counter>,
+}
+
+/// Labels of the tensor byte counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TensorLabels {
+    /// RPC, e.g. `run_blocks`.
+    pub method: &'static str,
+    /// `in` (request) or `out` (response).
+    pub direction: &'static str,
+}
+
+/// Tensor payload bytes of a request or response.
+trait Payload {
+    fn payload_bytes(&self) -> u64;
+}
+
+impl Payload for v1::PreprocessRequest {
+    fn payload_bytes(&self) -> u64 {
+        map_bytes(&self.inputs)
+    }
+}
+impl Payload for v1::PreprocessResponse {
+    fn payload_bytes(&self) -> u64 {
+        map_bytes(&self.streams)
+            + map_bytes(&self.context)
+            + self
+                .modulated_input
+                .as_ref()
+                .map_or(0, |t| t.data.len() as u64)
+    }
+}
+impl Payload for v1::RunBlocksRequest {
+    fn payload_bytes(&self) -> u64 {
+        map_bytes(&self.streams) + map_bytes(&self.context)
+    }
+}
+impl Payload for v1::RunBlocksResponse {
+    fn payload_bytes(&self) -> u64 {
+        map_bytes(&self.streams)
+    }
+}
+impl Payload for v1::PostprocessRequest {
+    fn payload_bytes(&self) -> u64 {
+        map_bytes(&self.context)
+            + self
+                .hidden_states
+                .as_ref()
+                .map_or(0, |t| t.data.len() as u64)
+    }
+}
+impl Payload for v1::PostprocessResponse {
+    fn payload_bytes(&self) -> u64 {
+        self.sample.as_ref().map_or(0, |t| t.data.len() as u64)
+    }
 }
 
 impl DenoiserService {
-    /// A service whose engine is installed later with [`DenoiserService::set_engine`].
-    pub fn new(limits: Limits, model_source: String) -> Self {
+    /// A service whose engine is installed later with [`DenoiserService::set_engine`];
+    /// tensor traffic is counted in `tensor_bytes`.
+    pub fn new(
+        limits: Limits,
+        model_source: String,
+        tensor_bytes: Family<TensorLabels, Counter>,
+    ) -> Self {
         Self {
             engine: Arc::new(OnceLock::new()),
             limits,
             model_source: Arc::new(model_source),
+            tensor_bytes,
         }
+    }
+
+    fn count(&self, method: &'static str, direction: &'static str, bytes: u64) {
+        self.tensor_bytes
+            .get_or_create(&TensorLabels { method, direction })
+            .inc_by(bytes);
     }
 
     /// Installs the loaded model; from now on RPCs are served.
@@ -65,15 +137,17 @@ impl DenoiserService {
         f: fn(&dyn ModelAdapter, Req, Limits) -> Result<Resp, DenoiserError>,
     ) -> Result<Response<Resp>, Status>
     where
-        Req: Send + 'static,
-        Resp: Send + 'static,
+        Req: Payload + Send + 'static,
+        Resp: Payload + Send + 'static,
     {
         let limits = self.limits;
         let req = req.into_inner();
+        self.count(stage, "in", req.payload_bytes());
         let out = self
             .engine()?
             .run(stage, move |m| f(m, req, limits))
             .await?;
+        self.count(stage, "out", out.payload_bytes());
         Ok(Response::new(out))
     }
 
@@ -356,6 +430,10 @@ pub struct ServeOptions {
     /// After the shutdown signal, how long in-flight calls may take before the remaining
     /// connections are closed.
     pub shutdown_grace: Duration,
+    /// Where to serve `/metrics` (none: not served, still recorded).
+    pub metrics_listen: Option<SocketAddr>,
+    /// The metric registry this server records into.
+    pub metrics: Metrics,
 }
 
 /// Serves the denoiser on `listener` until `shutdown` resolves. The listener accepts
@@ -382,7 +460,13 @@ where
         .build_v1()
         .map_err(|e| DenoiserError::Config(format!("building reflection service: {e}")))?;
 
-    let service = DenoiserService::new(opts.limits, opts.model_source.clone());
+    let tensor_bytes = Family::<TensorLabels, Counter>::default();
+    opts.metrics.register(
+        "denoiser_tensor_bytes",
+        "tensor payload bytes received (in) and sent (out), by method",
+        tensor_bytes.clone(),
+    );
+    let service = DenoiserService::new(opts.limits, opts.model_source.clone(), tensor_bytes);
     let max = opts.limits.max_message_bytes;
     let grpc = DenoiserServer::new(service.clone())
         .max_decoding_message_size(max)
@@ -434,7 +518,16 @@ where
 
     tracing::info!(addr = ?addr, max_message_bytes = max, "denoiser listening");
     let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = opts.metrics_listen {
+        serve_metrics(addr, opts.metrics.clone(), async move {
+            let _ = metrics_stopped.await;
+        })
+        .await
+        .map_err(|e| DenoiserError::Config(format!("--metrics-listen {addr}: {e}")))?;
+    }
     let server = tonic::transport::Server::builder()
+        .layer(ServerLayer::new(Some(opts.metrics.rpc.clone())))
         .layer(OversizeToResourceExhausted::new(max))
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
@@ -449,6 +542,7 @@ where
         () = drain_deadline => Ok(()),
     };
     loader.abort();
+    let _ = stop_metrics.send(());
     served.map_err(|e| DenoiserError::Unavailable(format!("gRPC server failed: {e}")))?;
     match reason_rx.await {
         Ok(Some(err)) => Err(err),
