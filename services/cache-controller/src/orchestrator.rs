@@ -140,7 +140,8 @@ pub async fn run_step(
     let snapshot: Vec<_> = session.branches.iter().map(|b| b.state.clone()).collect();
     let span = tracing::info_span!(
         "step",
-        step = session.step,
+        // i64: OpenTelemetry has no unsigned integers (u64 would be exported as a string).
+        step = session.step as i64,
         sigma = session.sigmas.get(session.step).copied().unwrap_or(f64::NAN),
         session_id = %session.id,
     );

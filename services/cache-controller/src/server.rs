@@ -67,7 +67,7 @@ impl ControllerService {
         tracing::info!(
             session_id = %id,
             model_type = %info.model_type,
-            steps = info.num_inference_steps,
+            steps = i64::from(info.num_inference_steps),
             adapter = %info.cache_adapter,
             threshold = info.rel_l1_thresh,
             cfg = info.cfg,
@@ -158,7 +158,7 @@ impl CacheController for ControllerService {
             "generate",
             session_id = %id,
             model_type = %info.model_type,
-            steps = info.num_inference_steps,
+            steps = i64::from(info.num_inference_steps),
             adapter = %info.cache_adapter,
             threshold = info.rel_l1_thresh,
             cfg = info.cfg,

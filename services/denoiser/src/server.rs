@@ -381,7 +381,6 @@ fn postprocess(
 
 #[tonic::async_trait]
 impl Denoiser for DenoiserService {
-    #[tracing::instrument(name = "Denoiser/Describe", skip_all)]
     async fn describe(
         &self,
         _req: Request<v1::DescribeRequest>,
@@ -394,7 +393,6 @@ impl Denoiser for DenoiserService {
         )))
     }
 
-    #[tracing::instrument(name = "Denoiser/Preprocess", skip_all)]
     async fn preprocess(
         &self,
         req: Request<v1::PreprocessRequest>,
@@ -402,7 +400,6 @@ impl Denoiser for DenoiserService {
         self.dispatch("preprocess", req, preprocess).await
     }
 
-    #[tracing::instrument(name = "Denoiser/RunBlocks", skip_all)]
     async fn run_blocks(
         &self,
         req: Request<v1::RunBlocksRequest>,
@@ -410,7 +407,6 @@ impl Denoiser for DenoiserService {
         self.dispatch("run_blocks", req, run_blocks).await
     }
 
-    #[tracing::instrument(name = "Denoiser/Postprocess", skip_all)]
     async fn postprocess(
         &self,
         req: Request<v1::PostprocessRequest>,

@@ -1,0 +1,462 @@
+//! One generation, one trace: the real `cache-controller` binary and a denoiser export spans
+//! over OTLP/gRPC to an in-process collector (opentelemetry-proto's TraceService on loopback);
+//! the test checks the trace's shape against the streamed decisions, and the controller's
+//! `/metrics` against the result.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
+use teaserve_proto::v1::{self, DType, generate_event};
+use teaserve_telemetry::{LogFormat, OtelConfig};
+use teaserve_tests::{Fixture, TestDenoiser};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio_stream::StreamExt as _;
+
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// One received span, flattened.
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    name: String,
+    trace_id: String,
+    id: Vec<u8>,
+    parent: Vec<u8>,
+    attrs: HashMap<String, Value>,
+}
+
+impl Span {
+    fn str(&self, k: &str) -> Option<&str> {
+        match self.attrs.get(k)? {
+            Value::StringValue(s) => Some(s),
+            _ => None,
+        }
+    }
+    fn f64(&self, k: &str) -> Option<f64> {
+        match self.attrs.get(k)? {
+            Value::DoubleValue(v) => Some(*v),
+            Value::IntValue(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    fn bool(&self, k: &str) -> Option<bool> {
+        match self.attrs.get(k)? {
+            Value::BoolValue(v) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn spans(c: &Collector) -> Vec<Span> {
+    let mut out = Vec::new();
+    for req in c.0.lock().unwrap().iter() {
+        for rs in &req.resource_spans {
+            let service = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+                .and_then(|kv| kv.value.as_ref()?.value.clone())
+                .map(|v| match v {
+                    Value::StringValue(s) => s,
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            for ss in &rs.scope_spans {
+                for s in &ss.spans {
+                    out.push(Span {
+                        service: service.clone(),
+                        name: s.name.clone(),
+                        trace_id: hex(&s.trace_id),
+                        id: s.span_id.clone(),
+                        parent: s.parent_span_id.clone(),
+                        attrs: s
+                            .attributes
+                            .iter()
+                            .filter_map(|kv| {
+                                Some((kv.key.clone(), kv.value.as_ref()?.value.clone()?))
+                            })
+                            .collect(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// Sums the samples of a counter whose labels contain every `label="value"` given.
+fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_trace_holds_every_step_decision_and_denoiser_call() {
+    // The collector.
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+
+    // This process plays the denoiser, exporting through the same telemetry code.
+    let telemetry = teaserve_telemetry::init(
+        LogFormat::Text,
+        &OtelConfig {
+            endpoint: Some(otlp.clone()),
+            service_name: "denoiser".into(),
+        },
+    )
+    .unwrap();
+    let fx = Fixture::load("flux-tiny");
+    let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+
+    // The real controller binary.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cache-controller"))
+        .args(["--listen", "127.0.0.1:0", "--denoiser", &denoiser.url()])
+        .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(["--shutdown-grace-secs", "1"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
+        .env("OTEL_SERVICE_NAME", "cache-controller")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut grpc, mut metrics) = (None, None);
+    while grpc.is_none() || metrics.is_none() {
+        let line = lines.next().expect("controller exited early").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let addr = v["fields"]["addr"].as_str().map(|a| {
+            a.trim_start_matches("Some(")
+                .trim_end_matches(')')
+                .to_string()
+        });
+        match v["fields"]["message"].as_str() {
+            Some("cache-controller listening") => grpc = addr,
+            Some("metrics listening on /metrics") => metrics = addr,
+            _ => {}
+        }
+    }
+    let (grpc, metrics) = (grpc.unwrap(), metrics.unwrap());
+    std::thread::spawn(move || for _ in lines {});
+
+    // A CFG generation with TeaCache, continuing the client's own trace.
+    let mut inputs = fx.wire_inputs("", DType::F32);
+    inputs.remove("timestep");
+    let neg_text = fx
+        .get("b2.in.encoder_hidden_states")
+        .narrow(0, 1, 1)
+        .unwrap();
+    let steps = 8u32;
+    let req = v1::GenerateRequest {
+        model_class_name: "FluxPipeline".into(),
+        cache_adapter: "tea_cache".into(),
+        cache_config: Some(v1::CacheConfig {
+            rel_l1_thresh: Some(0.6),
+            ..Default::default()
+        }),
+        num_inference_steps: steps,
+        inputs,
+        negative_inputs: [(
+            "encoder_hidden_states".to_string(),
+            teaserve_proto::encode_tensor(&neg_text, DType::F32).unwrap(),
+        )]
+        .into(),
+        true_cfg_scale: 3.0,
+        ..Default::default()
+    };
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(req);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{client_trace}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    let mut c = CacheControllerClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut stream = c.generate(request).await.unwrap().into_inner();
+    let (mut events, mut result) = (Vec::new(), None);
+    while let Some(ev) = stream.next().await {
+        match ev.unwrap().event.unwrap() {
+            generate_event::Event::Step(s) => events.push(s),
+            generate_event::Event::Result(r) => result = Some(r),
+        }
+    }
+    let result = result.unwrap();
+    assert_eq!(result.trace_id, client_trace, "the result names the trace");
+
+    // Metrics: the step counters equal the result.
+    let text = http_get(&metrics, "/metrics").await;
+    let name = "teaserve_controller_steps_total";
+    let computed = counter(
+        &text,
+        name,
+        &[("model_type", "FluxPipeline"), ("decision", "computed")],
+    );
+    let reused = counter(
+        &text,
+        name,
+        &[("model_type", "FluxPipeline"), ("decision", "reused")],
+    );
+    assert_eq!(computed, f64::from(result.computed_steps), "{text}");
+    assert_eq!(reused, f64::from(result.reused_steps), "{text}");
+    for branch in ["positive", "negative"] {
+        let b_computed = counter(&text, name, &[("branch", branch), ("decision", "computed")]);
+        let want = events
+            .iter()
+            .flat_map(|e| &e.branches)
+            .filter(|b| {
+                b.computed
+                    && b.branch
+                        == [v1::Branch::Positive, v1::Branch::Negative]
+                            [usize::from(branch == "negative")] as i32
+            })
+            .count();
+        assert_eq!(b_computed, want as f64, "{branch}");
+    }
+    assert!(
+        counter(
+            &text,
+            "teaserve_grpc_server_requests_total",
+            &[
+                ("method", "teaserve.v1.CacheController/Generate"),
+                ("status", "Ok")
+            ]
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        counter(
+            &text,
+            "teaserve_controller_tensor_bytes_total",
+            &[("direction", "to_denoiser")]
+        ) > 0.0
+    );
+
+    // Stop the controller (its exporter flushes on shutdown) and flush this process.
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "controller did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    telemetry.flush().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let all = loop {
+        let all = spans(&collector);
+        let services: std::collections::HashSet<&str> =
+            all.iter().map(|s| s.service.as_str()).collect();
+        let steps_seen = all.iter().filter(|s| s.name == "step").count();
+        if services.contains("cache-controller")
+            && services.contains("denoiser")
+            && steps_seen >= steps as usize
+        {
+            break all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans never arrived: {services:?}, {steps_seen} steps"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // One trace, from both services: everything the generation did is in the client's trace
+    // (other traces are health checks and the controller's Describe probes).
+    let generation_work = |s: &Span| {
+        matches!(
+            s.name.as_str(),
+            "generate" | "step" | "teacache.decide" | "compute"
+        ) || s.name.starts_with("Denoiser/")
+            || s.name.starts_with("teaserve.v1.Denoiser/P")
+            || s.name == "teaserve.v1.Denoiser/RunBlocks"
+            || s.name == "teaserve.v1.CacheController/Generate"
+    };
+    let in_trace: Vec<&Span> = all.iter().filter(|s| s.trace_id == client_trace).collect();
+    for s in all
+        .iter()
+        .filter(|s| generation_work(s) && s.name != "compute")
+    {
+        assert_eq!(
+            s.trace_id, client_trace,
+            "{} ({}) outside the trace",
+            s.name, s.service
+        );
+    }
+    for s in &in_trace {
+        assert!(
+            generation_work(s),
+            "unexpected span {} ({}) in the trace",
+            s.name,
+            s.service
+        );
+    }
+    let services: std::collections::HashSet<&str> =
+        in_trace.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(services, ["cache-controller", "denoiser"].into());
+    let by_id: HashMap<&[u8], &Span> = all.iter().map(|s| (s.id.as_slice(), s)).collect();
+    let ancestor = |s: &Span, pred: &dyn Fn(&Span) -> bool| -> Option<Span> {
+        let mut cur = by_id.get(s.parent.as_slice()).copied();
+        while let Some(p) = cur {
+            if pred(p) {
+                return Some(p.clone());
+            }
+            cur = by_id.get(p.parent.as_slice()).copied();
+        }
+        None
+    };
+    let generate: Vec<&Span> = all.iter().filter(|s| s.name == "generate").collect();
+    assert_eq!(generate.len(), 1);
+    assert_eq!(generate[0].service, "cache-controller");
+    assert_eq!(generate[0].str("adapter"), Some("tea_cache"));
+    assert_eq!(generate[0].bool("cfg"), Some(true));
+
+    // One step span per step, each under `generate`.
+    let step_spans: Vec<&Span> = all.iter().filter(|s| s.name == "step").collect();
+    assert_eq!(step_spans.len(), steps as usize);
+    let step_of = |s: &Span| s.f64("step").unwrap() as u32;
+    for s in &step_spans {
+        assert!(ancestor(s, &|p| p.name == "generate").is_some());
+    }
+
+    // One teacache.decide per branch per step, whose numbers equal the StepEvents.
+    for ev in &events {
+        let step_span = step_spans.iter().find(|s| step_of(s) == ev.step).unwrap();
+        let decides: Vec<&Span> = all
+            .iter()
+            .filter(|s| s.name == "teacache.decide" && s.parent == step_span.id)
+            .collect();
+        assert_eq!(decides.len(), 2, "step {}", ev.step);
+        for b in &ev.branches {
+            let branch = if b.branch == v1::Branch::Positive as i32 {
+                "positive"
+            } else {
+                "negative"
+            };
+            let d = decides
+                .iter()
+                .find(|s| s.str("branch") == Some(branch))
+                .unwrap();
+            assert_eq!(
+                d.str("decision"),
+                Some(if b.computed { "compute" } else { "reuse" })
+            );
+            assert_eq!(d.bool("forced"), Some(b.forced));
+            assert_eq!(d.f64("rel_l1"), b.rel_l1, "step {} {branch}", ev.step);
+            assert_eq!(d.f64("rescaled"), b.rescaled);
+            assert_eq!(d.f64("accumulated"), Some(b.accumulated));
+            assert_eq!(d.f64("threshold"), Some(0.6));
+        }
+    }
+
+    // Every RunBlocks served by the denoiser descends from the step it belongs to, and no
+    // RunBlocks runs for a branch that reused.
+    let run_blocks: Vec<&Span> = all
+        .iter()
+        .filter(|s| s.service == "denoiser" && s.name == "teaserve.v1.Denoiser/RunBlocks")
+        .collect();
+    assert!(!run_blocks.is_empty());
+    for rb in &run_blocks {
+        let step = ancestor(rb, &|p| p.name == "step").expect("RunBlocks outside a step");
+        let ev = events.iter().find(|e| e.step == step_of(&step)).unwrap();
+        let call = ancestor(rb, &|p| {
+            p.name == "Denoiser/RunBlocks" && p.service == "cache-controller"
+        })
+        .unwrap();
+        for branch in call.str("branches").unwrap().split(',') {
+            let want = if branch == "positive" {
+                v1::Branch::Positive
+            } else {
+                v1::Branch::Negative
+            } as i32;
+            let b = ev.branches.iter().find(|b| b.branch == want).unwrap();
+            assert!(
+                b.computed,
+                "RunBlocks under a reuse decision at step {}",
+                ev.step
+            );
+        }
+        // The denoiser's compute span (queue wait and compute time) is under its server span.
+        assert!(
+            all.iter()
+                .any(|s| s.name == "compute" && ancestor(s, &|p| p.id == rb.id).is_some())
+        );
+    }
+    for ev in &events {
+        let step = step_spans.iter().find(|s| step_of(s) == ev.step).unwrap();
+        let calls = run_blocks
+            .iter()
+            .filter(|rb| ancestor(rb, &|p| p.id == step.id).is_some())
+            .count();
+        if ev.branches.iter().all(|b| !b.computed) {
+            assert_eq!(calls, 0, "step {} reused on both branches", ev.step);
+        } else {
+            assert!(calls >= 1, "step {}", ev.step);
+        }
+    }
+    let compute = all.iter().find(|s| s.name == "compute").unwrap();
+    assert!(compute.f64("queue_wait_ms").is_some() && compute.f64("compute_ms").is_some());
+    telemetry.shutdown().await;
+}
