@@ -32,6 +32,7 @@ async fn binary_serves_and_stops_on_sigterm() {
             "127.0.0.1:0",
         ])
         .args(["--log-format", "json", "--shutdown-grace-secs", "1"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .stderr(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
