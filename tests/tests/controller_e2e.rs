@@ -868,3 +868,22 @@ async fn a_failed_step_rolls_back_and_a_retry_decides_the_same() {
     );
     assert_eq!(result.computed_steps, reference.result.computed_steps);
 }
+
+#[tokio::test]
+async fn oversize_generate_is_resource_exhausted_and_the_controller_keeps_serving() {
+    let (fx, _d, _proxy, ctl) = pair("flux-tiny", &["--max-message-bytes", "12000"]).await;
+    let mut c = ctl.client().await;
+    // The flux-tiny latents alone are 16 KiB.
+    let err = c
+        .generate(request(&fx, "", 2, "none", None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(
+        err.message().contains("--max-message-bytes"),
+        "{}",
+        err.message()
+    );
+    let models = c.list_models(v1::ListModelsRequest {}).await.unwrap();
+    assert!(!models.into_inner().models.is_empty());
+}

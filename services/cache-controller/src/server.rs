@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use teaserve_proto::serving::{bounded_shutdown, nodelay_incoming};
+use teaserve_proto::serving::{OversizeToResourceExhausted, bounded_shutdown, nodelay_incoming};
 use teaserve_proto::v1::cache_controller_server::{CacheController, CacheControllerServer};
 use teaserve_proto::v1::{self, generate_event};
 use teaserve_telemetry::{Metrics, ServerLayer, serve_metrics};
@@ -219,11 +219,23 @@ impl CacheController for ControllerService {
         let req = req.into_inner();
         let mut handle = self.store.checkout(&req.session_id)?;
         let started = handle.session.created;
-        let mut counts = CallCounts::default();
-        let event =
-            orchestrator::run_step(&mut handle.session, &self.pool, &self.metrics, &mut counts)
-                .await;
-        let info = handle.commit();
+        // The step runs in its own task: if the client goes away mid-step, the step still
+        // finishes (or rolls back) as a whole, so the session is never left half-stepped.
+        let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
+        let span = tracing::Span::current();
+        let task = tokio::spawn(
+            async move {
+                let mut counts = CallCounts::default();
+                let event =
+                    orchestrator::run_step(&mut handle.session, &pool, &metrics, &mut counts).await;
+                let info = handle.commit();
+                (handle, event, info)
+            }
+            .instrument(span),
+        );
+        let (handle, event, info) = task
+            .await
+            .map_err(|e| ControllerError::Internal(format!("step task failed: {e}")))?;
         let event = event?;
         let done = handle.session.finished();
         let result = if done {
@@ -340,8 +352,14 @@ pub async fn serve(
     let max = opts.max_message_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
     let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);
+    let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);
     let server = tonic::transport::Server::builder()
         .layer(ServerLayer::new(Some(opts.metrics.rpc.clone())))
+        .layer(OversizeToResourceExhausted::new(max))
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
