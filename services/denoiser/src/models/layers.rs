@@ -2,8 +2,35 @@
 //! projections, rotary attention, the sinusoidal timestep projection, MLPs. Each mirrors the
 //! diffusers module named in its doc comment, with diffusers' weight names.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder, linear};
+
+/// Whether layers use differentiable composite ops instead of candle's fused kernels (which
+/// have no backward pass: layer norm, RMS norm, softmax, rotary embedding). Off for serving;
+/// a training process turns it on once with [`set_differentiable`]. The results agree to
+/// float rounding (tested).
+static DIFFERENTIABLE: AtomicBool = AtomicBool::new(false);
+
+/// Switches every layer of this process to differentiable ops (for training with candle's
+/// autograd) or back to the fused inference kernels.
+pub fn set_differentiable(on: bool) {
+    DIFFERENTIABLE.store(on, Ordering::Relaxed);
+}
+
+fn differentiable() -> bool {
+    DIFFERENTIABLE.load(Ordering::Relaxed)
+}
+
+/// RMS norm over the last dimension with a gain, through the fused kernel or composite ops.
+pub(crate) fn rms_norm(xs: &Tensor, norm: &RmsNorm, weight: &Tensor) -> Result<Tensor> {
+    if differentiable() {
+        candle_nn::ops::rms_norm_slow(xs, weight, NORM_EPS as f32)
+    } else {
+        norm.forward(xs)
+    }
+}
 
 /// Width of the sinusoidal timestep projection.
 pub const TIME_PROJ_DIM: usize = 256;
@@ -75,6 +102,12 @@ impl PlainNorm {
 
 impl Module for PlainNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if differentiable() {
+            let mean = xs.mean_keepdim(D::Minus1)?;
+            let centred = xs.broadcast_sub(&mean)?;
+            let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+            return centred.broadcast_div(&(var + NORM_EPS)?.sqrt()?);
+        }
         self.0.forward(&xs.contiguous()?)
     }
 }
@@ -100,14 +133,32 @@ pub(crate) fn ada_chunks<const N: usize>(linear: &Linear, temb: &Tensor) -> Resu
 }
 
 /// Splits `[B, S, H*D]` into heads, RMS-normalises each head and returns `[B, H, S, D]` in f32.
-pub(crate) fn heads(xs: &Tensor, norm: Option<&RmsNorm>, num_heads: usize) -> Result<Tensor> {
+pub(crate) fn heads(
+    xs: &Tensor,
+    norm: Option<&(RmsNorm, Tensor)>,
+    num_heads: usize,
+) -> Result<Tensor> {
     let (b, s, _) = xs.dims3()?;
     let xs = xs.reshape((b, s, num_heads, ()))?;
     let xs = match norm {
-        Some(n) => n.forward(&xs)?,
+        Some((n, w)) => rms_norm(&xs, n, w)?,
         None => xs,
     };
     xs.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous()
+}
+
+/// `rope_i` from composite ops: adjacent channel pairs `(x0, x1)` of `[B, H, S, D]` become
+/// `(x0 cos - x1 sin, x0 sin + x1 cos)`.
+fn rope_pairs(x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    let pairs = x.reshape((b, h, s, d / 2, 2))?;
+    let x0 = pairs.narrow(4, 0, 1)?;
+    let x1 = pairs.narrow(4, 1, 1)?;
+    let cos = rope.0.reshape((1, 1, s, d / 2, 1))?;
+    let sin = rope.1.reshape((1, 1, s, d / 2, 1))?;
+    let out0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let out1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+    Tensor::cat(&[&out0, &out1], 4)?.reshape((b, h, s, d))
 }
 
 /// Scaled dot-product attention over `[B, H, S, D]` f32 tensors with rotary embedding applied
@@ -122,15 +173,25 @@ pub(crate) fn attention(
     key_bias: Option<&Tensor>,
     out_dtype: DType,
 ) -> Result<Tensor> {
-    let q = candle_nn::rotary_emb::rope_i(q, &rope.0, &rope.1)?;
-    let k = candle_nn::rotary_emb::rope_i(k, &rope.0, &rope.1)?;
+    let (q, k) = if differentiable() {
+        (rope_pairs(q, rope)?, rope_pairs(k, rope)?)
+    } else {
+        (
+            candle_nn::rotary_emb::rope_i(q, &rope.0, &rope.1)?,
+            candle_nn::rotary_emb::rope_i(k, &rope.0, &rope.1)?,
+        )
+    };
     let (b, h, s, d) = q.dims4()?;
     let scale = 1.0 / (d as f64).sqrt();
     let mut scores = (q.matmul(&k.t()?)? * scale)?;
     if let Some(bias) = key_bias {
         scores = scores.broadcast_add(bias)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = if differentiable() {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     probs
         .matmul(v)?
         .transpose(1, 2)?
@@ -144,8 +205,14 @@ pub(crate) struct Qkv {
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
-    norm_q: RmsNorm,
-    norm_k: RmsNorm,
+    norm_q: (RmsNorm, Tensor),
+    norm_k: (RmsNorm, Tensor),
+}
+
+/// An RMS norm with gain `weight` of `size`, kept with its weight for the composite path.
+pub(crate) fn rms_norm_layer(size: usize, vb: VarBuilder) -> Result<(RmsNorm, Tensor)> {
+    let weight = vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?;
+    Ok((RmsNorm::new(weight.clone(), NORM_EPS), weight))
 }
 
 impl Qkv {
@@ -161,8 +228,8 @@ impl Qkv {
             to_q: linear(dim, dim, vb.pp(q))?,
             to_k: linear(dim, dim, vb.pp(k))?,
             to_v: linear(dim, dim, vb.pp(v))?,
-            norm_q: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nq))?,
-            norm_k: candle_nn::rms_norm(head_dim, NORM_EPS, vb.pp(nk))?,
+            norm_q: rms_norm_layer(head_dim, vb.pp(nq))?,
+            norm_k: rms_norm_layer(head_dim, vb.pp(nk))?,
         })
     }
 

@@ -16,8 +16,8 @@ use candle_nn::{Linear, RmsNorm, VarBuilder, linear};
 use serde::Deserialize;
 
 use super::layers::{
-    DualStreamBlock, DualStreamNames, Mlp2, NORM_EPS, PlainNorm, TIME_PROJ_DIM, ada_chunks,
-    modulate, timestep_projection,
+    DualStreamBlock, DualStreamNames, Mlp2, PlainNorm, TIME_PROJ_DIM, ada_chunks, modulate,
+    rms_norm, rms_norm_layer, timestep_projection,
 };
 
 /// `config.json` of a diffusers `QwenImageTransformer2DModel` (defaults are diffusers' own).
@@ -222,7 +222,7 @@ pub struct QwenImage {
     config: Config,
     img_in: Linear,
     txt_in: Linear,
-    txt_norm: RmsNorm,
+    txt_norm: (RmsNorm, Tensor),
     timestep_embedder: Mlp2,
     blocks: Vec<DualStreamBlock>,
     norm_out_linear: Linear,
@@ -252,7 +252,7 @@ impl QwenImage {
             config: config.clone(),
             img_in: linear(config.in_channels, dim, vb.pp("img_in"))?,
             txt_in: linear(config.joint_attention_dim, dim, vb.pp("txt_in"))?,
-            txt_norm: candle_nn::rms_norm(config.joint_attention_dim, NORM_EPS, vb.pp("txt_norm"))?,
+            txt_norm: rms_norm_layer(config.joint_attention_dim, vb.pp("txt_norm"))?,
             timestep_embedder: Mlp2::new(
                 TIME_PROJ_DIM,
                 dim,
@@ -320,11 +320,9 @@ impl QwenImage {
     /// modulated input.
     pub fn preprocess(&self, inputs: &Inputs) -> Result<Preprocessed> {
         let hidden_states = self.img_in.forward(&inputs.hidden_states)?;
-        let encoder_hidden_states = self.txt_in.forward(
-            &self
-                .txt_norm
-                .forward(&inputs.encoder_hidden_states.contiguous()?)?,
-        )?;
+        let (norm, gain) = &self.txt_norm;
+        let text = rms_norm(&inputs.encoder_hidden_states.contiguous()?, norm, gain)?;
+        let encoder_hidden_states = self.txt_in.forward(&text)?;
         let temb = self.conditioning(&inputs.timestep)?;
         let modulated_input = match self.blocks.first() {
             Some(b) => b.modulated_input(&hidden_states, &temb)?,
