@@ -2,7 +2,7 @@
 //! (composite ops instead of fused kernels without a backward pass) gives the same outputs as
 //! the serving path, and gradients reach every parameter. Its own test binary, because the
 //! switch is process-wide.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer as _, VarBuilder, VarMap};
