@@ -380,6 +380,20 @@ impl RecordingProxy {
 
 #[tonic::async_trait]
 impl Denoiser for RecordingProxy {
+    async fn encode_prompt(
+        &self,
+        req: Request<v1::EncodePromptRequest>,
+    ) -> Result<Response<v1::EncodePromptResponse>, Status> {
+        self.upstream.clone().encode_prompt(req.into_inner()).await
+    }
+
+    async fn decode(
+        &self,
+        req: Request<v1::DecodeRequest>,
+    ) -> Result<Response<v1::DecodeResponse>, Status> {
+        self.upstream.clone().decode(req.into_inner()).await
+    }
+
     async fn describe(
         &self,
         req: Request<v1::DescribeRequest>,

@@ -262,7 +262,7 @@ async fn bad_configs_get_the_seed_messages_and_the_controller_keeps_serving() {
             ..Default::default()
         }),
         Code::InvalidArgument,
-        "Unknown model type: 'SD3Pipeline'. Supported: ['FluxPipeline', 'QwenImagePipeline']",
+        "Unknown model type: 'SD3Pipeline'. Supported: ['FluxPipeline', 'TinyFluxPipeline', 'QwenImagePipeline']",
     )
     .await;
     expect_invalid(

@@ -5,6 +5,8 @@
 //!   computed / reused steps and wall time.
 //! - `teaserve models`: lists the model types the controller knows and who serves them.
 
+mod demo;
+
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -48,6 +50,8 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// List model types, their default TeaCache settings and the denoisers serving them.
     Models,
+    /// Start a denoiser and a controller on loopback and generate with TeaCache off and on.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -60,8 +64,26 @@ enum WireDType {
 #[derive(Debug, ClapArgs)]
 struct GenerateArgs {
     /// Model-native inputs (hidden_states, encoder_hidden_states, ...) as a safetensors file.
+    #[arg(long, required_unless_present = "prompt", conflicts_with = "prompt")]
+    inputs: Option<PathBuf>,
+    /// Text mode: what to draw (models that ship a text encoder, e.g. TinyFluxPipeline).
     #[arg(long)]
-    inputs: PathBuf,
+    prompt: Option<String>,
+    /// Text mode: the negative prompt (true CFG).
+    #[arg(long, requires = "prompt")]
+    negative_prompt: Option<String>,
+    /// Text mode: noise seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Text mode: image height in pixels (0: the model's default).
+    #[arg(long, default_value_t = 0)]
+    height: u32,
+    /// Text mode: image width in pixels (0: the model's default).
+    #[arg(long, default_value_t = 0)]
+    width: u32,
+    /// Text mode: where to write the decoded image.
+    #[arg(long, default_value = "image.png")]
+    png: PathBuf,
     /// Only use tensors whose name starts with this prefix, and strip it (e.g. `in.`).
     #[arg(long, default_value = "")]
     inputs_prefix: String,
@@ -121,6 +143,9 @@ struct GenerateArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Demo(args) = cli.command {
+        return demo::demo(args).await;
+    }
     let channel = Channel::from_shared(cli.controller.clone())
         .context("--controller is not a valid URL")?
         .connect()
@@ -132,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(client, *args).await,
         Command::Models => models(client).await,
+        Command::Demo(_) => Ok(()),
     }
 }
 
@@ -166,7 +192,10 @@ async fn generate(
     mut client: CacheControllerClient<Channel>,
     a: GenerateArgs,
 ) -> anyhow::Result<()> {
-    let inputs = load_inputs(&a.inputs, &a.inputs_prefix, &a.skip)?;
+    let inputs = match &a.inputs {
+        Some(p) => load_inputs(p, &a.inputs_prefix, &a.skip)?,
+        None => HashMap::new(),
+    };
     let negative_inputs = match &a.negative_inputs {
         Some(p) => load_inputs(p, &a.inputs_prefix, &a.skip)?,
         None => HashMap::new(),
@@ -199,7 +228,11 @@ async fn generate(
             WireDType::Bf16 => DType::Bf16,
         } as i32,
         cfg_renorm: a.cfg_renorm,
-        ..Default::default()
+        prompt: a.prompt.clone().unwrap_or_default(),
+        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+        seed: a.seed,
+        height: a.height,
+        width: a.width,
     };
     let started = Instant::now();
     let mut stream = client
@@ -237,6 +270,10 @@ async fn generate(
                 let t: Tensor = decode_tensor(&latents, &Device::Cpu, usize::MAX)?;
                 t.save_safetensors("latents", &a.output)
                     .with_context(|| format!("writing {}", a.output.display()))?;
+                if !result.image_png.is_empty() {
+                    std::fs::write(&a.png, &result.image_png)
+                        .with_context(|| format!("writing {}", a.png.display()))?;
+                }
                 let total = result.computed_steps + result.reused_steps;
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "session        {}", result.session_id)?;

@@ -309,7 +309,7 @@ mod tests {
                 Some(&cfg(None, "SD3Pipeline", vec![])),
                 ""
             )),
-            "Unknown model type: 'SD3Pipeline'. Supported: ['FluxPipeline', 'QwenImagePipeline']"
+            "Unknown model type: 'SD3Pipeline'. Supported: ['FluxPipeline', 'TinyFluxPipeline', 'QwenImagePipeline']"
         );
         assert_eq!(
             err(resolve(&d, "fb_cache", None, "FluxPipeline")),

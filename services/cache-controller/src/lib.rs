@@ -13,5 +13,6 @@ pub mod pool;
 pub mod schedule;
 pub mod server;
 pub mod session;
+pub mod text_mode;
 
 pub use error::ControllerError;

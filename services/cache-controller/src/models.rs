@@ -34,6 +34,15 @@ pub struct ModelDefaults {
     pub schedule: ShiftedSchedule,
 }
 
+/// TeaCache coefficients of the embedded TinyFluxPipeline, highest power first.
+pub const TINY_FLUX_COEFFICIENTS: Coefficients = [
+    -474.1502197243216,
+    231.12461265183617,
+    -33.0809323567587,
+    2.336547307394049,
+    -0.0426618380694071,
+];
+
 /// Every model type with TeaCache coefficients, in the order error messages list them.
 pub static MODELS: &[ModelDefaults] = &[
     ModelDefaults {
@@ -51,6 +60,20 @@ pub static MODELS: &[ModelDefaults] = &[
             max_image_seq_len: 4096.0,
             base_shift: 0.5,
             max_shift: 1.15,
+            shift_terminal: None,
+        },
+    },
+    ModelDefaults {
+        model_type: "TinyFluxPipeline",
+        // Fitted by `train --fit` on the embedded model (models/tiny-flux/teacache.json).
+        coefficients: TINY_FLUX_COEFFICIENTS,
+        rel_l1_thresh: DEFAULT_REL_L1_THRESH,
+        // Trained on uniform-in-logit timesteps over 64 tokens: plain linspace (mu = 0).
+        schedule: ShiftedSchedule {
+            base_image_seq_len: 256.0,
+            max_image_seq_len: 4096.0,
+            base_shift: 0.0,
+            max_shift: 0.0,
             shift_terminal: None,
         },
     },
@@ -80,4 +103,31 @@ pub fn supported_list() -> String {
         .map(|m| format!("'{}'", m.model_type))
         .collect();
     format!("[{}]", names.join(", "))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_flux_coefficients_are_the_fitted_ones() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/tiny-flux/teacache.json"
+        );
+        let fit: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let fitted: Vec<f64> = fit["coefficients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(fitted, TINY_FLUX_COEFFICIENTS.to_vec());
+        assert_eq!(
+            lookup("TinyFluxPipeline").unwrap().coefficients,
+            TINY_FLUX_COEFFICIENTS
+        );
+    }
 }

@@ -121,6 +121,14 @@ impl DenoiserPool {
         self.described(m).map(|d| d.model_type.clone())
     }
 
+    /// Whether a reached denoiser of `model_type` accepts prompts (EncodePrompt / Decode).
+    pub fn text_mode(&self, model_type: &str) -> bool {
+        self.members.iter().any(|m| {
+            self.described(m)
+                .is_some_and(|d| d.model_type == model_type && d.text_mode)
+        })
+    }
+
     /// Endpoints with the model type each serves (`None`: not reached yet).
     pub fn endpoints(&self) -> Vec<(String, Option<String>)> {
         self.members

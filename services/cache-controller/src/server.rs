@@ -23,6 +23,7 @@ use crate::models;
 use crate::orchestrator::{self, CallCounts};
 use crate::pool::DenoiserPool;
 use crate::session::{Session, SessionLimits, SessionStore};
+use crate::text_mode;
 
 /// The `teaserve.v1.CacheController` service.
 #[derive(Clone)]
@@ -57,11 +58,33 @@ impl ControllerService {
         &self.store
     }
 
-    fn create(
+    async fn create(
         &self,
         req: &v1::GenerateRequest,
     ) -> Result<(String, v1::SessionInfo), ControllerError> {
-        let session = Session::create(req, &self.defaults, self.max_message_bytes)?;
+        let mut decode_size = None;
+        let prepared;
+        let req = if text_mode::requested(req) {
+            let model_type = if req.model_class_name.is_empty() {
+                self.defaults.model_class_name.clone().unwrap_or_default()
+            } else {
+                req.model_class_name.clone()
+            };
+            if model_type.is_empty() {
+                return Err(ControllerError::InvalidArgument(format!(
+                    "model_class_name is required (one of {})",
+                    models::supported_list()
+                )));
+            }
+            let (r, size) = text_mode::prepare(req, &model_type, &self.pool).await?;
+            decode_size = Some(size);
+            prepared = r;
+            &prepared
+        } else {
+            req
+        };
+        let mut session = Session::create(req, &self.defaults, self.max_message_bytes)?;
+        session.decode_size = decode_size;
         let info = session.info(Duration::ZERO);
         let id = self.store.insert(session)?;
         tracing::info!(
@@ -75,6 +98,21 @@ impl ControllerService {
         );
         Ok((id, info))
     }
+}
+
+/// The result of a finished session; in text mode with the decoded PNG.
+async fn finish(
+    session: &Session,
+    pool: &DenoiserPool,
+    wall_ms: f64,
+) -> Result<v1::GenerateResult, ControllerError> {
+    let mut result = orchestrator::result(session, wall_ms)?;
+    if let (Some(size), Some(latents)) = (session.decode_size, &result.latents) {
+        result.image_png = text_mode::decode(latents, size, &session.model_type, pool)
+            .await?
+            .into();
+    }
+    Ok(result)
 }
 
 /// Removes a session from the store when dropped (a Generate that ends in any way).
@@ -132,12 +170,14 @@ async fn drive(
         }
     }
     let wall_ms = started.elapsed().as_secs_f64() * 1e3;
-    let msg = orchestrator::result(&handle.session, wall_ms).map(|r| v1::GenerateEvent {
-        event: Some(generate_event::Event::Result(v1::GenerateResult {
-            trace_id: teaserve_telemetry::current_trace_id(),
-            ..r
-        })),
-    });
+    let msg = finish(&handle.session, &pool, wall_ms)
+        .await
+        .map(|r| v1::GenerateEvent {
+            event: Some(generate_event::Event::Result(v1::GenerateResult {
+                trace_id: teaserve_telemetry::current_trace_id(),
+                ..r
+            })),
+        });
     let (computed, reused) = handle.session.counts();
     tracing::info!(session_id = %id, computed, reused, wall_ms, run_blocks_calls = counts.run_blocks, "generation finished");
     let _ = tx.send(msg.map_err(Status::from)).await;
@@ -151,7 +191,7 @@ impl CacheController for ControllerService {
         &self,
         req: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let (id, info) = self.create(req.get_ref())?;
+        let (id, info) = self.create(req.get_ref()).await?;
         let (tx, rx) = mpsc::channel(16);
         // Child of the gRPC server span, which continues the caller's traceparent.
         let span = tracing::info_span!(
@@ -193,7 +233,7 @@ impl CacheController for ControllerService {
                     .filter(|(_, t)| t.as_deref() == Some(m.model_type))
                     .map(|(url, _)| url.clone())
                     .collect(),
-                text_mode: false,
+                text_mode: self.pool.text_mode(m.model_type),
             })
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))
@@ -206,7 +246,7 @@ impl CacheController for ControllerService {
         let req = req.into_inner().request.ok_or_else(|| {
             Status::invalid_argument("CreateSession needs `request` (a GenerateRequest)")
         })?;
-        let (_, info) = self.create(&req)?;
+        let (_, info) = self.create(&req).await?;
         Ok(Response::new(v1::CreateSessionResponse {
             session: Some(info),
         }))
@@ -239,10 +279,8 @@ impl CacheController for ControllerService {
         let event = event?;
         let done = handle.session.finished();
         let result = if done {
-            Some(orchestrator::result(
-                &handle.session,
-                started.elapsed().as_secs_f64() * 1e3,
-            )?)
+            let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+            Some(finish(&handle.session, &self.pool, wall_ms).await?)
         } else {
             None
         };

@@ -69,6 +69,8 @@ pub struct Session {
     pub batch_branches: bool,
     /// When the session was created.
     pub created: Instant,
+    /// Text mode: the image size to decode the final latents at (a PNG in the result).
+    pub decode_size: Option<(u32, u32)>,
 }
 
 fn invalid(msg: impl Into<String>) -> ControllerError {
@@ -249,6 +251,7 @@ impl Session {
             wire_dtype,
             batch_branches: defaults.batch_cfg_branches,
             created: Instant::now(),
+            decode_size: None,
         })
     }
 

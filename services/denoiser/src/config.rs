@@ -39,8 +39,9 @@ impl From<DTypeArg> for DType {
 pub struct Args {
     /// Model: a local diffusers folder (config.json + *.safetensors, or a pipeline folder with
     /// transformer/) or a Hugging Face Hub repo id such as black-forest-labs/FLUX.1-dev.
+    /// Default: the embedded TinyFluxPipeline (a small text-to-image model compiled in).
     #[arg(long, env = "TEASERVE_MODEL")]
-    pub model: String,
+    pub model: Option<String>,
     /// Pipeline class name to serve it as (e.g. FluxPipeline); default: inferred from
     /// config.json's _class_name.
     #[arg(long, env = "TEASERVE_MODEL_CLASS_NAME")]
@@ -145,7 +146,10 @@ impl Args {
             offline: self.hf_hub_offline,
             revision: self.revision.clone(),
         };
-        resolve(&self.model, self.subfolder.as_deref(), &hub)
+        match &self.model {
+            Some(model) => resolve(model, self.subfolder.as_deref(), &hub),
+            None => crate::loader::embedded(),
+        }
     }
 
     /// Server options derived from the flags.
@@ -172,10 +176,11 @@ impl Args {
         impl FnOnce() -> Result<Box<dyn ModelAdapter>, DenoiserError> + Send + 'static,
         DenoiserError,
     > {
-        let entry = lookup(
-            self.model_class_name.as_deref(),
-            files.class_name.as_deref(),
-        )?;
+        let model_type = self
+            .model_class_name
+            .as_deref()
+            .or(files.pipeline_hint.as_deref());
+        let entry = lookup(model_type, files.class_name.as_deref())?;
         let opts = LoadOptions {
             device: parse_device(&self.device)?,
             dtype: self.dtype.into(),

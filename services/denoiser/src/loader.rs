@@ -35,6 +35,30 @@ pub struct ModelFiles {
     pub weights: Vec<PathBuf>,
     /// Where the files came from, for logs and Describe.
     pub source: String,
+    /// Weights compiled into the binary (the embedded model) instead of `weights` files.
+    pub embedded: Option<&'static [u8]>,
+    /// `teaserve.pipeline` from config.json: the model type to serve it as by default.
+    pub pipeline_hint: Option<String>,
+}
+
+/// config.json of the embedded model (`models/tiny-flux`, trained by `tools/train`).
+const EMBEDDED_CONFIG: &str = include_str!("../../../models/tiny-flux/config.json");
+/// Weights of the embedded model, compiled in so the denoiser runs with no files at all.
+const EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../models/tiny-flux/model.safetensors");
+
+/// The embedded default model (`TinyFluxPipeline`).
+pub fn embedded() -> Result<ModelFiles, DenoiserError> {
+    let value: serde_json::Value = serde_json::from_str(EMBEDDED_CONFIG)
+        .map_err(|e| DenoiserError::Config(format!("embedded config.json: {e}")))?;
+    Ok(ModelFiles {
+        config_path: PathBuf::from("<embedded>/config.json"),
+        config_json: EMBEDDED_CONFIG.to_string(),
+        class_name: value["_class_name"].as_str().map(str::to_string),
+        weights: Vec::new(),
+        source: "embedded:tiny-flux".into(),
+        embedded: Some(EMBEDDED_WEIGHTS),
+        pipeline_hint: value["teaserve"]["pipeline"].as_str().map(str::to_string),
+    })
 }
 
 const INDEX_NAMES: [&str; 2] = [
@@ -121,6 +145,7 @@ fn files(
         .get("_class_name")
         .and_then(|v| v.as_str())
         .map(str::to_string);
+    let pipeline_hint = value["teaserve"]["pipeline"].as_str().map(str::to_string);
     for w in &weights {
         if !w.is_file() {
             return Err(load_err(format!("weight file {} not found", w.display())));
@@ -132,6 +157,8 @@ fn files(
         class_name,
         weights,
         source,
+        embedded: None,
+        pipeline_hint,
     })
 }
 
@@ -238,12 +265,17 @@ pub fn parse_config<C: serde::de::DeserializeOwned>(
     Ok(config)
 }
 
-/// Memory-maps the weights into a candle `VarBuilder` at `opts.dtype` on `opts.device`.
+/// Memory-maps the weights (or reads the embedded ones) into a candle `VarBuilder` at
+/// `opts.dtype` on `opts.device`.
 #[allow(unsafe_code)]
 pub fn var_builder(
     files: &ModelFiles,
     opts: &LoadOptions,
 ) -> Result<VarBuilder<'static>, DenoiserError> {
+    if let Some(bytes) = files.embedded {
+        return VarBuilder::from_buffered_safetensors(bytes.to_vec(), opts.dtype, &opts.device)
+            .map_err(|e| load_err(format!("reading the embedded weights: {e}")));
+    }
     // SAFETY: the weight files are mapped read-only for the life of the process; like every
     // mmap-based loader we rely on nobody truncating them while the denoiser runs.
     unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, opts.dtype, &opts.device) }

@@ -46,6 +46,8 @@ pub struct ModelInfo {
     pub run_blocks: StageSpec,
     /// Postprocess contract.
     pub postprocess: StageSpec,
+    /// Default image size `(height, width)` when the model has a text mode.
+    pub text_mode: Option<(usize, usize)>,
 }
 
 /// The tensor contracts of a dual-stream DiT split into three stages, built from what differs
@@ -134,6 +136,7 @@ impl DualStreamContract {
                 context: post_context,
                 outputs: vec![sample],
             },
+            text_mode: None,
         }
     }
 }
@@ -156,9 +159,46 @@ pub struct PreprocessOutput {
     pub context: Tensors,
 }
 
+/// What `EncodePrompt` returns: model-native inputs for the prompts and the latent shape.
+#[derive(Debug, Clone)]
+pub struct PromptInputs {
+    /// Every input except `hidden_states` and `timestep`.
+    pub inputs: Tensors,
+    /// Shape of `hidden_states` (the latents to sample noise for).
+    pub latent_shape: Vec<usize>,
+    /// Image size used, pixels.
+    pub height: usize,
+    /// Image size used, pixels.
+    pub width: usize,
+}
+
+/// A model's text mode: a text encoder and a decoder to pixels.
+pub trait TextMode {
+    /// Default image size `(height, width)` in pixels.
+    fn default_size(&self) -> (usize, usize);
+    /// Inputs for `prompts` at `height x width` (0 = default).
+    fn encode_prompts(
+        &self,
+        prompts: &[String],
+        height: usize,
+        width: usize,
+    ) -> Result<PromptInputs, DenoiserError>;
+    /// Final latents to PNG images.
+    fn decode(
+        &self,
+        latents: &Tensor,
+        height: usize,
+        width: usize,
+    ) -> Result<Vec<Vec<u8>>, DenoiserError>;
+}
+
 /// A loaded model behind the three-stage split. Implementations run on the compute thread
 /// and receive tensors already checked against [`ModelInfo`]'s specs.
 pub trait ModelAdapter: Send {
+    /// The model's text mode, if it ships a text encoder and a decoder.
+    fn text_mode(&self) -> Option<&dyn TextMode> {
+        None
+    }
     /// The model and its tensor contracts.
     fn info(&self) -> &ModelInfo;
     /// Embeds the model-native inputs.
@@ -201,6 +241,11 @@ pub static REGISTRY: &[ModelEntry] = &[
         model_type: "FluxPipeline",
         architecture: "FluxTransformer2DModel",
         load: adapters::flux::load,
+    },
+    ModelEntry {
+        model_type: "TinyFluxPipeline",
+        architecture: "FluxTransformer2DModel",
+        load: adapters::tiny_flux::load,
     },
     ModelEntry {
         model_type: "QwenImagePipeline",

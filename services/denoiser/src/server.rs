@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
 use crate::error::DenoiserError;
-use crate::registry::{ModelAdapter, ModelInfo, Tensors};
+use crate::registry::{ModelAdapter, ModelInfo, Tensors, TextMode};
 use crate::spec::{Bindings, InputError, TensorSpec, check_map, check_tensor};
 
 /// Per-call limits of this worker.
@@ -94,6 +94,26 @@ impl Payload for v1::PostprocessRequest {
                 .hidden_states
                 .as_ref()
                 .map_or(0, |t| t.data.len() as u64)
+    }
+}
+impl Payload for v1::EncodePromptRequest {
+    fn payload_bytes(&self) -> u64 {
+        0
+    }
+}
+impl Payload for v1::EncodePromptResponse {
+    fn payload_bytes(&self) -> u64 {
+        map_bytes(&self.inputs)
+    }
+}
+impl Payload for v1::DecodeRequest {
+    fn payload_bytes(&self) -> u64 {
+        self.latents.as_ref().map_or(0, |t| t.data.len() as u64)
+    }
+}
+impl Payload for v1::DecodeResponse {
+    fn payload_bytes(&self) -> u64 {
+        self.png.iter().map(|p| p.len() as u64).sum()
     }
 }
 impl Payload for v1::PostprocessResponse {
@@ -254,6 +274,9 @@ fn describe(info: &ModelInfo, limits: &Limits, source: &str) -> v1::DescribeResp
         max_batch: u32::try_from(limits.max_batch).unwrap_or(u32::MAX),
         max_message_bytes: limits.max_message_bytes as u64,
         model_source: source.to_string(),
+        text_mode: info.text_mode.is_some(),
+        default_height: info.text_mode.map_or(0, |(h, _)| h as u32),
+        default_width: info.text_mode.map_or(0, |(_, w)| w as u32),
     }
 }
 
@@ -379,8 +402,91 @@ fn postprocess(
     })
 }
 
+fn text_mode(model: &dyn ModelAdapter) -> Result<&dyn TextMode, DenoiserError> {
+    model.text_mode().ok_or_else(|| {
+        InputError::Invalid(format!(
+            "model type '{}' ships no text encoder or decoder; send model-native inputs",
+            model.info().model_type
+        ))
+        .into()
+    })
+}
+
+fn encode_prompt(
+    model: &dyn ModelAdapter,
+    req: v1::EncodePromptRequest,
+    limits: Limits,
+) -> Result<v1::EncodePromptResponse, DenoiserError> {
+    let tm = text_mode(model)?;
+    if req.prompts.len() > limits.max_batch {
+        return Err(InputError::Limit(format!(
+            "{} prompts exceed this denoiser's maximum batch of {} (--max-batch)",
+            req.prompts.len(),
+            limits.max_batch
+        ))
+        .into());
+    }
+    let out_dtype = output_dtype(req.wire_dtype)?;
+    let p = tm.encode_prompts(&req.prompts, req.height as usize, req.width as usize)?;
+    Ok(v1::EncodePromptResponse {
+        inputs: encode_map(&p.inputs, out_dtype)?,
+        latent_shape: p.latent_shape.iter().map(|&d| d as i64).collect(),
+        height: p.height as u32,
+        width: p.width as u32,
+    })
+}
+
+fn decode(
+    model: &dyn ModelAdapter,
+    req: v1::DecodeRequest,
+    limits: Limits,
+) -> Result<v1::DecodeResponse, DenoiserError> {
+    let tm = text_mode(model)?;
+    let wire = req
+        .latents
+        .ok_or_else(|| InputError::Invalid("Decode needs `latents`".into()))?;
+    let codec_err = |source| InputError::Codec {
+        stage: "Decode",
+        field: "latents",
+        name: "latents".into(),
+        source: Box::new(source),
+    };
+    codec::check_finite(&wire).map_err(codec_err)?;
+    let latents = codec::decode_tensor(&wire, &model.info().device, limits.max_message_bytes)
+        .map_err(codec_err)?;
+    if latents.rank() != 3 || latents.dim(0)? > limits.max_batch {
+        return Err(InputError::Invalid(format!(
+            "Decode: latents must be [B <= {}, N, C], got {:?}",
+            limits.max_batch,
+            latents.dims()
+        ))
+        .into());
+    }
+    Ok(v1::DecodeResponse {
+        png: tm
+            .decode(&latents, req.height as usize, req.width as usize)?
+            .into_iter()
+            .map(bytes::Bytes::from)
+            .collect(),
+    })
+}
+
 #[tonic::async_trait]
 impl Denoiser for DenoiserService {
+    async fn encode_prompt(
+        &self,
+        req: Request<v1::EncodePromptRequest>,
+    ) -> Result<Response<v1::EncodePromptResponse>, Status> {
+        self.dispatch("encode_prompt", req, encode_prompt).await
+    }
+
+    async fn decode(
+        &self,
+        req: Request<v1::DecodeRequest>,
+    ) -> Result<Response<v1::DecodeResponse>, Status> {
+        self.dispatch("decode", req, decode).await
+    }
+
     async fn describe(
         &self,
         _req: Request<v1::DescribeRequest>,

@@ -139,7 +139,7 @@ fn bad_flags_fail_fast_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(
-            "Unknown model type: 'NopePipeline'. Supported: ['FluxPipeline', 'QwenImagePipeline']"
+            "Unknown model type: 'NopePipeline'. Supported: ['FluxPipeline', 'TinyFluxPipeline', 'QwenImagePipeline']"
         ),
         "{err}"
     );

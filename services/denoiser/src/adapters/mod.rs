@@ -2,3 +2,4 @@
 
 pub mod flux;
 pub mod qwen_image;
+pub mod tiny_flux;

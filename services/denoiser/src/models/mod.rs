@@ -4,3 +4,4 @@
 pub mod flux;
 pub mod layers;
 pub mod qwen_image;
+pub mod tiny_text;

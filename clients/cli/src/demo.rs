@@ -1,0 +1,233 @@
+//! `teaserve demo`: the whole system on loopback in one command. Starts the `denoiser` (on
+//! its embedded model) and the `cache-controller` next to this binary as child processes,
+//! generates the same prompt and seed without caching and with TeaCache, writes both PNGs and
+//! prints computed steps, wall time, speedup and PSNR.
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args as ClapArgs;
+use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
+use teaserve_proto::v1::{self, generate_event};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+/// Options of `teaserve demo`.
+#[derive(Debug, ClapArgs)]
+pub struct DemoArgs {
+    /// What to draw (the embedded model knows 8 colours, 3 shapes, 5 positions).
+    #[arg(long, default_value = "a red circle on a blue background")]
+    prompt: String,
+    /// Noise seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 20)]
+    steps: u32,
+    /// TeaCache threshold of the cached run.
+    #[arg(long, default_value_t = 0.2)]
+    threshold: f64,
+    /// Folder for demo-uncached.png and demo-teacache.png.
+    #[arg(long, default_value = ".")]
+    out_dir: PathBuf,
+}
+
+/// A child service that is killed when dropped.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a sibling binary with JSON logs and returns it with the address its
+/// `message` log line reports.
+fn start(bin: &Path, args: &[&str], message: &str) -> anyhow::Result<(Service, String)> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env(
+            "RUST_LOG",
+            "warn,teaserve_denoiser=info,teaserve_controller=info",
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().context("child stdout")?;
+    let service = Service(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let Some(line) = lines.next() else {
+            bail!("{} exited before listening", bin.display());
+        };
+        let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
+        if v["fields"]["message"] == message
+            && let Some(a) = v["fields"]["addr"].as_str()
+        {
+            break a
+                .trim_start_matches("Some(")
+                .trim_end_matches(')')
+                .to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Ok((service, addr))
+}
+
+struct Outcome {
+    png: Vec<u8>,
+    computed: u32,
+    total: u32,
+    wall_ms: f64,
+}
+
+async fn run(
+    client: &mut CacheControllerClient<Channel>,
+    a: &DemoArgs,
+    adapter: &str,
+) -> anyhow::Result<Outcome> {
+    let req = v1::GenerateRequest {
+        model_class_name: "TinyFluxPipeline".into(),
+        cache_adapter: adapter.into(),
+        cache_config: Some(v1::CacheConfig {
+            rel_l1_thresh: Some(a.threshold),
+            ..Default::default()
+        }),
+        num_inference_steps: a.steps,
+        prompt: a.prompt.clone(),
+        seed: a.seed,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut stream = client
+        .generate(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        if let Some(generate_event::Event::Result(r)) =
+            ev.map_err(|s| anyhow::anyhow!("{}", s.message()))?.event
+        {
+            return Ok(Outcome {
+                png: r.image_png.to_vec(),
+                computed: r.computed_steps,
+                total: r.computed_steps + r.reused_steps,
+                wall_ms: started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+    }
+    bail!("no result")
+}
+
+/// PSNR of two 8-bit images, dB.
+fn psnr(a: &[u8], b: &[u8]) -> anyhow::Result<f64> {
+    let decode = |png: &[u8]| -> anyhow::Result<Vec<u8>> {
+        Ok(image::load_from_memory(png)?.to_rgb8().into_raw())
+    };
+    let (a, b) = (decode(a)?, decode(b)?);
+    if a.len() != b.len() {
+        bail!("images differ in size");
+    }
+    let mse = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    Ok(if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    })
+}
+
+/// Runs the demo.
+pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+    let dir = std::env::current_exe()?
+        .parent()
+        .context("locating the teaserve binary's folder")?
+        .to_path_buf();
+    let (denoiser, controller_bin) = (dir.join("denoiser"), dir.join("cache-controller"));
+    for bin in [&denoiser, &controller_bin] {
+        if !bin.exists() {
+            bail!(
+                "{} not found; build all binaries first: cargo build --release --bins",
+                bin.display()
+            );
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "starting the denoiser (embedded TinyFluxPipeline) and the cache-controller on loopback ..."
+    )?;
+    let (_d, d_addr) = start(&denoiser, &[], "denoiser listening")?;
+    let d_url = format!("http://{d_addr}");
+    let (_c, c_addr) = start(
+        &controller_bin,
+        &["--denoiser", &d_url],
+        "cache-controller listening",
+    )?;
+    let channel = Channel::from_shared(format!("http://{c_addr}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let channel = loop {
+        match channel.connect().await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let mut client = CacheControllerClient::new(channel);
+    // The denoiser answers UNAVAILABLE while its weights load; retry the first call briefly.
+    let uncached = loop {
+        match run(&mut client, &a, "none").await {
+            Ok(o) => break o,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let cached = run(&mut client, &a, "tea_cache").await?;
+    std::fs::create_dir_all(&a.out_dir)?;
+    let (p_off, p_on) = (
+        a.out_dir.join("demo-uncached.png"),
+        a.out_dir.join("demo-teacache.png"),
+    );
+    std::fs::write(&p_off, &uncached.png)?;
+    std::fs::write(&p_on, &cached.png)?;
+    let psnr = psnr(&uncached.png, &cached.png)?;
+    writeln!(
+        out,
+        "\nprompt: {:?}, seed {}, {} steps\n",
+        a.prompt, a.seed, a.steps
+    )?;
+    writeln!(
+        out,
+        "| run | computed steps | wall time | speedup | PSNR vs uncached |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|")?;
+    writeln!(
+        out,
+        "| uncached | {}/{} | {:.0} ms | 1.00x | - |",
+        uncached.computed, uncached.total, uncached.wall_ms
+    )?;
+    writeln!(
+        out,
+        "| TeaCache {} | {}/{} | {:.0} ms | {:.2}x | {psnr:.1} dB |",
+        a.threshold,
+        cached.computed,
+        cached.total,
+        cached.wall_ms,
+        uncached.wall_ms / cached.wall_ms
+    )?;
+    writeln!(out, "\nwrote {} and {}", p_off.display(), p_on.display())?;
+    Ok(())
+}
