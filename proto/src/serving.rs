@@ -113,6 +113,31 @@ pub fn nodelay_incoming(
     })
 }
 
+/// A tonic server builder tuned for large tensor messages: HTTP/2 windows sized to the
+/// message limit (capped at 64 MiB) and keep-alive pings so a dead peer is noticed. Callers
+/// add their layers and services.
+pub fn grpc_server(max_message_bytes: usize) -> tonic::transport::Server {
+    let window = u32::try_from(max_message_bytes.min(64 << 20)).unwrap_or(u32::MAX);
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+}
+
+/// gRPC server reflection listing teaserve's services and `grpc.health.v1`.
+pub fn reflection_service() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

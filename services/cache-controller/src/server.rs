@@ -5,7 +5,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use teaserve_proto::serving::{OversizeToResourceExhausted, bounded_shutdown, nodelay_incoming};
+use teaserve_proto::serving::{
+    OversizeToResourceExhausted, bounded_shutdown, grpc_server, nodelay_incoming,
+    reflection_service,
+};
 use teaserve_proto::v1::cache_controller_server::{CacheController, CacheControllerServer};
 use teaserve_proto::v1::{self, generate_event};
 use teaserve_telemetry::{Metrics, ServerLayer, serve_metrics};
@@ -382,22 +385,14 @@ pub async fn serve(
     health_reporter
         .set_serving::<CacheControllerServer<ControllerService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(teaserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let reflection = reflection_service()
         .map_err(|e| ControllerError::Internal(format!("building reflection service: {e}")))?;
     let max = opts.max_message_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
     let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);
-    let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);
-    let server = tonic::transport::Server::builder()
+    let server = grpc_server(max)
         .layer(ServerLayer::new(Some(opts.metrics.rpc.clone())))
         .layer(OversizeToResourceExhausted::new(max))
-        .initial_stream_window_size(window)
-        .initial_connection_window_size(window)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -16,7 +16,10 @@ use prometheus_client::metrics::family::Family;
 use teaserve_proto::TensorMap;
 use teaserve_proto::codec::map_bytes;
 use teaserve_proto::codec::{self, encode_tensor};
-use teaserve_proto::serving::{OversizeToResourceExhausted, bounded_shutdown, nodelay_incoming};
+use teaserve_proto::serving::{
+    OversizeToResourceExhausted, bounded_shutdown, grpc_server, nodelay_incoming,
+    reflection_service,
+};
 use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use teaserve_proto::v1::{self, DType};
 use teaserve_telemetry::{Metrics, ServerLayer, serve_metrics};
@@ -556,10 +559,7 @@ where
     health_reporter
         .set_not_serving::<DenoiserServer<DenoiserService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(teaserve_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let reflection = reflection_service()
         .map_err(|e| DenoiserError::Config(format!("building reflection service: {e}")))?;
 
     let tensor_bytes = Family::<TensorLabels, Counter>::default();
@@ -619,7 +619,6 @@ where
     );
 
     tracing::info!(addr = ?addr, max_message_bytes = max, "denoiser listening");
-    let window = u32::try_from(max.min(64 << 20)).unwrap_or(u32::MAX);
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = opts.metrics_listen {
         serve_metrics(addr, opts.metrics.clone(), async move {
@@ -628,13 +627,9 @@ where
         .await
         .map_err(|e| DenoiserError::Config(format!("--metrics-listen {addr}: {e}")))?;
     }
-    let server = tonic::transport::Server::builder()
+    let server = grpc_server(max)
         .layer(ServerLayer::new(Some(opts.metrics.rpc.clone())))
         .layer(OversizeToResourceExhausted::new(max))
-        .initial_stream_window_size(window)
-        .initial_connection_window_size(window)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(grpc)
