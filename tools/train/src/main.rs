@@ -58,6 +58,19 @@ struct Args {
     /// Steps per fitting generation.
     #[arg(long, default_value_t = 20)]
     fit_steps: usize,
+    /// What the polynomial predicts from the modulated input's rel-L1: the change of the
+    /// transformer blocks' residual (what TeaCache caches and reuses), or of the model output.
+    #[arg(long, value_enum, default_value_t = FitTarget::Residual)]
+    fit_target: FitTarget,
+}
+
+/// The quantity whose consecutive-step rel-L1 the TeaCache polynomial estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FitTarget {
+    /// The blocks' residual (image stream after the blocks minus before): the cached value.
+    Residual,
+    /// The final model output (the predicted velocity).
+    Output,
 }
 
 /// The embedded model's architecture.
@@ -115,7 +128,12 @@ fn fit_teacache(args: &Args) -> anyhow::Result<()> {
     let mut rng = Rng::new(args.seed ^ 0xF17);
     let n = args.fit_steps.max(2);
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
-    for _ in 0..args.fit_prompts {
+    let mut samples = std::fs::File::create(args.out.join("fit_samples.csv"))?;
+    writeln!(
+        samples,
+        "generation,step,x_modulated_input,y_output,y_residual"
+    )?;
+    for g in 0..args.fit_prompts {
         let scene = random_scene(&mut rng, args.size);
         let (states, pooled) = text.encode(&[tokenize(&scene.caption)?], &dev)?;
         let mut latents = normal_tensor(
@@ -124,6 +142,7 @@ fn fit_teacache(args: &Args) -> anyhow::Result<()> {
             &dev,
         )?;
         let (mut prev_m, mut prev_o): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
+        let mut prev_r: Option<Vec<f32>> = None;
         for i in 0..n {
             let sigma = 1.0 - i as f64 / n as f64;
             let next = 1.0 - (i + 1) as f64 / n as f64;
@@ -146,12 +165,23 @@ fn fit_teacache(args: &Args) -> anyhow::Result<()> {
             )?;
             let out = flux.postprocess(&img, &pre.temb)?;
             let m: Vec<f32> = pre.modulated_input.flatten_all()?.to_vec1()?;
+            let r: Vec<f32> = (&img - &pre.hidden_states)?.flatten_all()?.to_vec1()?;
             let o: Vec<f32> = out.flatten_all()?.to_vec1()?;
-            if let (Some(pm), Some(po)) = (&prev_m, &prev_o) {
-                xs.push(fit::rel_l1(&m, pm));
-                ys.push(fit::rel_l1(&o, po));
+            if let (Some(pm), Some(po), Some(pr)) = (&prev_m, &prev_o, &prev_r) {
+                let (x, y_out, y_res) = (
+                    fit::rel_l1(&m, pm),
+                    fit::rel_l1(&o, po),
+                    fit::rel_l1(&r, pr),
+                );
+                writeln!(samples, "{g},{i},{x},{y_out},{y_res}")?;
+                xs.push(x);
+                ys.push(match args.fit_target {
+                    FitTarget::Residual => y_res,
+                    FitTarget::Output => y_out,
+                });
             }
             prev_m = Some(m);
+            prev_r = Some(r);
             prev_o = Some(o);
             latents = (&latents + (out * (next - sigma))?)?;
         }
@@ -166,7 +196,10 @@ fn fit_teacache(args: &Args) -> anyhow::Result<()> {
         "generations": args.fit_prompts,
         "steps": n,
         "x": "rel-L1 change of the modulated input between consecutive steps",
-        "y": "rel-L1 change of the model output between consecutive steps",
+        "y": match args.fit_target {
+            FitTarget::Residual => "rel-L1 change of the transformer blocks' residual (image stream out minus in) between consecutive steps",
+            FitTarget::Output => "rel-L1 change of the model output between consecutive steps",
+        },
     });
     std::fs::write(
         args.out.join("teacache.json"),
