@@ -232,22 +232,7 @@ impl TestDenoiser {
     }
 
     async fn wait_serving(&self) {
-        let mut health = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
-        for _ in 0..600 {
-            let resp = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: "teaserve.v1.Denoiser".into(),
-                })
-                .await;
-            if let Ok(r) = resp
-                && r.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("denoiser at {} never became SERVING", self.addr);
+        wait_serving(&self.url()).await;
     }
 
     /// Stops the server gracefully and returns how it ended.
@@ -268,6 +253,91 @@ impl Drop for TestDenoiser {
             let _ = tx.send(());
         }
     }
+}
+
+/// A denoiser on a Tokio runtime of its own, so it can die like a process: [`kill`] shuts
+/// the runtime down, which drops its listener, every connection and every call in flight at
+/// once (peers see connection resets, not a graceful goodbye).
+///
+/// [`kill`]: KillableDenoiser::kill
+pub struct KillableDenoiser {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl KillableDenoiser {
+    /// Starts a denoiser with the binary's flags on `addr` (`127.0.0.1:0` for any port) and
+    /// waits until it is SERVING.
+    pub async fn start(flags: &[&str], addr: &str) -> Self {
+        let args = denoiser_args(flags);
+        let files = args.model_files().unwrap();
+        let source = files.source.clone();
+        let load = args.loader(files).unwrap();
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let opts = args.serve_options(source);
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            teaserve_denoiser::server::serve(listener, load, opts, std::future::pending()).await
+        });
+        let me = Self {
+            addr,
+            runtime: Some(runtime),
+        };
+        wait_serving(&me.url()).await;
+        me
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills it: listener, connections and in-flight calls vanish at once.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for KillableDenoiser {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until the denoiser at `url` reports SERVING (panics after 30 s).
+pub async fn wait_serving(url: &str) {
+    for _ in 0..600 {
+        if let Ok(channel) = Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+        {
+            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+            let resp = health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: "teaserve.v1.Denoiser".into(),
+                })
+                .await;
+            if let Ok(r) = resp
+                && r.into_inner().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("denoiser at {url} never became SERVING");
 }
 
 /// A cache-controller served in this process on a real loopback TCP socket.

@@ -8,6 +8,7 @@ use clap::Parser;
 pub use teaserve_telemetry::LogFormat;
 
 use crate::cache_config::{CacheConfigSpec, CacheDefaults, ConfigError, StageConfig};
+use crate::pool::PoolOptions;
 use crate::server::ServeOptions;
 use crate::session::SessionLimits;
 
@@ -18,8 +19,9 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, env = "TEASERVE_LISTEN", default_value = "127.0.0.1:50050")]
     pub listen: SocketAddr,
-    /// Denoiser endpoint, e.g. http://127.0.0.1:50051 (repeat the flag, or comma-separate in
-    /// the environment variable).
+    /// Denoiser endpoint: http://host:port, or dns:///name:port for every address a DNS name
+    /// resolves to, re-resolved every --dns-refresh-secs (a Kubernetes headless Service).
+    /// Repeat the flag, or comma-separate in the environment variable.
     #[arg(
         long = "denoiser",
         env = "TEASERVE_DENOISERS",
@@ -39,6 +41,25 @@ pub struct Args {
     /// Stack both CFG branches into one RunBlocks call when both compute and shapes allow.
     #[arg(long, env = "TEASERVE_BATCH_CFG", default_value_t = true, action = clap::ArgAction::Set)]
     pub batch_cfg: bool,
+    /// Seconds one denoiser call may take before it is abandoned and retried elsewhere.
+    #[arg(long, env = "TEASERVE_DENOISER_TIMEOUT_SECS", default_value_t = 120.0)]
+    pub denoiser_timeout_secs: f64,
+    /// Attempts per denoiser call, each on a replica not tried yet (1 disables retries).
+    #[arg(long, env = "TEASERVE_RETRY_ATTEMPTS", default_value_t = 3)]
+    pub retry_attempts: usize,
+    /// Milliseconds before the first retry (doubling per further retry).
+    #[arg(long, env = "TEASERVE_RETRY_BACKOFF_MS", default_value_t = 25)]
+    pub retry_backoff_ms: u64,
+    /// Seconds between re-resolutions of dns:/// denoiser targets.
+    #[arg(long, env = "TEASERVE_DNS_REFRESH_SECS", default_value_t = 5.0)]
+    pub dns_refresh_secs: f64,
+    /// Seconds between HTTP/2 keepalive pings to denoisers (a dead peer is noticed within
+    /// this plus --keepalive-timeout-secs).
+    #[arg(long, env = "TEASERVE_KEEPALIVE_SECS", default_value_t = 10.0)]
+    pub keepalive_secs: f64,
+    /// Seconds a keepalive ping may go unanswered before the connection is dropped.
+    #[arg(long, env = "TEASERVE_KEEPALIVE_TIMEOUT_SECS", default_value_t = 5.0)]
+    pub keepalive_timeout_secs: f64,
     /// Most sessions at once (Generate calls included); more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TEASERVE_MAX_SESSIONS", default_value_t = 64)]
     pub max_sessions: usize,
@@ -75,14 +96,40 @@ impl Args {
             CacheDefaults::merge(stage.as_ref(), json.as_ref(), self.cache_adapter.as_deref())?;
         defaults.batch_cfg_branches = self.batch_cfg;
         for url in &self.denoisers {
-            let ok = (url.starts_with("http://") || url.starts_with("https://"))
-                && tonic::transport::Endpoint::from_shared(url.clone()).is_ok();
+            let ok = url.starts_with("dns:")
+                || ((url.starts_with("http://") || url.starts_with("https://"))
+                    && tonic::transport::Endpoint::from_shared(url.clone()).is_ok());
             if !ok {
                 return Err(ConfigError(format!(
-                    "--denoiser {url}: expected a URL such as http://127.0.0.1:50051"
+                    "--denoiser {url}: expected a URL such as http://127.0.0.1:50051 or \
+                     dns:///denoiser.default.svc.cluster.local:50051"
                 )));
             }
         }
+        let secs = |flag: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e7 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(ConfigError(format!(
+                    "--{flag} must be a positive number of seconds, got {v}"
+                )))
+            }
+        };
+        if self.retry_attempts == 0 {
+            return Err(ConfigError(
+                "--retry-attempts must be at least 1 (1 disables retries)".into(),
+            ));
+        }
+        let pool = PoolOptions {
+            max_message_bytes: self.max_message_bytes,
+            call_timeout: secs("denoiser-timeout-secs", self.denoiser_timeout_secs)?,
+            max_attempts: self.retry_attempts,
+            retry_backoff: Duration::from_millis(self.retry_backoff_ms),
+            resolve_every: secs("dns-refresh-secs", self.dns_refresh_secs)?,
+            keepalive_interval: secs("keepalive-secs", self.keepalive_secs)?,
+            keepalive_timeout: secs("keepalive-timeout-secs", self.keepalive_timeout_secs)?,
+            ..PoolOptions::default()
+        };
         if self.max_sessions == 0 {
             return Err(ConfigError("--max-sessions must be at least 1".into()));
         }
@@ -95,6 +142,7 @@ impl Args {
                 ttl: Duration::from_secs(self.session_ttl_secs.max(1)),
             },
             max_message_bytes: self.max_message_bytes,
+            pool,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             metrics_listen: self.metrics_listen,
             metrics: teaserve_telemetry::Metrics::new(),

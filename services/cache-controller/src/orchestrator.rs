@@ -92,15 +92,6 @@ fn batch_request(
     ))
 }
 
-fn denoiser_err(endpoint: &str, method: &'static str, s: tonic::Status) -> ControllerError {
-    ControllerError::Denoiser {
-        endpoint: endpoint.to_string(),
-        method,
-        code: s.code(),
-        message: s.message().to_string(),
-    }
-}
-
 fn decode_f32(t: &v1::Tensor, what: &str) -> Result<Tensor, ControllerError> {
     decode_tensor(t, &Device::Cpu, usize::MAX)
         .and_then(|x| Ok(x.to_dtype(CDType::F32)?))
@@ -158,18 +149,6 @@ pub async fn run_step(
 
 /// A client span for one denoiser call, named `Denoiser/<method>`; the call's `traceparent`
 /// points at it, so the denoiser's server span is its child.
-fn call_span(method: &'static str, endpoint: &str, branches: &str) -> tracing::Span {
-    tracing::info_span!(
-        "denoiser.call",
-        otel.name = %format!("Denoiser/{method}"),
-        otel.kind = "client",
-        rpc.system = "grpc",
-        rpc.method = method,
-        endpoint = %endpoint,
-        branches = %branches,
-    )
-}
-
 /// Records one branch's decision as a `teacache.decide` span under the current step.
 fn decide_span(branch: Branch, d: &Decision, threshold: f64) {
     let span = tracing::info_span!(
@@ -231,33 +210,31 @@ async fn step_once(
         DType::F32,
     )?;
 
-    // 1. Preprocess every branch concurrently.
-    let mut calls = Vec::with_capacity(session.branches.len());
-    for _ in &session.branches {
-        calls.push(pool.client_for(&session.model_type).await?);
-    }
-    let pre =
-        futures::future::try_join_all(session.branches.iter().zip(&calls).map(|(b, call)| {
-            let mut inputs = b.inputs.clone();
-            inputs.insert("hidden_states".into(), latents_wire.clone());
-            inputs.insert("timestep".into(), timestep.clone());
-            let mut client = call.client.clone();
-            let endpoint = call.endpoint.clone();
-            metrics.tensors("to_denoiser", map_bytes(&inputs));
-            let span = call_span("Preprocess", &endpoint, branch_name(b.branch));
-            async move {
-                client
-                    .preprocess(v1::PreprocessRequest {
-                        inputs,
-                        wire_dtype: wire as i32,
-                    })
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|s| denoiser_err(&endpoint, "Preprocess", s))
-            }
-            .instrument(span)
-        }))
-        .await?;
+    // 1. Preprocess every branch concurrently (each call balanced and retried by the pool).
+    let model_type = session.model_type.as_str();
+    let describe = pool.describe_for(model_type).await?;
+    let pre = futures::future::try_join_all(session.branches.iter().map(|b| {
+        let mut inputs = b.inputs.clone();
+        inputs.insert("hidden_states".into(), latents_wire.clone());
+        inputs.insert("timestep".into(), timestep.clone());
+        metrics.tensors("to_denoiser", map_bytes(&inputs));
+        let req = v1::PreprocessRequest {
+            inputs,
+            wire_dtype: wire as i32,
+        };
+        async move {
+            pool.call(
+                model_type,
+                "Preprocess",
+                branch_name(b.branch),
+                req,
+                |mut c, r| async move { c.preprocess(r).await },
+            )
+            .await
+            .map(|called| called.response)
+        }
+    }))
+    .await?;
     counts.preprocess += pre.len() as u32;
     for p in &pre {
         let indicator = p
@@ -337,7 +314,7 @@ async fn step_once(
         .collect();
     let mut blocks_out: Vec<Option<TensorMap>> = vec![None; pre.len()];
     let batched = match (session.batch_branches, computing.as_slice()) {
-        (true, [first, _, ..]) => batch_request(&pre, &computing, &calls[*first].describe, wire),
+        (true, [_, _, ..]) => batch_request(&pre, &computing, &describe, wire),
         _ => None,
     };
     let names_of = |ks: &[usize]| -> String {
@@ -346,26 +323,27 @@ async fn step_once(
             .collect::<Vec<_>>()
             .join(",")
     };
-    if let Some((req, sizes)) = batched {
-        let call = &calls[computing[0]];
+    let run_blocks = |req: v1::RunBlocksRequest, branches: String| async move {
         metrics.tensors(
             "to_denoiser",
             map_bytes(&req.streams) + map_bytes(&req.context),
         );
-        let out = call
-            .client
-            .clone()
-            .run_blocks(req)
-            .instrument(call_span(
+        let out = pool
+            .call(
+                model_type,
                 "RunBlocks",
-                &call.endpoint,
-                &names_of(&computing),
-            ))
-            .await
-            .map_err(|s| denoiser_err(&call.endpoint, "RunBlocks", s))?
-            .into_inner()
+                &branches,
+                req,
+                |mut c, r| async move { c.run_blocks(r).await },
+            )
+            .await?
+            .response
             .streams;
         metrics.tensors("from_denoiser", map_bytes(&out));
+        Ok::<_, ControllerError>(out)
+    };
+    if let Some((req, sizes)) = batched {
+        let out = run_blocks(req, names_of(&computing)).await?;
         counts.run_blocks += 1;
         let mut per_branch: Vec<TensorMap> = vec![TensorMap::new(); computing.len()];
         for (name, t) in &out {
@@ -378,29 +356,12 @@ async fn step_once(
         }
     } else {
         let outs = futures::future::try_join_all(computing.iter().map(|&k| {
-            let call = &calls[k];
-            let mut client = call.client.clone();
-            let endpoint = call.endpoint.clone();
             let req = v1::RunBlocksRequest {
                 streams: pre[k].streams.clone(),
                 context: pre[k].context.clone(),
                 wire_dtype: wire as i32,
             };
-            metrics.tensors(
-                "to_denoiser",
-                map_bytes(&req.streams) + map_bytes(&req.context),
-            );
-            let span = call_span("RunBlocks", &endpoint, &names_of(&[k]));
-            async move {
-                let out = client
-                    .run_blocks(req)
-                    .await
-                    .map(|r| r.into_inner().streams)
-                    .map_err(|s| denoiser_err(&endpoint, "RunBlocks", s))?;
-                metrics.tensors("from_denoiser", map_bytes(&out));
-                Ok::<_, ControllerError>(out)
-            }
-            .instrument(span)
+            run_blocks(req, names_of(&[k]))
         }))
         .await?;
         counts.run_blocks += outs.len() as u32;
@@ -417,26 +378,29 @@ async fn step_once(
             );
         }
     }
-    let samples =
-        futures::future::try_join_all(pre.iter().zip(&calls).zip(hidden).map(|((p, call), h)| {
-            let mut client = call.client.clone();
-            let endpoint = call.endpoint.clone();
-            let context = p.context.clone();
+    let samples = futures::future::try_join_all(pre.iter().zip(hidden).zip(&session.branches).map(
+        |((p, h), b)| {
+            let req = v1::PostprocessRequest {
+                hidden_states: h,
+                context: p.context.clone(),
+                wire_dtype: wire as i32,
+            };
             async move {
-                client
-                    .postprocess(v1::PostprocessRequest {
-                        hidden_states: h,
-                        context,
-                        wire_dtype: wire as i32,
-                    })
-                    .await
-                    .map_err(|s| denoiser_err(&endpoint, "Postprocess", s))?
-                    .into_inner()
-                    .sample
-                    .ok_or_else(|| missing("sample", "Postprocess"))
+                pool.call(
+                    model_type,
+                    "Postprocess",
+                    branch_name(b.branch),
+                    req,
+                    |mut c, r| async move { c.postprocess(r).await },
+                )
+                .await?
+                .response
+                .sample
+                .ok_or_else(|| missing("sample", "Postprocess"))
             }
-        }))
-        .await?;
+        },
+    ))
+    .await?;
     counts.postprocess += samples.len() as u32;
     for (p, sample) in pre.iter().zip(&samples) {
         metrics.tensors("to_denoiser", map_bytes(&p.context));

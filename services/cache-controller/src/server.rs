@@ -79,6 +79,7 @@ impl ControllerService {
                     models::supported_list()
                 )));
             }
+            crate::session::precheck(req, &self.defaults, &model_type)?;
             let (r, size) = text_mode::prepare(req, &model_type, &self.pool).await?;
             decode_size = Some(size);
             prepared = r;
@@ -233,8 +234,8 @@ impl CacheController for ControllerService {
                 default_rel_l1_thresh: m.rel_l1_thresh,
                 endpoints: endpoints
                     .iter()
-                    .filter(|(_, t)| t.as_deref() == Some(m.model_type))
-                    .map(|(url, _)| url.clone())
+                    .filter(|e| e.model_type.as_deref() == Some(m.model_type))
+                    .map(|e| e.url.clone())
                     .collect(),
                 text_mode: self.pool.text_mode(m.model_type),
             })
@@ -348,6 +349,8 @@ pub struct ServeOptions {
     pub limits: SessionLimits,
     /// Largest gRPC message accepted or sent (both to clients and to denoisers).
     pub max_message_bytes: usize,
+    /// How the denoiser pool connects, balances and retries.
+    pub pool: crate::pool::PoolOptions,
     /// After the shutdown signal, how long in-flight calls may take.
     pub shutdown_grace: Duration,
     /// Where to serve `/metrics` (none: not served, still recorded).
@@ -362,8 +365,8 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    let pool = DenoiserPool::new(&opts.denoisers, opts.max_message_bytes)?;
-    let discovery = pool.spawn_discovery(Duration::from_secs(2));
+    let pool = DenoiserPool::new(&opts.denoisers, opts.pool.clone())?;
+    let discovery = pool.spawn_upkeep();
     let controller_metrics = ControllerMetrics::register(&opts.metrics);
     let service = ControllerService::new(
         pool,

@@ -96,6 +96,77 @@ fn check_tensors(field: &str, map: &TensorMap, max_bytes: usize) -> Result<(), C
     Ok(())
 }
 
+/// The wire dtype a request asks for (F32 when unset); INVALID_ARGUMENT for non-float ones.
+fn wire_dtype(req: &v1::GenerateRequest) -> Result<DType, ControllerError> {
+    match DType::try_from(req.wire_dtype) {
+        Ok(DType::DtypeUnspecified) => Ok(DType::F32),
+        Ok(d) if is_float(d) => Ok(d),
+        _ => Err(invalid(format!(
+            "wire_dtype {} is not accepted; accepted: F32 (default), F16, BF16",
+            req.wire_dtype
+        ))),
+    }
+}
+
+/// The number of steps a request asks for, from `num_inference_steps` and / or `sigmas`
+/// (which must agree, be finite and lie in [0, 1]).
+fn step_count(req: &v1::GenerateRequest) -> Result<u32, ControllerError> {
+    if let Some(bad) = req
+        .sigmas
+        .iter()
+        .find(|s| !(s.is_finite() && (0.0..=1.0).contains(*s)))
+    {
+        return Err(invalid(format!(
+            "sigmas must be finite numbers in [0, 1], got {bad}"
+        )));
+    }
+    let num_steps = match (req.num_inference_steps, req.sigmas.len()) {
+        (0, 0) => {
+            return Err(invalid(format!(
+                "num_inference_steps must be between 1 and {MAX_STEPS}, got 0"
+            )));
+        }
+        (0, n) => n as u32,
+        (s, 0) => s,
+        (s, n) if s as usize == n => s,
+        (s, n) => {
+            return Err(invalid(format!(
+                "num_inference_steps is {s} but {n} sigmas were given; they must agree"
+            )));
+        }
+    };
+    if num_steps > MAX_STEPS {
+        return Err(invalid(format!(
+            "num_inference_steps must be between 1 and {MAX_STEPS}, got {num_steps}"
+        )));
+    }
+    Ok(num_steps)
+}
+
+/// Checks everything about a request that needs no tensors (cache plan, steps, sigmas, wire
+/// dtype, CFG scale), so text-mode requests fail fast before any denoiser is called.
+pub fn precheck(
+    req: &v1::GenerateRequest,
+    defaults: &CacheDefaults,
+    model_class_name: &str,
+) -> Result<(), ControllerError> {
+    cache_config::resolve(
+        defaults,
+        &req.cache_adapter,
+        req.cache_config.as_ref(),
+        model_class_name,
+    )?;
+    wire_dtype(req)?;
+    step_count(req)?;
+    if !req.negative_prompt.trim().is_empty() && !req.true_cfg_scale.is_finite() {
+        return Err(invalid(format!(
+            "true_cfg_scale must be a finite number, got {}",
+            req.true_cfg_scale
+        )));
+    }
+    Ok(())
+}
+
 impl Session {
     /// Validates a request and builds its session (nothing runs yet).
     pub fn create(
@@ -135,16 +206,7 @@ impl Session {
                  encoder_hidden_states, ...)"
             )));
         }
-        let wire_dtype = match DType::try_from(req.wire_dtype) {
-            Ok(DType::DtypeUnspecified) => DType::F32,
-            Ok(d) if is_float(d) => d,
-            _ => {
-                return Err(invalid(format!(
-                    "wire_dtype {} is not accepted; accepted: F32 (default), F16, BF16",
-                    req.wire_dtype
-                )));
-            }
-        };
+        let wire_dtype = wire_dtype(req)?;
 
         check_tensors("inputs", &req.inputs, max_message_bytes)?;
         check_tensors("negative_inputs", &req.negative_inputs, max_message_bytes)?;
@@ -173,26 +235,7 @@ impl Session {
             )));
         }
 
-        let num_steps = match (req.num_inference_steps, req.sigmas.len()) {
-            (0, 0) => {
-                return Err(invalid(format!(
-                    "num_inference_steps must be between 1 and {MAX_STEPS}, got 0"
-                )));
-            }
-            (0, n) => n as u32,
-            (s, 0) => s,
-            (s, n) if s as usize == n => s,
-            (s, n) => {
-                return Err(invalid(format!(
-                    "num_inference_steps is {s} but {n} sigmas were given; they must agree"
-                )));
-            }
-        };
-        if num_steps > MAX_STEPS {
-            return Err(invalid(format!(
-                "num_inference_steps must be between 1 and {MAX_STEPS}, got {num_steps}"
-            )));
-        }
+        let num_steps = step_count(req)?;
         let sigmas = if req.sigmas.is_empty() {
             let m = models::lookup(&model_type).ok_or_else(|| {
                 invalid(format!(
@@ -202,15 +245,6 @@ impl Session {
             })?;
             schedule::default_sigmas(&m.schedule, num_steps as usize, hshape[1])
         } else {
-            if let Some(bad) = req
-                .sigmas
-                .iter()
-                .find(|s| !(s.is_finite() && (0.0..=1.0).contains(*s)))
-            {
-                return Err(invalid(format!(
-                    "sigmas must be finite numbers in [0, 1], got {bad}"
-                )));
-            }
             schedule::from_explicit(&req.sigmas)
         };
 

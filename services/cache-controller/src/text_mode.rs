@@ -58,16 +58,14 @@ pub async fn prepare(
             "send either `prompt` (text mode) or model-native `inputs`, not both".into(),
         ));
     }
-    let picked = pool.client_for(model_type).await?;
-    if !picked.describe.text_mode {
+    let describe = pool.describe_for(model_type).await?;
+    if !describe.text_mode {
         return Err(invalid(format!(
             "model type '{model_type}' ships no text encoder; send model-native inputs \
              (hidden_states, encoder_hidden_states, ...)"
         )));
     }
     let encode = |prompt: &str| {
-        let mut client = picked.client.clone();
-        let endpoint = picked.endpoint.clone();
         let req = v1::EncodePromptRequest {
             prompts: vec![prompt.to_string()],
             height: req.height,
@@ -75,16 +73,11 @@ pub async fn prepare(
             wire_dtype: DType::F32 as i32,
         };
         async move {
-            client
-                .encode_prompt(req)
-                .await
-                .map(tonic::Response::into_inner)
-                .map_err(|s| ControllerError::Denoiser {
-                    endpoint,
-                    method: "EncodePrompt",
-                    code: s.code(),
-                    message: s.message().to_string(),
-                })
+            pool.call(model_type, "EncodePrompt", "", req, |mut c, r| async move {
+                c.encode_prompt(r).await
+            })
+            .await
+            .map(|called| called.response)
         }
     };
     let positive = encode(&req.prompt).await?;
@@ -137,23 +130,17 @@ pub async fn decode(
     model_type: &str,
     pool: &DenoiserPool,
 ) -> Result<Vec<u8>, ControllerError> {
-    let picked = pool.client_for(model_type).await?;
-    let resp = picked
-        .client
-        .clone()
-        .decode(v1::DecodeRequest {
-            latents: Some(latents.clone()),
-            height: size.0,
-            width: size.1,
+    let req = v1::DecodeRequest {
+        latents: Some(latents.clone()),
+        height: size.0,
+        width: size.1,
+    };
+    let resp = pool
+        .call(model_type, "Decode", "", req, |mut c, r| async move {
+            c.decode(r).await
         })
-        .await
-        .map_err(|s| ControllerError::Denoiser {
-            endpoint: picked.endpoint.clone(),
-            method: "Decode",
-            code: s.code(),
-            message: s.message().to_string(),
-        })?
-        .into_inner();
+        .await?
+        .response;
     resp.png
         .into_iter()
         .next()

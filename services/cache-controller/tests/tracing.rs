@@ -347,7 +347,8 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     }
     for s in &in_trace {
         assert!(
-            generation_work(s),
+            // The pool may describe a denoiser it has not met yet on the request's behalf.
+            generation_work(s) || s.name == "teaserve.v1.Denoiser/Describe",
             "unexpected span {} ({}) in the trace",
             s.name,
             s.service
