@@ -2,6 +2,7 @@
 //! descriptor set for server reflection, the tensor codec between the wire `Tensor` and
 //! candle tensors, and the server plumbing both services share.
 
+pub mod batch;
 pub mod codec;
 pub mod serving;
 

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use candle_core::{D, DType as CDType, Device, Tensor};
 use teaserve_proto::TensorMap;
-use teaserve_proto::codec::{concat_batch, decode_tensor, encode_tensor, map_bytes, split_batch};
+use teaserve_proto::batch::{split_map, stack_run_blocks};
+use teaserve_proto::codec::{decode_tensor, encode_tensor, map_bytes};
 use teaserve_proto::v1::{self, Branch, DType};
 use tracing::Instrument as _;
 
@@ -40,56 +41,24 @@ fn batch_request(
     describe: &v1::DescribeResponse,
     wire: DType,
 ) -> Option<(v1::RunBlocksRequest, Vec<i64>)> {
-    let picked: Vec<&v1::PreprocessResponse> =
-        branches.iter().filter_map(|&k| pre.get(k)).collect();
-    let sizes: Vec<i64> = picked
+    let reqs: Vec<v1::RunBlocksRequest> = branches
         .iter()
-        .map(|p| {
-            p.streams
-                .get("hidden_states")
-                .and_then(|t| t.shape.first().copied())
+        .filter_map(|&k| pre.get(k))
+        .map(|p| v1::RunBlocksRequest {
+            streams: p.streams.clone(),
+            context: p.context.clone(),
+            wire_dtype: wire as i32,
         })
-        .collect::<Option<_>>()?;
-    if sizes.iter().sum::<i64>() > i64::from(describe.max_batch) {
-        return None;
-    }
-    let batched_dim = |name: &str| {
+        .collect();
+    let batched = |name: &str| {
         describe
             .run_blocks
             .as_ref()
             .and_then(|s| s.inputs.iter().find(|t| t.name == name))
             .map(|t| t.dims.first().is_some_and(|d| d == "B"))
     };
-    let stack = |maps: Vec<&TensorMap>| -> Option<TensorMap> {
-        let first = *maps.first()?;
-        if maps.iter().any(|m| m.len() != first.len()) {
-            return None;
-        }
-        let mut out = TensorMap::new();
-        for name in first.keys() {
-            let parts: Vec<&v1::Tensor> =
-                maps.iter().map(|m| m.get(name)).collect::<Option<_>>()?;
-            let t = if batched_dim(name)? {
-                concat_batch(&parts).ok()?
-            } else if parts.iter().all(|p| *p == parts[0]) {
-                parts[0].clone()
-            } else {
-                return None;
-            };
-            out.insert(name.clone(), t);
-        }
-        Some(out)
-    };
-    let streams = stack(picked.iter().map(|p| &p.streams).collect())?;
-    let context = stack(picked.iter().map(|p| &p.context).collect())?;
-    Some((
-        v1::RunBlocksRequest {
-            streams,
-            context,
-            wire_dtype: wire as i32,
-        },
-        sizes,
-    ))
+    let (req, sizes) = stack_run_blocks(&reqs.iter().collect::<Vec<_>>(), &batched)?;
+    (sizes.iter().sum::<i64>() <= i64::from(describe.max_batch)).then_some((req, sizes))
 }
 
 fn decode_f32(t: &v1::Tensor, what: &str) -> Result<Tensor, ControllerError> {
@@ -345,13 +314,7 @@ async fn step_once(
     if let Some((req, sizes)) = batched {
         let out = run_blocks(req, names_of(&computing)).await?;
         counts.run_blocks += 1;
-        let mut per_branch: Vec<TensorMap> = vec![TensorMap::new(); computing.len()];
-        for (name, t) in &out {
-            for (slot, piece) in per_branch.iter_mut().zip(split_batch(t, &sizes)?) {
-                slot.insert(name.clone(), piece);
-            }
-        }
-        for (&k, map) in computing.iter().zip(per_branch) {
+        for (&k, map) in computing.iter().zip(split_map(&out, &sizes)?) {
             blocks_out[k] = Some(map);
         }
     } else {

@@ -74,6 +74,14 @@ pub struct Args {
     /// Calls that may wait for the compute thread; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TEASERVE_QUEUE_DEPTH", default_value_t = 64)]
     pub queue_depth: usize,
+    /// Stack concurrent RunBlocks requests of different sessions into one batch when their
+    /// shapes allow (results are split back; outputs equal unbatched ones).
+    #[arg(long, env = "TEASERVE_CROSS_SESSION_BATCHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cross_session_batching: bool,
+    /// Milliseconds a RunBlocks request waits for others to batch with. 0: batch only
+    /// requests that queue while the compute thread is busy (no added latency).
+    #[arg(long, env = "TEASERVE_BATCH_WINDOW_MS", default_value_t = 0.0, value_parser = parse_window)]
+    pub batch_window_ms: f64,
     /// Seconds in-flight calls may take to finish after SIGTERM / Ctrl-C.
     #[arg(long, env = "TEASERVE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0, value_parser = parse_grace)]
     pub shutdown_grace_secs: f64,
@@ -109,6 +117,16 @@ pub fn parse_grace(s: &str) -> Result<f64, String> {
         Ok(v) if v.is_finite() && (0.0..=3600.0).contains(&v) => Ok(v),
         _ => Err(format!(
             "'{s}' is not a number of seconds between 0 and 3600"
+        )),
+    }
+}
+
+/// Parses `--batch-window-ms`: milliseconds between 0 and 1000.
+pub fn parse_window(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1000.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of milliseconds between 0 and 1000"
         )),
     }
 }
@@ -161,6 +179,9 @@ impl Args {
                 max_tokens: self.max_tokens,
             },
             queue_depth: self.queue_depth,
+            batch_window: self
+                .cross_session_batching
+                .then(|| std::time::Duration::from_secs_f64(self.batch_window_ms / 1e3)),
             model_source,
             shutdown_grace: std::time::Duration::from_secs_f64(self.shutdown_grace_secs),
             metrics_listen: self.metrics_listen,

@@ -3,6 +3,7 @@
 //! cache-controller can skip the transformer blocks on steps where TeaCache reuses a residual.
 
 pub mod adapters;
+pub mod batcher;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -14,6 +14,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use teaserve_proto::TensorMap;
+use teaserve_proto::batch::{split_map, stack_run_blocks};
 use teaserve_proto::codec::map_bytes;
 use teaserve_proto::codec::{self, encode_tensor};
 use teaserve_proto::serving::{
@@ -26,6 +27,7 @@ use teaserve_telemetry::{Metrics, ServerLayer, serve_metrics};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
+use crate::batcher::{BatchLabels, Batcher};
 use crate::engine::Engine;
 use crate::error::DenoiserError;
 use crate::registry::{ModelAdapter, ModelInfo, Tensors, TextMode};
@@ -46,6 +48,11 @@ pub struct Limits {
 #[derive(Clone)]
 pub struct DenoiserService {
     engine: Arc<OnceLock<Engine>>,
+    batcher: Arc<OnceLock<Batcher>>,
+    /// Cross-session RunBlocks batching: `None` off, else the collection window.
+    batch_window: Option<Duration>,
+    queue_depth: usize,
+    batches: Family<BatchLabels, Counter>,
     limits: Limits,
     model_source: Arc<String>,
     tensor_bytes: Family<TensorLabels, Counter>,
@@ -135,6 +142,10 @@ impl DenoiserService {
     ) -> Self {
         Self {
             engine: Arc::new(OnceLock::new()),
+            batcher: Arc::new(OnceLock::new()),
+            batch_window: None,
+            queue_depth: 64,
+            batches: Family::default(),
             limits,
             model_source: Arc::new(model_source),
             tensor_bytes,
@@ -147,8 +158,31 @@ impl DenoiserService {
             .inc_by(bytes);
     }
 
+    /// Batches concurrent RunBlocks requests of different sessions (collected for up to
+    /// `window`), with at most `queue_depth` waiting; batch sizes are counted in `batches`.
+    pub fn with_batching(
+        mut self,
+        window: Duration,
+        queue_depth: usize,
+        batches: Family<BatchLabels, Counter>,
+    ) -> Self {
+        self.batch_window = Some(window);
+        self.queue_depth = queue_depth;
+        self.batches = batches;
+        self
+    }
+
     /// Installs the loaded model; from now on RPCs are served.
     pub fn set_engine(&self, engine: Engine) {
+        if let Some(window) = self.batch_window {
+            let _ = self.batcher.set(Batcher::start(
+                engine.clone(),
+                self.limits,
+                window,
+                self.queue_depth,
+                self.batches.clone(),
+            ));
+        }
         let _ = self.engine.set(engine);
     }
 
@@ -321,14 +355,14 @@ fn preprocess(
     })
 }
 
-fn run_blocks(
-    model: &dyn ModelAdapter,
-    req: v1::RunBlocksRequest,
-    limits: Limits,
-) -> Result<v1::RunBlocksResponse, DenoiserError> {
-    let info = model.info();
+/// Checks a RunBlocks request against the model's contract and this worker's limits.
+fn check_run_blocks(
+    info: &ModelInfo,
+    req: &v1::RunBlocksRequest,
+    limits: &Limits,
+) -> Result<(), DenoiserError> {
     let stage = &info.run_blocks;
-    let out_dtype = output_dtype(req.wire_dtype)?;
+    output_dtype(req.wire_dtype)?;
     let mut bindings = Bindings::default();
     let max = limits.max_message_bytes;
     check_map(
@@ -347,13 +381,114 @@ fn run_blocks(
         max,
         &mut bindings,
     )?;
-    check_limits(&bindings, &limits)?;
+    check_limits(&bindings, limits)
+}
+
+fn run_blocks(
+    model: &dyn ModelAdapter,
+    req: v1::RunBlocksRequest,
+    limits: Limits,
+) -> Result<v1::RunBlocksResponse, DenoiserError> {
+    let info = model.info();
+    check_run_blocks(info, &req, &limits)?;
+    let stage = &info.run_blocks;
+    let out_dtype = output_dtype(req.wire_dtype)?;
+    let max = limits.max_message_bytes;
     let streams = decode_map(&req.streams, &stage.inputs, info, max)?;
     let context = decode_map(&req.context, &stage.context, info, max)?;
     let out = model.run_blocks(&streams, &context)?;
     Ok(v1::RunBlocksResponse {
         streams: encode_map(&out, out_dtype)?,
     })
+}
+
+/// Runs RunBlocks requests of different callers, stacking those whose shapes allow into one
+/// batch of at most `--max-batch` rows; each request is validated on its own first, so a bad
+/// one fails alone. Results come back in request order, each exactly the rows of its request.
+pub(crate) fn run_blocks_group(
+    model: &dyn ModelAdapter,
+    reqs: Vec<v1::RunBlocksRequest>,
+    limits: Limits,
+) -> Vec<Result<v1::RunBlocksResponse, DenoiserError>> {
+    let info = model.info();
+    let mut results: Vec<Option<Result<v1::RunBlocksResponse, DenoiserError>>> =
+        reqs.iter().map(|_| None).collect();
+    let mut valid: Vec<usize> = Vec::new();
+    for (i, req) in reqs.iter().enumerate() {
+        match check_run_blocks(info, req, &limits) {
+            Ok(()) => valid.push(i),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    let batched = |name: &str| {
+        let specs = info
+            .run_blocks
+            .inputs
+            .iter()
+            .chain(&info.run_blocks.context);
+        specs
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.batch_major())
+    };
+    // Greedy groups: each takes every later request it can stack with, within max_batch.
+    let mut left = valid;
+    while let Some(&head) = left.first() {
+        let mut members = vec![head];
+        let mut rows = reqs[head]
+            .streams
+            .get("hidden_states")
+            .and_then(|t| t.shape.first().copied())
+            .unwrap_or(0);
+        for &j in left.iter().skip(1) {
+            let r = reqs[j]
+                .streams
+                .get("hidden_states")
+                .and_then(|t| t.shape.first().copied())
+                .unwrap_or(0);
+            if usize::try_from(rows + r).is_ok_and(|total| total <= limits.max_batch)
+                && stack_run_blocks(&[&reqs[head], &reqs[j]], &batched).is_some()
+            {
+                members.push(j);
+                rows += r;
+            }
+        }
+        left.retain(|k| !members.contains(k));
+        let stacked = (members.len() > 1)
+            .then(|| {
+                stack_run_blocks(
+                    &members.iter().map(|&k| &reqs[k]).collect::<Vec<_>>(),
+                    &batched,
+                )
+            })
+            .flatten();
+        match stacked {
+            Some((all, sizes)) => match run_blocks(model, all, limits)
+                .and_then(|out| Ok(split_map(&out.streams, &sizes)?))
+            {
+                Ok(parts) => {
+                    for (&k, streams) in members.iter().zip(parts) {
+                        results[k] = Some(Ok(v1::RunBlocksResponse { streams }));
+                    }
+                }
+                // A failure of the stacked call is reported per request, as if unbatched.
+                Err(_) => {
+                    for &k in &members {
+                        results[k] = Some(run_blocks(model, reqs[k].clone(), limits));
+                    }
+                }
+            },
+            None => {
+                for &k in &members {
+                    results[k] = Some(run_blocks(model, reqs[k].clone(), limits));
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(DenoiserError::Unavailable("request was not run".into()))))
+        .collect()
 }
 
 fn postprocess(
@@ -513,7 +648,15 @@ impl Denoiser for DenoiserService {
         &self,
         req: Request<v1::RunBlocksRequest>,
     ) -> Result<Response<v1::RunBlocksResponse>, Status> {
-        self.dispatch("run_blocks", req, run_blocks).await
+        self.engine()?;
+        let Some(batcher) = self.batcher.get() else {
+            return self.dispatch("run_blocks", req, run_blocks).await;
+        };
+        let req = req.into_inner();
+        self.count("run_blocks", "in", req.payload_bytes());
+        let out = batcher.submit(req).await?;
+        self.count("run_blocks", "out", out.payload_bytes());
+        Ok(Response::new(out))
     }
 
     async fn postprocess(
@@ -530,6 +673,9 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Jobs that may wait for the compute thread before calls are refused.
     pub queue_depth: usize,
+    /// Cross-session RunBlocks batching: `None` off, else how long to collect requests
+    /// (zero: batch only what waits while the compute thread is busy).
+    pub batch_window: Option<Duration>,
     /// Where the weights come from (reported by Describe).
     pub model_source: String,
     /// After the shutdown signal, how long in-flight calls may take before the remaining
@@ -568,7 +714,16 @@ where
         "tensor payload bytes received (in) and sent (out), by method",
         tensor_bytes.clone(),
     );
-    let service = DenoiserService::new(opts.limits, opts.model_source.clone(), tensor_bytes);
+    let mut service = DenoiserService::new(opts.limits, opts.model_source.clone(), tensor_bytes);
+    if let Some(window) = opts.batch_window {
+        let batches = Family::<BatchLabels, Counter>::default();
+        opts.metrics.register(
+            "denoiser_run_blocks_batches",
+            "RunBlocks computations by how many requests (of any sessions) they served together",
+            batches.clone(),
+        );
+        service = service.with_batching(window, opts.queue_depth, batches);
+    }
     let max = opts.limits.max_message_bytes;
     let grpc = DenoiserServer::new(service.clone())
         .max_decoding_message_size(max)

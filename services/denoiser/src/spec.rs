@@ -66,6 +66,11 @@ pub struct TensorSpec {
 }
 
 impl TensorSpec {
+    /// Whether the first dimension is the batch `B` (so requests can be stacked along it).
+    pub fn batch_major(&self) -> bool {
+        matches!(self.dims.first(), Some(Dim::Sym("B")))
+    }
+
     /// A required tensor.
     pub fn new(name: &'static str, dims: Vec<Dim>, kind: Kind, description: &'static str) -> Self {
         Self {
