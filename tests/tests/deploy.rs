@@ -154,7 +154,7 @@ mod k8s {
         objects
     }
 
-    fn container<'a>(d: &'a Deployment) -> &'a Container {
+    fn container(d: &Deployment) -> &Container {
         &d.spec.template.spec.as_ref().unwrap().containers[0]
     }
 
