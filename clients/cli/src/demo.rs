@@ -3,12 +3,13 @@
 //! generates the same prompt and seed without caching and with TeaCache, writes both PNGs and
 //! prints computed steps, wall time, speedup and PSNR.
 
-use std::io::{BufRead, BufReader, Write as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+
+use crate::spawn::{connect, sibling_binaries, start};
 use clap::Args as ClapArgs;
 use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
 use teaserve_proto::v1::{self, generate_event};
@@ -33,51 +34,6 @@ pub struct DemoArgs {
     /// Folder for demo-uncached.png and demo-teacache.png.
     #[arg(long, default_value = ".")]
     out_dir: PathBuf,
-}
-
-/// A child service that is killed when dropped.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a sibling binary with JSON logs and returns it with the address its
-/// `message` log line reports.
-fn start(bin: &Path, args: &[&str], message: &str) -> anyhow::Result<(Service, String)> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        .env(
-            "RUST_LOG",
-            "warn,teaserve_denoiser=info,teaserve_controller=info",
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let service = Service(child);
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let Some(line) = lines.next() else {
-            bail!("{} exited before listening", bin.display());
-        };
-        let v: serde_json::Value = serde_json::from_str(&line?).unwrap_or_default();
-        if v["fields"]["message"] == message
-            && let Some(a) = v["fields"]["addr"].as_str()
-        {
-            break a
-                .trim_start_matches("Some(")
-                .trim_end_matches(')')
-                .to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Ok((service, addr))
 }
 
 struct Outcome {
@@ -149,41 +105,22 @@ fn psnr(a: &[u8], b: &[u8]) -> anyhow::Result<f64> {
 
 /// Runs the demo.
 pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
-    let dir = std::env::current_exe()?
-        .parent()
-        .context("locating the teaserve binary's folder")?
-        .to_path_buf();
-    let (denoiser, controller_bin) = (dir.join("denoiser"), dir.join("cache-controller"));
-    for bin in [&denoiser, &controller_bin] {
-        if !bin.exists() {
-            bail!(
-                "{} not found; build all binaries first: cargo build --release --bins",
-                bin.display()
-            );
-        }
-    }
+    let (denoiser, controller_bin) = sibling_binaries()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
         "starting the denoiser (embedded TinyFluxPipeline) and the cache-controller on loopback ..."
     )?;
-    let (_d, d_addr) = start(&denoiser, &[], "denoiser listening")?;
+    let (_d, d_addr) = start(&denoiser, &[], &[], "denoiser listening")?;
     let d_url = format!("http://{d_addr}");
     let (_c, c_addr) = start(
         &controller_bin,
         &["--denoiser", &d_url],
+        &[],
         "cache-controller listening",
     )?;
-    let channel = Channel::from_shared(format!("http://{c_addr}"))?;
+    let mut client = connect(&c_addr).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        match channel.connect().await {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline => return Err(e.into()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let mut client = CacheControllerClient::new(channel);
     // The denoiser answers UNAVAILABLE while its weights load; retry the first call briefly.
     let uncached = loop {
         match run(&mut client, &a, "none").await {

@@ -5,7 +5,10 @@
 //!   computed / reused steps and wall time.
 //! - `teaserve models`: lists the model types the controller knows and who serves them.
 
+mod bench;
 mod demo;
+mod plot;
+mod spawn;
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -52,6 +55,8 @@ enum Command {
     Models,
     /// Start a denoiser and a controller on loopback and generate with TeaCache off and on.
     Demo(demo::DemoArgs),
+    /// Measure split overhead, TeaCache speed / quality, wire dtypes and 1 vs 2 denoisers.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -143,9 +148,11 @@ struct GenerateArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Command::Demo(args) = cli.command {
-        return demo::demo(args).await;
-    }
+    let command = match cli.command {
+        Command::Demo(args) => return demo::demo(args).await,
+        Command::Bench(args) => return bench::bench(*args).await,
+        other => other,
+    };
     let channel = Channel::from_shared(cli.controller.clone())
         .context("--controller is not a valid URL")?
         .connect()
@@ -154,10 +161,10 @@ async fn main() -> anyhow::Result<()> {
     let client = CacheControllerClient::new(channel)
         .max_decoding_message_size(cli.max_message_bytes)
         .max_encoding_message_size(cli.max_message_bytes);
-    match cli.command {
+    match command {
         Command::Generate(args) => generate(client, *args).await,
         Command::Models => models(client).await,
-        Command::Demo(_) => Ok(()),
+        Command::Demo(_) | Command::Bench(_) => Ok(()),
     }
 }
 

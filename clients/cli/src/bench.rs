@@ -1,0 +1,844 @@
+//! `teaserve bench`: measures, side by side in one run and as ratios, what teaserve promises:
+//! the cost of the network split (services vs one in-process forward loop), how much of
+//! TeaCache's ideal speedup arrives (N / computed steps), the speed / quality table over
+//! thresholds next to the reference, F32 vs BF16 on the wire, and throughput with 1 vs 2
+//! denoisers. Starts its own services (the sibling binaries) on loopback, writes
+//! `report.md` and `threshold.png` under `--out-dir` and prints the report.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use candle_core::{DType as CDType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use clap::{Args as ClapArgs, ValueEnum};
+use teaserve_denoiser::loader;
+use teaserve_denoiser::models::flux::{Config, Flux, Inputs};
+use teaserve_denoiser::registry::LoadOptions;
+use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
+use teaserve_proto::v1::{self, DType, generate_event};
+use teaserve_proto::{TensorMap, decode_tensor, encode_tensor};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
+
+use crate::plot::{Series, line_chart};
+use crate::spawn::{Service, connect, free_port, metric, scrape, sibling_binaries, start};
+
+/// The parts of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Section {
+    /// Services (caching off) vs the in-process monolithic forward loop.
+    Overhead,
+    /// TeaCache speed / quality over thresholds, and achieved vs ideal speedup.
+    Cache,
+    /// F32 vs BF16 tensors on the wire.
+    Wire,
+    /// Throughput of 1 vs 2 denoisers under concurrent generations.
+    Scaling,
+}
+
+/// Options of `teaserve bench`.
+#[derive(Debug, ClapArgs)]
+pub struct BenchArgs {
+    /// Folder for report.md and threshold.png.
+    #[arg(long, default_value = "bench-results")]
+    out_dir: PathBuf,
+    /// Sections to run (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Section::Overhead, Section::Cache, Section::Wire, Section::Scaling])]
+    sections: Vec<Section>,
+    /// Denoising steps per generation.
+    #[arg(long, default_value_t = 20)]
+    steps: u32,
+    /// Captions averaged in the threshold table (at most 8).
+    #[arg(long, default_value_t = 8)]
+    prompts: usize,
+    /// Timed repetitions per measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Concurrent generations in the scaling section.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Generations per scaling run.
+    #[arg(long, default_value_t = 8)]
+    scaling_generations: usize,
+}
+
+/// TeaCache's published FLUX speedups at these thresholds (the reference table).
+const REFERENCE: [(f64, f64); 4] = [(0.2, 1.5), (0.4, 1.8), (0.6, 2.0), (0.8, 2.25)];
+const THRESHOLDS: [f64; 5] = [0.1, 0.2, 0.4, 0.6, 0.8];
+const CAPTIONS: [&str; 8] = [
+    "a red circle on a blue background",
+    "a green square on the left on a yellow background",
+    "a white triangle at the top on a black background",
+    "a yellow square at the bottom on a purple background",
+    "an orange circle on the right on a green background",
+    "a blue triangle in the center on a white background",
+    "a purple circle on the left on an orange background",
+    "a black square on the right on a red background",
+];
+
+/// Architecture of the larger synthetic FLUX (random weights), sized so one step costs
+/// tens of milliseconds on a CPU core.
+fn synthetic_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 2,
+        "num_single_layers": 4,
+        "attention_head_dim": 64,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 256,
+        "pooled_projection_dim": 256,
+        "guidance_embeds": false,
+        "axes_dims_rope": [16, 24, 24],
+    })
+}
+
+/// A model the bench drives: where its files are (None: embedded), its model type, the
+/// in-process copy, and model-native inputs.
+struct BenchModel {
+    name: &'static str,
+    dir: Option<PathBuf>,
+    model_type: &'static str,
+    flux: Flux,
+    inputs: TensorMap,
+    latents: Tensor,
+}
+
+/// SplitMix64 normals for deterministic inputs.
+fn normals(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
+    };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (next().max(1e-7), next());
+            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+fn random(seed: u64, shape: &[usize]) -> anyhow::Result<Tensor> {
+    let n = shape.iter().product();
+    Ok(Tensor::from_vec(normals(seed, n), shape, &Device::Cpu)?)
+}
+
+/// Position ids: image tokens (0, row, col) on a `side x side` grid, text tokens zeros.
+fn ids(side: usize, text: usize) -> anyhow::Result<(Tensor, Tensor)> {
+    let img: Vec<f32> = (0..side * side)
+        .flat_map(|i| [0.0, (i / side) as f32, (i % side) as f32])
+        .collect();
+    Ok((
+        Tensor::from_vec(img, (side * side, 3), &Device::Cpu)?,
+        Tensor::zeros((text, 3), CDType::F32, &Device::Cpu)?,
+    ))
+}
+
+fn native_inputs(cfg: &Config, side: usize, text: usize) -> anyhow::Result<(TensorMap, Tensor)> {
+    let latents = random(1, &[1, side * side, cfg.in_channels])?;
+    let (img_ids, txt_ids) = ids(side, text)?;
+    let mut map = TensorMap::new();
+    for (name, t) in [
+        (
+            "encoder_hidden_states",
+            random(2, &[1, text, cfg.joint_attention_dim])?,
+        ),
+        (
+            "pooled_projections",
+            random(3, &[1, cfg.pooled_projection_dim])?,
+        ),
+        ("img_ids", img_ids),
+        ("txt_ids", txt_ids),
+    ] {
+        map.insert(name.to_string(), encode_tensor(&t, DType::F32)?);
+    }
+    Ok((map, latents))
+}
+
+impl BenchModel {
+    /// The embedded TinyFluxPipeline (8x8 tokens of 48 channels, 12 text tokens).
+    fn embedded() -> anyhow::Result<Self> {
+        let files = loader::embedded()?;
+        let cfg: Config = loader::parse_config(&files, |_| Ok(()))?;
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            dtype: CDType::F32,
+        };
+        let flux = Flux::new(&cfg, loader::var_builder(&files, &opts)?)?;
+        let (inputs, latents) = native_inputs(&cfg, 8, 12)?;
+        Ok(Self {
+            name: "embedded TinyFlux (64 tokens, 0.5 M params)",
+            dir: None,
+            model_type: "TinyFluxPipeline",
+            flux,
+            inputs,
+            latents,
+        })
+    }
+
+    /// The synthetic FLUX, written to `dir` with random weights (16x16 tokens, 32 text).
+    fn synthetic(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let json = synthetic_config();
+        let cfg: Config = serde_json::from_value(json.clone())?;
+        let varmap = VarMap::new();
+        Flux::new(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, CDType::F32, &Device::Cpu),
+        )?;
+        let weights = dir.join("diffusion_pytorch_model.safetensors");
+        varmap.save(&weights)?;
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_string_pretty(&json)?,
+        )?;
+        // In-process: the very file the denoiser loads.
+        let vb = VarBuilder::from_buffered_safetensors(
+            std::fs::read(&weights)?,
+            CDType::F32,
+            &Device::Cpu,
+        )?;
+        let flux = Flux::new(&cfg, vb)?;
+        let (inputs, latents) = native_inputs(&cfg, 16, 32)?;
+        Ok(Self {
+            name: "synthetic FLUX (256 tokens, 2+4 blocks, width 256, random weights)",
+            dir: Some(dir.to_path_buf()),
+            model_type: "FluxPipeline",
+            flux,
+            inputs,
+            latents,
+        })
+    }
+
+    fn sigmas(steps: u32) -> Vec<f64> {
+        (0..steps)
+            .map(|i| 1.0 - f64::from(i) / f64::from(steps))
+            .collect()
+    }
+
+    fn request(
+        &self,
+        steps: u32,
+        adapter: &str,
+        thresh: f64,
+        wire: DType,
+    ) -> anyhow::Result<v1::GenerateRequest> {
+        self.request_with(steps, adapter, thresh, Vec::new(), wire)
+    }
+
+    fn request_with(
+        &self,
+        steps: u32,
+        adapter: &str,
+        thresh: f64,
+        coefficients: Vec<f64>,
+        wire: DType,
+    ) -> anyhow::Result<v1::GenerateRequest> {
+        let mut inputs = self.inputs.clone();
+        inputs.insert(
+            "hidden_states".into(),
+            encode_tensor(&self.latents, DType::F32)?,
+        );
+        Ok(v1::GenerateRequest {
+            model_class_name: self.model_type.into(),
+            cache_adapter: adapter.into(),
+            cache_config: Some(v1::CacheConfig {
+                rel_l1_thresh: Some(thresh),
+                coefficients,
+                ..Default::default()
+            }),
+            sigmas: Self::sigmas(steps),
+            num_inference_steps: steps,
+            inputs,
+            wire_dtype: wire as i32,
+            ..Default::default()
+        })
+    }
+
+    /// The reference: one monolithic forward per step, Euler in f32, no network.
+    fn in_process(&self, steps: u32) -> anyhow::Result<Tensor> {
+        let dev = Device::Cpu;
+        let get = |n: &str| -> anyhow::Result<Tensor> {
+            let t = self.inputs.get(n).with_context(|| format!("input {n}"))?;
+            Ok(decode_tensor(t, &dev, usize::MAX)?)
+        };
+        let mut inputs = Inputs {
+            hidden_states: self.latents.clone(),
+            encoder_hidden_states: get("encoder_hidden_states")?,
+            pooled_projections: get("pooled_projections")?,
+            timestep: Tensor::zeros(1, CDType::F32, &dev)?,
+            img_ids: get("img_ids")?,
+            txt_ids: get("txt_ids")?,
+            guidance: None,
+        };
+        let mut sigmas = Self::sigmas(steps);
+        sigmas.push(0.0);
+        let mut latents = self.latents.clone();
+        for w in sigmas.windows(2) {
+            inputs.hidden_states = latents.clone();
+            inputs.timestep = Tensor::full(w[0] as f32, 1, &dev)?;
+            let v = self.flux.forward(&inputs)?;
+            latents = (&latents + (v * (w[1] - w[0]))?)?;
+        }
+        Ok(latents)
+    }
+}
+
+/// One denoiser fleet and a controller over it.
+struct Stack {
+    _denoisers: Vec<Service>,
+    _controller: Service,
+    client: CacheControllerClient<Channel>,
+    metrics_port: u16,
+}
+
+async fn stack(
+    model_dir: Option<&Path>,
+    model_type: &str,
+    denoisers: usize,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<Stack> {
+    let (denoiser_bin, controller_bin) = sibling_binaries()?;
+    let mut fleet = Vec::new();
+    let mut flags: Vec<String> = Vec::new();
+    for _ in 0..denoisers {
+        let dir = model_dir.map(|d| d.to_string_lossy().into_owned());
+        let mut args: Vec<&str> = Vec::new();
+        if let Some(d) = &dir {
+            args.extend(["--model", d.as_str()]);
+        }
+        let (svc, addr) = start(&denoiser_bin, &args, envs, "denoiser listening")?;
+        fleet.push(svc);
+        flags.push("--denoiser".into());
+        flags.push(format!("http://{addr}"));
+    }
+    let metrics_port = free_port()?;
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    flags.extend(["--metrics-listen".into(), metrics]);
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (controller, addr) = start(&controller_bin, &args, &[], "cache-controller listening")?;
+    let mut client = connect(&addr).await?;
+    // Ready when every denoiser is described as serving the model.
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let models = client
+            .list_models(v1::ListModelsRequest {})
+            .await?
+            .into_inner()
+            .models;
+        let serving = models
+            .iter()
+            .find(|m| m.model_type == model_type)
+            .map_or(0, |m| m.endpoints.len());
+        if serving == denoisers {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {serving} of {denoisers} denoisers came up serving {model_type}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(Stack {
+        _denoisers: fleet,
+        _controller: controller,
+        client,
+        metrics_port,
+    })
+}
+
+/// What one generation gave.
+struct Run {
+    latents: Tensor,
+    png: Vec<u8>,
+    computed: u32,
+    wall_ms: f64,
+}
+
+async fn generate(
+    client: &mut CacheControllerClient<Channel>,
+    req: v1::GenerateRequest,
+) -> anyhow::Result<Run> {
+    let started = Instant::now();
+    let mut stream = client
+        .generate(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("Generate: {}", s.message()))?
+        .into_inner();
+    while let Some(ev) = stream.next().await {
+        if let Some(generate_event::Event::Result(r)) = ev
+            .map_err(|s| anyhow::anyhow!("Generate: {}", s.message()))?
+            .event
+        {
+            let latents = r.latents.context("result without latents")?;
+            return Ok(Run {
+                latents: decode_tensor(&latents, &Device::Cpu, usize::MAX)?
+                    .to_dtype(CDType::F32)?,
+                png: r.image_png.to_vec(),
+                computed: r.computed_steps,
+                wall_ms: started.elapsed().as_secs_f64() * 1e3,
+            });
+        }
+    }
+    bail!("Generate ended without a result")
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    match xs.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => xs[n / 2],
+        n => 0.5 * (xs[n / 2 - 1] + xs[n / 2]),
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// PSNR of two 8-bit images, dB.
+pub fn psnr_png(a: &[u8], b: &[u8]) -> anyhow::Result<f64> {
+    let a = image::load_from_memory(a)?.to_rgb8().into_raw();
+    let b = image::load_from_memory(b)?.to_rgb8().into_raw();
+    if a.len() != b.len() {
+        bail!("images differ in size");
+    }
+    let mse = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+        .sum::<f64>()
+        / a.len() as f64;
+    Ok(if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64.powi(2) / mse).log10()
+    })
+}
+
+fn text_request(
+    caption: &str,
+    steps: u32,
+    adapter: &str,
+    thresh: f64,
+    wire: DType,
+) -> v1::GenerateRequest {
+    v1::GenerateRequest {
+        model_class_name: "TinyFluxPipeline".into(),
+        cache_adapter: adapter.into(),
+        cache_config: Some(v1::CacheConfig {
+            rel_l1_thresh: Some(thresh),
+            ..Default::default()
+        }),
+        num_inference_steps: steps,
+        prompt: caption.into(),
+        seed: 0,
+        wire_dtype: wire as i32,
+        ..Default::default()
+    }
+}
+
+/// Times `repeats` runs of `req` and returns the median wall time and the last run.
+async fn timed(
+    client: &mut CacheControllerClient<Channel>,
+    req: &v1::GenerateRequest,
+    repeats: usize,
+) -> anyhow::Result<(f64, Run)> {
+    let mut walls = Vec::new();
+    let mut last = None;
+    for _ in 0..repeats.max(1) {
+        let r = generate(client, req.clone()).await?;
+        walls.push(r.wall_ms);
+        last = Some(r);
+    }
+    Ok((median(walls), last.context("no run")?))
+}
+
+struct Report {
+    md: String,
+    summary: Vec<String>,
+}
+
+impl Report {
+    fn line(&mut self, s: impl AsRef<str>) {
+        self.md.push_str(s.as_ref());
+        self.md.push('\n');
+    }
+}
+
+async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyhow::Result<()> {
+    r.line("## Split overhead: services vs one in-process forward loop\n");
+    r.line(format!(
+        "Caching off, {} steps, same inputs and sigmas; median of {} runs. The services run \
+         Preprocess / RunBlocks / Postprocess over loopback gRPC with the controller's Euler \
+         step; the reference calls the same model's monolithic `forward` in this process.\n",
+        a.steps, a.repeats
+    ));
+    r.line("| model | in-process | services | ratio (target <= 1.05x) | max abs diff of latents |");
+    r.line("|---|---|---|---|---|");
+    for m in models {
+        let mut s = stack(m.dir.as_deref(), m.model_type, 1, &[]).await?;
+        let req = m.request(a.steps, "none", 0.2, DType::F32)?;
+        generate(&mut s.client, req.clone()).await?; // warm-up
+        m.in_process(a.steps)?;
+        let (mut split, mut mono) = (Vec::new(), Vec::new());
+        let mut diff = 0.0f32;
+        for _ in 0..a.repeats.max(1) {
+            let t = Instant::now();
+            let want = m.in_process(a.steps)?;
+            mono.push(t.elapsed().as_secs_f64() * 1e3);
+            let run = generate(&mut s.client, req.clone()).await?;
+            split.push(run.wall_ms);
+            diff = diff.max(max_abs_diff(&run.latents, &want)?);
+        }
+        let (split, mono) = (median(split), median(mono));
+        r.line(format!(
+            "| {} | {mono:.1} ms ({:.2} ms/step) | {split:.1} ms | **{:.3}x** | {diff:.1e} |",
+            m.name,
+            mono / f64::from(a.steps),
+            split / mono
+        ));
+        r.summary
+            .push(format!("split overhead, {}: {:.3}x", m.name, split / mono));
+    }
+    r.line("");
+    Ok(())
+}
+
+async fn cache(
+    a: &BenchArgs,
+    synthetic: &BenchModel,
+    r: &mut Report,
+) -> anyhow::Result<Vec<(f64, f64, f64)>> {
+    let captions = &CAPTIONS[..a.prompts.clamp(1, CAPTIONS.len())];
+    let mut s = stack(None, "TinyFluxPipeline", 1, &[]).await?;
+    generate(
+        &mut s.client,
+        text_request(captions[0], a.steps, "none", 0.2, DType::F32),
+    )
+    .await?;
+    // Uncached baselines per caption.
+    let mut base: Vec<(f64, Run)> = Vec::new();
+    for c in captions {
+        base.push(
+            timed(
+                &mut s.client,
+                &text_request(c, a.steps, "none", 0.2, DType::F32),
+                a.repeats,
+            )
+            .await?,
+        );
+    }
+    r.line("## TeaCache speed and quality (embedded model, text to image)\n");
+    r.line(format!(
+        "{} steps, {} captions, seed 0; wall time end to end (prompt encoding, {} steps, \
+         decoding) from the client, median of {} runs per caption; speedup = uncached / cached \
+         wall time summed over captions; ideal = N / computed steps; efficiency = speedup / \
+         ideal; PSNR of the cached picture against the uncached one (mean, min). Reference: \
+         TeaCache's published FLUX speedups.\n",
+        a.steps,
+        captions.len(),
+        a.steps,
+        a.repeats
+    ));
+    r.line("| threshold | computed steps (mean) | speedup | ideal | efficiency | PSNR mean | PSNR min | reference speedup |");
+    r.line("|---|---|---|---|---|---|---|---|");
+    let base_total: f64 = base.iter().map(|(w, _)| w).sum();
+    let mut points = Vec::new();
+    for &t in &THRESHOLDS {
+        let (mut total, mut computed, mut psnrs) = (0.0, 0.0, Vec::new());
+        for (c, (_, off)) in captions.iter().zip(&base) {
+            let (w, on) = timed(
+                &mut s.client,
+                &text_request(c, a.steps, "tea_cache", t, DType::F32),
+                a.repeats,
+            )
+            .await?;
+            total += w;
+            computed += f64::from(on.computed);
+            psnrs.push(psnr_png(&off.png, &on.png)?);
+        }
+        let n = captions.len() as f64;
+        let computed = computed / n;
+        let speedup = base_total / total;
+        let ideal = f64::from(a.steps) / computed;
+        let finite: Vec<f64> = psnrs.iter().copied().map(|p| p.min(99.0)).collect();
+        let mean = finite.iter().sum::<f64>() / n;
+        let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+        let reference = REFERENCE
+            .iter()
+            .find(|(rt, _)| (rt - t).abs() < 1e-9)
+            .map_or("-".to_string(), |(_, s)| format!("{s:.2}x"));
+        r.line(format!(
+            "| {t} | {computed:.1} / {} | **{speedup:.2}x** | {ideal:.2}x | {:.2} | {mean:.1} dB | {min:.1} dB | {reference} |",
+            a.steps,
+            speedup / ideal
+        ));
+        r.summary.push(format!(
+            "TeaCache {t}: {computed:.1}/{} computed, speedup {speedup:.2}x (ideal {ideal:.2}x, efficiency {:.2}), PSNR {mean:.1} dB",
+            a.steps,
+            speedup / ideal
+        ));
+        points.push((t, speedup, mean));
+    }
+    r.line("");
+
+    // Cache efficiency where a step costs tens of milliseconds.
+    let mut s = stack(synthetic.dir.as_deref(), synthetic.model_type, 1, &[]).await?;
+    let off_req = synthetic.request(a.steps, "none", 0.2, DType::F32)?;
+    generate(&mut s.client, off_req.clone()).await?;
+    let (off, _) = timed(&mut s.client, &off_req, a.repeats).await?;
+    r.line(format!(
+        "Cache efficiency on the {}, {} steps. Its weights are random, so TeaCache runs with \
+         identity rescaling (coefficients [0, 0, 0, 1, 0]: the raw input rel-L1 is \
+         accumulated); the decisions are arbitrary, the point is how much of what a skipped \
+         step should save arrives:\n",
+        synthetic.name, a.steps
+    ));
+    r.line("| threshold | computed | speedup | ideal | efficiency (target >= 0.95) |");
+    r.line("|---|---|---|---|---|");
+    for t in [0.2, 0.4, 0.8] {
+        let req = synthetic.request_with(
+            a.steps,
+            "tea_cache",
+            t,
+            vec![0.0, 0.0, 0.0, 1.0, 0.0],
+            DType::F32,
+        )?;
+        let (on, run) = timed(&mut s.client, &req, a.repeats).await?;
+        let ideal = f64::from(a.steps) / f64::from(run.computed.max(1));
+        let speedup = off / on;
+        r.line(format!(
+            "| {t} | {} / {} | {speedup:.2}x | {ideal:.2}x | **{:.3}** |",
+            run.computed,
+            a.steps,
+            speedup / ideal
+        ));
+        r.summary.push(format!(
+            "cache efficiency, synthetic FLUX at {t}: {:.3} ({speedup:.2}x of ideal {ideal:.2}x)",
+            speedup / ideal
+        ));
+    }
+    r.line("");
+    Ok(points)
+}
+
+async fn wire(a: &BenchArgs, synthetic: &BenchModel, r: &mut Report) -> anyhow::Result<()> {
+    r.line("## Wire dtype: F32 vs BF16\n");
+    r.line(format!(
+        "Caching off, {} steps; tensor bytes exchanged with the denoiser per step (both \
+         directions, from the controller's metrics), median wall time of {} runs, and the \
+         quality of the BF16 result against F32.\n",
+        a.steps, a.repeats
+    ));
+    r.line("| model | wire | bytes / step | wall | quality vs F32 |");
+    r.line("|---|---|---|---|---|");
+    let caption = CAPTIONS[0];
+    for (name, dir, model_type) in [
+        ("embedded TinyFlux", None, "TinyFluxPipeline"),
+        (
+            "synthetic FLUX",
+            synthetic.dir.as_deref(),
+            synthetic.model_type,
+        ),
+    ] {
+        let mut s = stack(dir, model_type, 1, &[]).await?;
+        let mut f32_run: Option<Run> = None;
+        for wire in [DType::F32, DType::Bf16] {
+            let req = match dir {
+                None => text_request(caption, a.steps, "none", 0.2, wire),
+                Some(_) => synthetic.request(a.steps, "none", 0.2, wire)?,
+            };
+            generate(&mut s.client, req.clone()).await?;
+            let bytes = |text: &str| {
+                metric(
+                    text,
+                    "teaserve_controller_tensor_bytes_total{direction=\"to_denoiser\"}",
+                )
+                .unwrap_or(0.0)
+                    + metric(
+                        text,
+                        "teaserve_controller_tensor_bytes_total{direction=\"from_denoiser\"}",
+                    )
+                    .unwrap_or(0.0)
+            };
+            let before = bytes(&scrape(s.metrics_port)?);
+            let (wall, run) = timed(&mut s.client, &req, a.repeats).await?;
+            let after = bytes(&scrape(s.metrics_port)?);
+            let per_step = (after - before) / (a.repeats.max(1) as f64 * f64::from(a.steps));
+            let quality = match (&f32_run, dir) {
+                (None, _) => "-".to_string(),
+                (Some(f), None) => format!("PSNR {:.1} dB", psnr_png(&f.png, &run.png)?),
+                (Some(f), Some(_)) => format!(
+                    "max abs diff of latents {:.2e}",
+                    max_abs_diff(&f.latents, &run.latents)?
+                ),
+            };
+            r.line(format!(
+                "| {name} | {wire:?} | {:.1} KiB | {wall:.1} ms | {quality} |",
+                per_step / 1024.0
+            ));
+            r.summary.push(format!(
+                "wire {wire:?}, {name}: {:.1} KiB/step, {wall:.1} ms, {quality}",
+                per_step / 1024.0
+            ));
+            if wire == DType::F32 {
+                f32_run = Some(run);
+            }
+        }
+    }
+    r.line("");
+    Ok(())
+}
+
+async fn scaling(a: &BenchArgs, synthetic: &BenchModel, r: &mut Report) -> anyhow::Result<()> {
+    let steps = a.steps.min(10);
+    r.line("## Scaling: 1 vs 2 denoisers\n");
+    r.line(format!(
+        "{} generations of the {} ({steps} steps, caching off), {} at a time; every denoiser \
+         computes on one thread (RAYON_NUM_THREADS=1), so a second denoiser is a second \
+         worker, not more threads for the first.\n",
+        a.scaling_generations, synthetic.name, a.concurrency
+    ));
+    r.line("| denoisers | wall | generations / s | vs 1 denoiser (target >= 1.8x) |");
+    r.line("|---|---|---|---|");
+    let mut first = None;
+    for n in [1usize, 2] {
+        let s = stack(
+            synthetic.dir.as_deref(),
+            synthetic.model_type,
+            n,
+            &[("RAYON_NUM_THREADS", "1")],
+        )
+        .await?;
+        let req = synthetic.request(steps, "none", 0.2, DType::F32)?;
+        generate(&mut s.client.clone(), req.clone()).await?;
+        let started = Instant::now();
+        let mut left = a.scaling_generations;
+        while left > 0 {
+            let wave = left.min(a.concurrency.max(1));
+            let runs = (0..wave).map(|_| {
+                let mut c = s.client.clone();
+                let req = req.clone();
+                async move { generate(&mut c, req).await }
+            });
+            for run in futures::future::join_all(runs).await {
+                run?;
+            }
+            left -= wave;
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let rate = a.scaling_generations as f64 / wall;
+        let ratio = first.map_or(1.0, |f: f64| rate / f);
+        first.get_or_insert(rate);
+        r.line(format!(
+            "| {n} | {:.2} s | {rate:.2} | **{ratio:.2}x** |",
+            wall
+        ));
+        if n == 2 {
+            r.summary
+                .push(format!("scaling, 2 vs 1 denoisers: {ratio:.2}x throughput"));
+        }
+    }
+    r.line("");
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores")
+}
+
+/// Runs the benchmark.
+pub async fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    sibling_binaries()?;
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("creating {}", a.out_dir.display()))?;
+    let scratch = tempfile_dir()?;
+    let embedded = BenchModel::embedded()?;
+    let synthetic = BenchModel::synthetic(&scratch.join("synthetic-flux"))?;
+    let started = Instant::now();
+    let mut r = Report {
+        md: String::new(),
+        summary: Vec::new(),
+    };
+    r.line("# teaserve benchmarks\n");
+    r.line(format!(
+        "Measured by `teaserve bench` on {} (CPU, release build); every ratio below comes \
+         from runs taken side by side in one invocation. Reproduce: `cargo build --release \
+         --bins && target/release/teaserve bench`.\n",
+        machine()
+    ));
+    let mut points = Vec::new();
+    for section in &a.sections {
+        let mut err = std::io::stderr().lock();
+        writeln!(err, "bench: {section:?} ...")?;
+        drop(err);
+        match section {
+            Section::Overhead => overhead(&a, &[&embedded, &synthetic], &mut r).await?,
+            Section::Cache => points = cache(&a, &synthetic, &mut r).await?,
+            Section::Wire => wire(&a, &synthetic, &mut r).await?,
+            Section::Scaling => scaling(&a, &synthetic, &mut r).await?,
+        }
+    }
+    if !points.is_empty() {
+        let png = a.out_dir.join("threshold.png");
+        let reference: Vec<(f64, f64)> = REFERENCE.to_vec();
+        line_chart(
+            &png,
+            "TeaCache on the embedded model",
+            "threshold",
+            &[
+                Series::left(
+                    "speedup (x)",
+                    [40, 90, 200],
+                    points.iter().map(|p| (p.0, p.1)).collect(),
+                ),
+                Series::left("reference speedup (x)", [150, 150, 150], reference),
+                Series::right(
+                    "PSNR (dB)",
+                    [200, 50, 40],
+                    points.iter().map(|p| (p.0, p.2)).collect(),
+                ),
+            ],
+        )?;
+        r.line("![speedup and PSNR against threshold](threshold.png)\n");
+    }
+    let mut summary = String::new();
+    for s in &r.summary {
+        let _ = writeln!(summary, "- {s}");
+    }
+    r.line(format!(
+        "## Summary\n\n{summary}\nTotal bench time: {:.0} s.",
+        started.elapsed().as_secs_f64()
+    ));
+    let path = a.out_dir.join("report.md");
+    std::fs::write(&path, &r.md)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}\nwrote {}", r.md, path.display())?;
+    Ok(())
+}
+
+/// A scratch folder for the synthetic model's files.
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("teaserve-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
