@@ -6,6 +6,7 @@
 //! - `teaserve models`: lists the model types the controller knows and who serves them.
 
 mod bench;
+mod calibrate;
 mod demo;
 mod plot;
 mod spawn;
@@ -55,6 +56,8 @@ enum Command {
     Models,
     /// Start a denoiser and a controller on loopback and generate with TeaCache off and on.
     Demo(demo::DemoArgs),
+    /// Fit TeaCache's coefficients for a model from uncached runs (the Calibrate RPC).
+    Calibrate(Box<calibrate::CalibrateArgs>),
     /// Measure split overhead, TeaCache speed / quality, wire dtypes and 1 vs 2 denoisers.
     Bench(Box<bench::BenchArgs>),
 }
@@ -164,12 +167,17 @@ async fn main() -> anyhow::Result<()> {
     match command {
         Command::Generate(args) => generate(client, *args).await,
         Command::Models => models(client).await,
+        Command::Calibrate(args) => calibrate::calibrate(client, *args).await,
         Command::Demo(_) | Command::Bench(_) => Ok(()),
     }
 }
 
 /// Loads named tensors from a safetensors file as wire tensors (F64 becomes F32).
-fn load_inputs(path: &PathBuf, prefix: &str, skip: &[String]) -> anyhow::Result<TensorMap> {
+pub(crate) fn load_inputs(
+    path: &PathBuf,
+    prefix: &str,
+    skip: &[String],
+) -> anyhow::Result<TensorMap> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)
         .with_context(|| format!("reading {}", path.display()))?;
     let mut out = TensorMap::new();

@@ -12,6 +12,7 @@ pub struct Series {
     colour: [u8; 3],
     points: Vec<(f64, f64)>,
     right: bool,
+    markers_only: bool,
 }
 
 impl Series {
@@ -22,6 +23,18 @@ impl Series {
             colour,
             points,
             right: false,
+            markers_only: false,
+        }
+    }
+
+    /// Points without lines, on the left axis.
+    pub fn scatter(label: &'static str, colour: [u8; 3], points: Vec<(f64, f64)>) -> Self {
+        Self {
+            label,
+            colour,
+            points,
+            right: false,
+            markers_only: true,
         }
     }
 
@@ -32,6 +45,7 @@ impl Series {
             colour,
             points,
             right: true,
+            markers_only: false,
         }
     }
 }
@@ -72,7 +86,16 @@ fn glyph(c: char) -> [u8; 7] {
         's' => [0, 0, 0x0E, 0x10, 0x0E, 0x01, 0x1E],
         't' => [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06],
         'u' => [0, 0, 0x11, 0x11, 0x11, 0x13, 0x0D],
+        'v' => [0, 0, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        'w' => [0, 0, 0x11, 0x11, 0x15, 0x15, 0x0A],
+        'y' => [0, 0, 0x11, 0x11, 0x0F, 0x01, 0x0E],
+        'k' => [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12],
+        '^' => [0x04, 0x0A, 0x11, 0, 0, 0, 0],
+        ':' => [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0],
         'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
+        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
+        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
         'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
         'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
         'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
@@ -205,6 +228,14 @@ pub fn line_chart(
         .map(|s| s.points.iter().map(|p| p.0).collect())
         .unwrap_or_default();
     xticks.dedup();
+    if xticks.len() > 8 {
+        xticks = (0..=4)
+            .map(|i| {
+                let x = xs.0 + (xs.1 - xs.0) * f64::from(i) / 4.0;
+                (x * 1000.0).round() / 1000.0
+            })
+            .collect();
+    }
     for x in xticks {
         let label = format!("{x}");
         line(
@@ -234,11 +265,17 @@ pub fn line_chart(
             [225, 225, 225],
             1,
         );
-        let l = format!("{vl:.1}");
+        let l = if yl.1 - yl.0 < 2.0 {
+            format!("{vl:.2}")
+        } else {
+            format!("{vl:.1}")
+        };
         text(&mut img, left - 8 - text_width(&l), y - 7, &l, BLACK);
-        let r = format!("{vr:.0}");
-        line(&mut img, (w - right, y), (w - right + 5, y), BLACK, 1);
-        text(&mut img, w - right + 8, y - 7, &r, BLACK);
+        if series.iter().any(|s| s.right) {
+            let r = format!("{vr:.0}");
+            line(&mut img, (w - right, y), (w - right + 5, y), BLACK, 1);
+            text(&mut img, w - right + 8, y - 7, &r, BLACK);
+        }
     }
     text(
         &mut img,
@@ -256,12 +293,19 @@ pub fn line_chart(
             .iter()
             .map(|&(x, y)| (px(x), py(y, axis)))
             .collect();
-        for pair in pts.windows(2) {
-            line(&mut img, pair[0], pair[1], s.colour, 2);
+        let size = match (s.markers_only, pts.len() > 12) {
+            (true, _) => 1,
+            (false, true) => 0,
+            (false, false) => 3,
+        };
+        if !s.markers_only {
+            for pair in pts.windows(2) {
+                line(&mut img, pair[0], pair[1], s.colour, 2);
+            }
         }
         for &(x, y) in &pts {
-            for dy in -3..=3 {
-                for dx in -3..=3 {
+            for dy in -size..=size {
+                for dx in -size..=size {
                     put(&mut img, x + dx, y + dy, s.colour);
                 }
             }

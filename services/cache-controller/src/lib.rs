@@ -3,6 +3,7 @@
 //! timestep whether the transformer blocks run or a cached residual is reused.
 
 pub mod cache_config;
+pub mod calibration;
 pub mod config;
 pub mod error;
 pub mod metrics;

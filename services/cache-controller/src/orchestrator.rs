@@ -394,6 +394,39 @@ async fn step_once(
             accumulated: d.accumulated,
         });
     }
+    if session.calibration.is_some() {
+        let values = |t: &Tensor| -> Result<Vec<f32>, ControllerError> {
+            Ok(t.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let p = pre
+            .first()
+            .ok_or_else(|| missing("modulated_input", "Preprocess"))?;
+        let modulated = decode_f32(
+            p.modulated_input
+                .as_ref()
+                .ok_or_else(|| missing("modulated_input", "Preprocess"))?,
+            "modulated_input",
+        )?;
+        let hidden_in = decode_f32(
+            p.streams
+                .get("hidden_states")
+                .ok_or_else(|| missing("hidden_states", "Preprocess"))?,
+            "hidden_states",
+        )?;
+        let hidden_out = blocks_out
+            .first()
+            .and_then(|o| o.as_ref())
+            .and_then(|o| o.get("hidden_states"))
+            .ok_or_else(|| missing("hidden_states", "RunBlocks"))?;
+        let residual = (decode_f32(hidden_out, "hidden_states")? - hidden_in)?;
+        let output = preds
+            .first()
+            .ok_or_else(|| missing("sample", "Postprocess"))?;
+        let record = (values(&modulated)?, values(&residual)?, values(output)?);
+        if let Some(trace) = session.calibration.as_mut() {
+            trace.record(i as u32, record.0, record.1, record.2);
+        }
+    }
     let pred = combine(session, preds)?;
     if pred.dims() != session.latents.dims() {
         return Err(ControllerError::InvalidArgument(format!(

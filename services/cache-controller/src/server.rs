@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
 use crate::cache_config::CacheDefaults;
+use crate::calibration;
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
 use crate::models;
@@ -336,6 +337,103 @@ impl CacheController for ControllerService {
         Ok(Response::new(v1::ListSessionsResponse {
             sessions: self.store.list(),
         }))
+    }
+
+    type CalibrateStream = CalibrateStream;
+
+    async fn calibrate(
+        &self,
+        req: Request<v1::CalibrateRequest>,
+    ) -> Result<Response<Self::CalibrateStream>, Status> {
+        let plan =
+            calibration::run::plan(req.get_ref(), self.defaults.model_class_name.as_deref())?;
+        let (tx, rx) = mpsc::channel(16);
+        let span = tracing::info_span!(
+            "calibrate",
+            model_type = %plan.model_type,
+            generations = plan.generations.len() as i64,
+        );
+        let me = self.clone();
+        tokio::spawn(async move { me.calibrate_all(plan, tx).await }.instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type CalibrateStream = Pin<Box<dyn Stream<Item = Result<v1::CalibrateEvent, Status>> + Send>>;
+
+impl ControllerService {
+    /// Runs one uncached generation with a recording trace and returns its samples.
+    async fn calibration_run(
+        &self,
+        req: &v1::GenerateRequest,
+    ) -> Result<Vec<calibration::Sample>, ControllerError> {
+        let (id, _) = self.create(req).await?;
+        let _remove = RemoveOnDrop(self.store.clone(), id.clone());
+        let mut handle = self.store.checkout(&id)?;
+        handle.session.calibration = Some(calibration::Trace::default());
+        let mut counts = CallCounts::default();
+        while !handle.session.finished() {
+            orchestrator::run_step(&mut handle.session, &self.pool, &self.metrics, &mut counts)
+                .await?;
+            handle.commit();
+        }
+        Ok(handle
+            .session
+            .calibration
+            .take()
+            .map(|t| t.samples)
+            .unwrap_or_default())
+    }
+
+    /// Runs every generation of `plan`, reporting progress on `tx`, then the fit.
+    async fn calibrate_all(
+        &self,
+        plan: calibration::run::Plan,
+        tx: mpsc::Sender<Result<v1::CalibrateEvent, Status>>,
+    ) {
+        let mut samples = Vec::new();
+        let total = plan.generations.len() as u32;
+        for (k, req) in plan.generations.iter().enumerate() {
+            let run = tokio::select! {
+                r = self.calibration_run(req) => r,
+                () = tx.closed() => {
+                    tracing::info!("Calibrate cancelled by the client");
+                    return;
+                }
+            };
+            match run {
+                Ok(s) => samples.extend(s),
+                Err(e) => {
+                    tracing::warn!(generation = k as i64, error = %e, "calibration run failed");
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+            let progress = v1::CalibrateEvent {
+                event: Some(v1::calibrate_event::Event::Progress(
+                    v1::CalibrateProgress {
+                        generation: k as u32 + 1,
+                        generations: total,
+                        samples: samples.len() as u32,
+                    },
+                )),
+            };
+            if tx.send(Ok(progress)).await.is_err() {
+                return;
+            }
+        }
+        let msg = calibration::run::result(&plan, &samples).map(|r| {
+            tracing::info!(
+                samples = i64::from(r.samples),
+                r2 = r.r2,
+                coefficients = ?r.coefficients,
+                "calibration finished"
+            );
+            v1::CalibrateEvent {
+                event: Some(v1::calibrate_event::Event::Result(r)),
+            }
+        });
+        let _ = tx.send(msg.map_err(Status::from)).await;
     }
 }
 

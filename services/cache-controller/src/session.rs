@@ -71,6 +71,8 @@ pub struct Session {
     pub created: Instant,
     /// Text mode: the image size to decode the final latents at (a PNG in the result).
     pub decode_size: Option<(u32, u32)>,
+    /// Calibration: per-step rel-L1 samples of the POSITIVE branch (caching must be off).
+    pub calibration: Option<crate::calibration::Trace>,
 }
 
 fn invalid(msg: impl Into<String>) -> ControllerError {
@@ -286,6 +288,7 @@ impl Session {
             batch_branches: defaults.batch_cfg_branches,
             created: Instant::now(),
             decode_size: None,
+            calibration: None,
         })
     }
 

@@ -3,7 +3,6 @@
 //! procedural scenes with the rectified-flow objective, using candle's autograd and AdamW.
 //! Deterministic from `--seed`. Writes `config.json`, `model.safetensors` and `train_log.csv`.
 
-mod fit;
 mod scenes;
 
 use std::io::Write as _;
@@ -18,6 +17,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use teaserve_denoiser::models::flux::{Config, Flux, Inputs};
 use teaserve_denoiser::models::layers::set_differentiable;
 use teaserve_denoiser::models::tiny_text::{TinyTextEncoder, pack, position_ids, tokenize};
+
+use teaserve_controller::calibration::fit::polyfit;
+use teaserve_controller::policy::teacache::rel_l1;
 
 use crate::scenes::{Rng, random_scene};
 
@@ -168,11 +170,7 @@ fn fit_teacache(args: &Args) -> anyhow::Result<()> {
             let r: Vec<f32> = (&img - &pre.hidden_states)?.flatten_all()?.to_vec1()?;
             let o: Vec<f32> = out.flatten_all()?.to_vec1()?;
             if let (Some(pm), Some(po), Some(pr)) = (&prev_m, &prev_o, &prev_r) {
-                let (x, y_out, y_res) = (
-                    fit::rel_l1(&m, pm),
-                    fit::rel_l1(&o, po),
-                    fit::rel_l1(&r, pr),
-                );
+                let (x, y_out, y_res) = (rel_l1(&m, pm), rel_l1(&o, po), rel_l1(&r, pr));
                 writeln!(samples, "{g},{i},{x},{y_out},{y_res}")?;
                 xs.push(x);
                 ys.push(match args.fit_target {
@@ -186,7 +184,7 @@ fn fit_teacache(args: &Args) -> anyhow::Result<()> {
             latents = (&latents + (out * (next - sigma))?)?;
         }
     }
-    let (coefficients, r2) = fit::polyfit(&xs, &ys, 4)
+    let (coefficients, r2) = polyfit(&xs, &ys, 4)
         .ok_or_else(|| anyhow::anyhow!("the fit is singular ({} samples)", xs.len()))?;
     let report = serde_json::json!({
         "model_type": "TinyFluxPipeline",

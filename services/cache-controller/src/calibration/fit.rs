@@ -1,6 +1,7 @@
-//! Fitting TeaCache's rescaling polynomial the way its authors do: from uncached runs, pairs
-//! (relative L1 change of the modulated input, relative L1 change of the model output) between
-//! consecutive steps, fitted with a 4th-degree least-squares polynomial.
+//! Least-squares polynomial fitting (no Python, no linear-algebra crate): TeaCache's
+//! rescaling polynomial is fitted from pairs (relative L1 change of the modulated input,
+//! relative L1 change of the blocks' residual or of the model output) between consecutive
+//! steps of uncached runs, with a 4th-degree polynomial, as its authors do with np.polyfit.
 
 /// Least-squares polynomial of `degree` through `(x, y)`; coefficients highest power first,
 /// and the fit's R^2. Solves the normal equations in f64 (Gaussian elimination with partial
@@ -52,13 +53,6 @@ pub fn polyfit(xs: &[f64], ys: &[f64], degree: usize) -> Option<(Vec<f64>, f64)>
         1.0
     };
     Some((low_first.into_iter().rev().collect(), r2))
-}
-
-/// `mean(|a - b|) / mean(|b|)`, the relative L1 change TeaCache measures.
-pub fn rel_l1(a: &[f32], b: &[f32]) -> f64 {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum();
-    let base: f64 = b.iter().map(|y| f64::from(y.abs())).sum();
-    diff / (base + 1e-8 * b.len() as f64)
 }
 
 #[cfg(test)]
