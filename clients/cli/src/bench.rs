@@ -108,27 +108,13 @@ struct BenchModel {
     latents: Tensor,
 }
 
-/// SplitMix64 normals for deterministic inputs.
-fn normals(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32
-    };
-    (0..n)
-        .map(|_| {
-            let (u1, u2) = (next().max(1e-7), next());
-            (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
-        })
-        .collect()
-}
-
 fn random(seed: u64, shape: &[usize]) -> anyhow::Result<Tensor> {
     let n = shape.iter().product();
-    Ok(Tensor::from_vec(normals(seed, n), shape, &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        teaserve_controller::text_mode::seeded_noise(seed, n),
+        shape,
+        &Device::Cpu,
+    )?)
 }
 
 /// Position ids: image tokens (0, row, col) on a `side x side` grid, text tokens zeros.

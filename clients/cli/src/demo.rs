@@ -81,28 +81,6 @@ async fn run(
     bail!("no result")
 }
 
-/// PSNR of two 8-bit images, dB.
-fn psnr(a: &[u8], b: &[u8]) -> anyhow::Result<f64> {
-    let decode = |png: &[u8]| -> anyhow::Result<Vec<u8>> {
-        Ok(image::load_from_memory(png)?.to_rgb8().into_raw())
-    };
-    let (a, b) = (decode(a)?, decode(b)?);
-    if a.len() != b.len() {
-        bail!("images differ in size");
-    }
-    let mse = a
-        .iter()
-        .zip(&b)
-        .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
-        .sum::<f64>()
-        / a.len() as f64;
-    Ok(if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64.powi(2) / mse).log10()
-    })
-}
-
 /// Runs the demo.
 pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let (denoiser, controller_bin) = sibling_binaries()?;
@@ -140,7 +118,7 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     );
     std::fs::write(&p_off, &uncached.png)?;
     std::fs::write(&p_on, &cached.png)?;
-    let psnr = psnr(&uncached.png, &cached.png)?;
+    let psnr = crate::bench::psnr_png(&uncached.png, &cached.png)?;
     writeln!(
         out,
         "\nprompt: {:?}, seed {}, {} steps\n",
