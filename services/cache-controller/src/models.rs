@@ -36,11 +36,11 @@ pub struct ModelDefaults {
 
 /// TeaCache coefficients of the embedded TinyFluxPipeline, highest power first.
 pub const TINY_FLUX_COEFFICIENTS: Coefficients = [
-    1201.8027753389717,
-    -728.5833221660845,
-    144.68766332577778,
-    -9.114915205712231,
-    0.21770722096834463,
+    -25922.927028462273,
+    9536.812592947872,
+    -1247.1019815465875,
+    70.2649036385173,
+    -1.3798477397811606,
 ];
 
 /// Every model type with TeaCache coefficients, in the order error messages list them.

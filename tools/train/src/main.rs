@@ -51,6 +51,10 @@ struct Args {
     /// Pixels per token side (tokens are `patch x patch` RGB patches).
     #[arg(long, default_value_t = 4)]
     patch: usize,
+    /// Start from these weights (a model.safetensors of the same architecture) instead of a
+    /// random initialisation, e.g. to continue a run with a fresh learning-rate schedule.
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Skip training: load `--out`'s model and only fit the TeaCache coefficients.
     #[arg(long)]
     fit_only: bool,
@@ -252,6 +256,12 @@ fn train(args: &Args) -> anyhow::Result<()> {
             };
             var.set(&init)?;
         }
+    }
+    let mut varmap = varmap;
+    if let Some(init) = &args.init_from {
+        varmap
+            .load(init)
+            .with_context(|| format!("loading --init-from {}", init.display()))?;
     }
     let grid = args.size / args.patch;
     let (img_ids, txt_ids) = position_ids(grid, grid, &dev)?;
