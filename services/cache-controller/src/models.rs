@@ -36,11 +36,11 @@ pub struct ModelDefaults {
 
 /// TeaCache coefficients of the embedded TinyFluxPipeline, highest power first.
 pub const TINY_FLUX_COEFFICIENTS: Coefficients = [
-    -25922.927028462273,
-    9536.812592947872,
-    -1247.1019815465875,
-    70.2649036385173,
-    -1.3798477397811606,
+    -12919.485529173744,
+    4345.257064325771,
+    -505.9467792156062,
+    25.557707164910525,
+    -0.41821599760542666,
 ];
 
 /// Every model type with TeaCache coefficients, in the order error messages list them.
