@@ -12,13 +12,13 @@
 //! [`Flux::forward`] composes them and is the monolithic reference.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder, linear};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 pub use super::layers::timestep_projection;
 use super::layers::{
-    DualStreamBlock, DualStreamNames, Mlp2, PlainNorm, Qkv, TIME_PROJ_DIM, ada_chunks, attention,
-    gated, modulate,
+    DualStreamBlock, DualStreamNames, Linear, Mlp2, PlainNorm, Qkv, TIME_PROJ_DIM, ada_chunks,
+    attention, gated, linear, modulate,
 };
 
 /// `config.json` of a diffusers `FluxTransformer2DModel` (defaults are diffusers' own).

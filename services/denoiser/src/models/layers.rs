@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, RmsNorm, VarBuilder, linear};
+use candle_nn::{LayerNorm, RmsNorm, VarBuilder};
 
 /// Whether layers use differentiable composite ops instead of candle's fused kernels (which
 /// have no backward pass: layer norm, RMS norm, softmax, rotary embedding). Off for serving;
@@ -121,6 +121,34 @@ pub(crate) fn modulate(xs: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Te
 /// `gate[:, None] * xs`.
 pub(crate) fn gated(gate: &Tensor, xs: &Tensor) -> Result<Tensor> {
     xs.broadcast_mul(&gate.unsqueeze(1)?)
+}
+
+/// A linear layer whose result for one sample does not depend on the batch it arrives in.
+///
+/// candle folds a batch into the rows of one GEMM, and gemm's blocking and kernel choice
+/// depend on the row count, so the same sample alone and stacked with others would differ in
+/// the last bits. Serving runs the GEMM per sample instead (the same arithmetic as that sample
+/// alone), so batched requests (CFG branches, cross-session batching) are bit-identical to
+/// unbatched ones; training keeps the folded GEMM.
+#[derive(Debug, Clone)]
+pub struct Linear(candle_nn::Linear);
+
+/// A [`Linear`] with diffusers' weight names (`weight`, `bias`).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let rows = xs.dim(0)?;
+        if rows <= 1 || xs.rank() < 2 || differentiable() {
+            return self.0.forward(xs);
+        }
+        let outs = (0..rows)
+            .map(|r| self.0.forward(&xs.narrow(0, r, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 0)
+    }
 }
 
 /// Splits `linear(silu(temb))` into `N` chunks of `[B, dim]`.

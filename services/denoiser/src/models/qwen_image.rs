@@ -12,12 +12,12 @@
 //! - [`QwenImage::postprocess`]: `norm_out` and `proj_out`.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, RmsNorm, VarBuilder, linear};
+use candle_nn::{RmsNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::layers::{
-    DualStreamBlock, DualStreamNames, Mlp2, PlainNorm, TIME_PROJ_DIM, ada_chunks, modulate,
-    rms_norm, rms_norm_layer, timestep_projection,
+    DualStreamBlock, DualStreamNames, Linear, Mlp2, PlainNorm, TIME_PROJ_DIM, ada_chunks, linear,
+    modulate, rms_norm, rms_norm_layer, timestep_projection,
 };
 
 /// `config.json` of a diffusers `QwenImageTransformer2DModel` (defaults are diffusers' own).
