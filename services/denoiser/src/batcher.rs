@@ -79,7 +79,7 @@ impl Batcher {
 }
 
 /// Rows of a request's `hidden_states` (1 when it has none; validation reports that).
-fn rows(req: &v1::RunBlocksRequest) -> usize {
+pub(crate) fn batch_rows(req: &v1::RunBlocksRequest) -> usize {
     req.streams
         .get("hidden_states")
         .and_then(|t| t.shape.first())
@@ -104,7 +104,7 @@ async fn run(
 ) {
     while let Some(first) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + window;
-        let mut total = rows(&first.req);
+        let mut total = batch_rows(&first.req);
         let mut group = vec![first];
         // Whatever is waiting already, then (with a window) whatever arrives in time.
         while total < limits.max_batch {
@@ -117,7 +117,7 @@ async fn run(
                     .flatten(),
             };
             let Some(p) = next else { break };
-            total += rows(&p.req);
+            total += batch_rows(&p.req);
             group.push(p);
         }
         let n = group.len();

@@ -27,7 +27,7 @@ use teaserve_telemetry::{Metrics, ServerLayer, serve_metrics};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::batcher::{BatchLabels, Batcher};
+use crate::batcher::{BatchLabels, Batcher, batch_rows};
 use crate::engine::Engine;
 use crate::error::DenoiserError;
 use crate::registry::{ModelAdapter, ModelInfo, Tensors, TextMode};
@@ -435,18 +435,10 @@ pub(crate) fn run_blocks_group(
     let mut left = valid;
     while let Some(&head) = left.first() {
         let mut members = vec![head];
-        let mut rows = reqs[head]
-            .streams
-            .get("hidden_states")
-            .and_then(|t| t.shape.first().copied())
-            .unwrap_or(0);
+        let mut rows = batch_rows(&reqs[head]);
         for &j in left.iter().skip(1) {
-            let r = reqs[j]
-                .streams
-                .get("hidden_states")
-                .and_then(|t| t.shape.first().copied())
-                .unwrap_or(0);
-            if usize::try_from(rows + r).is_ok_and(|total| total <= limits.max_batch)
+            let r = batch_rows(&reqs[j]);
+            if rows + r <= limits.max_batch
                 && stack_run_blocks(&[&reqs[head], &reqs[j]], &batched).is_some()
             {
                 members.push(j);
