@@ -59,7 +59,7 @@ fn request(fx: &Fixture, adapter: &str, thresh: f64, renorm: bool) -> v1::Genera
         num_inference_steps: STEPS,
         inputs,
         negative_inputs,
-        true_cfg_scale: SCALE,
+        true_cfg_scale: Some(SCALE),
         cfg_renorm: renorm,
         ..Default::default()
     }

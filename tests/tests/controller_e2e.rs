@@ -669,7 +669,7 @@ async fn cfg_branches_keep_separate_state_and_list_models_reports_the_fleet() {
         "encoder_hidden_states".into(),
         teaserve_proto::encode_tensor(&neg_text, DType::F32).unwrap(),
     );
-    req.true_cfg_scale = 3.0;
+    req.true_cfg_scale = Some(3.0);
     proxy.clear();
     let run = generate(&mut c, req.clone()).await.unwrap();
     for s in &run.steps {

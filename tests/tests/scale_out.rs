@@ -21,7 +21,7 @@ fn request(adapter: &str) -> v1::GenerateRequest {
         model_class_name: "TinyFluxPipeline".into(),
         prompt: "a yellow triangle on the right on a blue background".into(),
         negative_prompt: "a red square on a green background".into(),
-        true_cfg_scale: 2.0,
+        true_cfg_scale: Some(2.0),
         seed: 7,
         num_inference_steps: STEPS,
         cache_adapter: adapter.into(),

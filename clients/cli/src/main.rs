@@ -101,9 +101,9 @@ struct GenerateArgs {
     /// Inputs for the NEGATIVE branch (true CFG), same naming; they replace the positive ones.
     #[arg(long)]
     negative_inputs: Option<PathBuf>,
-    /// CFG scale: neg + scale * (pos - neg).
-    #[arg(long, default_value_t = 4.0)]
-    true_cfg_scale: f64,
+    /// CFG scale: neg + scale * (pos - neg); default: the model's (ListModels).
+    #[arg(long, allow_negative_numbers = true)]
+    true_cfg_scale: Option<f64>,
     /// Rescale the CFG result to the positive prediction's norm (Qwen-Image).
     #[arg(long)]
     cfg_renorm: bool,

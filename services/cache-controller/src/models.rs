@@ -1,5 +1,7 @@
 //! The controller's model table (the gRPC face of the seed's `EXTRACTOR_REGISTRY`): for each
-//! model type, its default TeaCache coefficients and threshold and its default sigma schedule.
+//! model type, its default TeaCache coefficients and threshold, its default sigma schedule, and
+//! what a request that leaves a field unset gets (steps, image size, CFG scale, guidance), as
+//! the diffusers pipeline's `__call__` signature defaults them.
 
 use crate::policy::Coefficients;
 
@@ -32,6 +34,14 @@ pub struct ModelDefaults {
     pub rel_l1_thresh: f64,
     /// Default sigma schedule.
     pub schedule: ShiftedSchedule,
+    /// `num_inference_steps` when a request sets neither it nor `sigmas`.
+    pub num_inference_steps: u32,
+    /// Text-mode image (height, width) in pixels when a request sets none.
+    pub image_size: (u32, u32),
+    /// `true_cfg_scale` when a request with a NEGATIVE branch sets none.
+    pub true_cfg_scale: f64,
+    /// Embedded guidance of guidance-distilled checkpoints; `None` where the model takes none.
+    pub guidance_scale: Option<f64>,
 }
 
 /// TeaCache coefficients of the embedded TinyFluxPipeline, highest power first.
@@ -62,6 +72,12 @@ pub static MODELS: &[ModelDefaults] = &[
             max_shift: 1.15,
             shift_terminal: None,
         },
+        // FluxPipeline.__call__: 28 steps, 1024x1024 (default_sample_size 128 x VAE factor
+        // 8), true_cfg_scale 1.0, guidance_scale 3.5.
+        num_inference_steps: 28,
+        image_size: (1024, 1024),
+        true_cfg_scale: 1.0,
+        guidance_scale: Some(3.5),
     },
     ModelDefaults {
         model_type: "TinyFluxPipeline",
@@ -76,6 +92,11 @@ pub static MODELS: &[ModelDefaults] = &[
             max_shift: 0.0,
             shift_terminal: None,
         },
+        // The embedded model draws 32x32 pixels; 20 steps is what it was evaluated at.
+        num_inference_steps: 20,
+        image_size: (32, 32),
+        true_cfg_scale: 4.0,
+        guidance_scale: None,
     },
     ModelDefaults {
         model_type: "QwenImagePipeline",
@@ -88,6 +109,11 @@ pub static MODELS: &[ModelDefaults] = &[
             max_shift: 0.9,
             shift_terminal: Some(0.02),
         },
+        // QwenImagePipeline.__call__: 50 steps, 1024x1024, true_cfg_scale 4.0, no guidance.
+        num_inference_steps: 50,
+        image_size: (1024, 1024),
+        true_cfg_scale: 4.0,
+        guidance_scale: None,
     },
 ];
 

@@ -239,6 +239,11 @@ impl CacheController for ControllerService {
                     .map(|e| e.url.clone())
                     .collect(),
                 text_mode: self.pool.text_mode(m.model_type),
+                default_num_inference_steps: m.num_inference_steps,
+                default_height: m.image_size.0,
+                default_width: m.image_size.1,
+                default_true_cfg_scale: m.true_cfg_scale,
+                default_guidance_scale: m.guidance_scale,
             })
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))

@@ -111,8 +111,8 @@ fn wire_dtype(req: &v1::GenerateRequest) -> Result<DType, ControllerError> {
 }
 
 /// The number of steps a request asks for, from `num_inference_steps` and / or `sigmas`
-/// (which must agree, be finite and lie in [0, 1]).
-fn step_count(req: &v1::GenerateRequest) -> Result<u32, ControllerError> {
+/// (which must agree, be finite and lie in [0, 1]); neither set: the model's default.
+fn step_count(req: &v1::GenerateRequest, model_type: &str) -> Result<u32, ControllerError> {
     if let Some(bad) = req
         .sigmas
         .iter()
@@ -123,11 +123,15 @@ fn step_count(req: &v1::GenerateRequest) -> Result<u32, ControllerError> {
         )));
     }
     let num_steps = match (req.num_inference_steps, req.sigmas.len()) {
-        (0, 0) => {
-            return Err(invalid(format!(
-                "num_inference_steps must be between 1 and {MAX_STEPS}, got 0"
-            )));
-        }
+        (0, 0) => match models::lookup(model_type) {
+            Some(m) => m.num_inference_steps,
+            None => {
+                return Err(invalid(format!(
+                    "model type '{model_type}' has no default num_inference_steps; set \
+                     num_inference_steps (1 to {MAX_STEPS}) or sigmas"
+                )));
+            }
+        },
         (0, n) => n as u32,
         (s, 0) => s,
         (s, n) if s as usize == n => s,
@@ -159,14 +163,31 @@ pub fn precheck(
         model_class_name,
     )?;
     wire_dtype(req)?;
-    step_count(req)?;
-    if !req.negative_prompt.trim().is_empty() && !req.true_cfg_scale.is_finite() {
-        return Err(invalid(format!(
-            "true_cfg_scale must be a finite number, got {}",
-            req.true_cfg_scale
-        )));
+    step_count(req, model_class_name)?;
+    if !req.negative_prompt.trim().is_empty() {
+        cfg_scale(req, model_class_name)?;
     }
     Ok(())
+}
+
+/// The CFG scale of a request with a NEGATIVE branch: its `true_cfg_scale`, or the model's
+/// default when unset; it must be finite.
+fn cfg_scale(req: &v1::GenerateRequest, model_type: &str) -> Result<f64, ControllerError> {
+    let scale = match (req.true_cfg_scale, models::lookup(model_type)) {
+        (Some(s), _) => s,
+        (None, Some(m)) => m.true_cfg_scale,
+        (None, None) => {
+            return Err(invalid(format!(
+                "model type '{model_type}' has no default true_cfg_scale; set true_cfg_scale"
+            )));
+        }
+    };
+    if !scale.is_finite() {
+        return Err(invalid(format!(
+            "true_cfg_scale must be a finite number, got {scale}"
+        )));
+    }
+    Ok(scale)
 }
 
 impl Session {
@@ -230,14 +251,13 @@ impl Session {
             ));
         }
         let cfg = !req.negative_inputs.is_empty();
-        if cfg && !req.true_cfg_scale.is_finite() {
-            return Err(invalid(format!(
-                "true_cfg_scale must be a finite number, got {}",
-                req.true_cfg_scale
-            )));
-        }
+        let true_cfg_scale = if cfg {
+            cfg_scale(req, &model_type)?
+        } else {
+            1.0
+        };
 
-        let num_steps = step_count(req)?;
+        let num_steps = step_count(req, &model_type)?;
         let sigmas = if req.sigmas.is_empty() {
             let m = models::lookup(&model_type).ok_or_else(|| {
                 invalid(format!(
@@ -282,7 +302,7 @@ impl Session {
             initial_latents: latents.clone(),
             latents,
             branches,
-            true_cfg_scale: req.true_cfg_scale,
+            true_cfg_scale,
             cfg_renorm: req.cfg_renorm,
             wire_dtype,
             batch_branches: defaults.batch_cfg_branches,

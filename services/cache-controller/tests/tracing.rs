@@ -216,7 +216,7 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
             teaserve_proto::encode_tensor(&neg_text, DType::F32).unwrap(),
         )]
         .into(),
-        true_cfg_scale: 3.0,
+        true_cfg_scale: Some(3.0),
         ..Default::default()
     };
     let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";

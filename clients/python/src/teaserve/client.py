@@ -104,7 +104,7 @@ class Client:
         threshold: Optional[float] = None,
         coefficients: Iterable[float] = (),
         negative_prompt: str = "",
-        true_cfg_scale: float = 4.0,
+        true_cfg_scale: Optional[float] = None,
         seed: int = 0,
         height: int = 0,
         width: int = 0,
@@ -132,12 +132,13 @@ class Client:
             sigmas=list(sigmas),
             prompt=prompt,
             negative_prompt=negative_prompt,
-            true_cfg_scale=true_cfg_scale,
             seed=seed,
             height=height,
             width=width,
             wire_dtype=wire_dtype,
         )
+        if true_cfg_scale is not None:
+            req.true_cfg_scale = true_cfg_scale
         for name, a in (inputs or {}).items():
             req.inputs[name].CopyFrom(from_numpy(a))
         for name, a in (negative_inputs or {}).items():
