@@ -125,17 +125,49 @@ pub fn grpc_server(max_message_bytes: usize) -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }
 
-/// gRPC server reflection listing teaserve's services and `grpc.health.v1`.
-pub fn reflection_service() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-    tonic_reflection::server::Error,
-> {
+/// The names a server's reflection lists besides its own service.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// `grpc.reflection.v1`, what current grpcurl and most clients ask.
+pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+/// `grpc.reflection.v1alpha`, all that grpcurl 1.8, Python's grpcio-reflection and several GUI
+/// clients know.
+pub const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+fn reflection_builder(service: &str) -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .include_reflection_service(false)
+        .with_service_name(service)
+        .with_service_name(HEALTH_SERVICE)
+        .with_service_name(REFLECTION_V1)
+        .with_service_name(REFLECTION_V1ALPHA)
+}
+
+/// gRPC server reflection for a server whose one teaserve service is `service` (e.g.
+/// `teaserve.v1.Denoiser`), in both protocol versions: `grpc.reflection.v1` and
+/// `grpc.reflection.v1alpha`. Both list exactly `service`, `grpc.health.v1.Health` and the
+/// two reflection services, and describe every message they use.
+#[allow(clippy::type_complexity)]
+pub fn reflection_services(
+    service: &str,
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    Ok((
+        reflection_builder(service).build_v1()?,
+        reflection_builder(service).build_v1alpha()?,
+    ))
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

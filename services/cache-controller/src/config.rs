@@ -78,6 +78,11 @@ pub struct Args {
     /// Serve Prometheus metrics on http://ADDR/metrics (off when unset).
     #[arg(long, env = "TEASERVE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Give background calls server spans too: health checks and watches, reflection, and
+    /// Describe calls outside a trace (off: they are only counted in the metrics).
+    #[arg(long, env = "TEASERVE_TRACE_BACKGROUND_CALLS", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
+    pub trace_background_calls: bool,
     /// Log format (filter with RUST_LOG, default info).
     #[arg(long, env = "TEASERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -145,6 +150,7 @@ impl Args {
             pool,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_secs),
             metrics_listen: self.metrics_listen,
+            trace_background_calls: self.trace_background_calls,
             metrics: teaserve_telemetry::Metrics::new(),
         })
     }

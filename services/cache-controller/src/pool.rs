@@ -359,6 +359,20 @@ impl DenoiserPool {
         })
     }
 
+    /// The model types the reached denoiser endpoints serve, sorted and deduplicated; probes
+    /// the endpoints whose model is not known yet first.
+    pub async fn served_model_types(&self) -> Vec<String> {
+        self.refresh().await;
+        let mut types: Vec<String> = self
+            .endpoints()
+            .into_iter()
+            .filter_map(|e| e.model_type)
+            .collect();
+        types.sort();
+        types.dedup();
+        types
+    }
+
     /// Every endpoint with what the pool knows about it.
     pub fn endpoints(&self) -> Vec<EndpointState> {
         self.members()

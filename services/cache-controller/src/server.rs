@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use teaserve_proto::serving::{
     OversizeToResourceExhausted, bounded_shutdown, grpc_server, nodelay_incoming,
-    reflection_service,
+    reflection_services,
 };
 use teaserve_proto::v1::cache_controller_server::{CacheController, CacheControllerServer};
 use teaserve_proto::v1::{self, generate_event};
@@ -62,24 +62,56 @@ impl ControllerService {
         &self.store
     }
 
+    /// The model a request runs on: the one it names, else the controller's default model
+    /// (the stage YAML's `model_class_name`), else the only model type its denoisers serve.
+    /// An error when none of them decides; the cache plan's errors (the seed's) come first.
+    async fn model_for(&self, req: &v1::GenerateRequest) -> Result<String, ControllerError> {
+        if !req.model_class_name.is_empty() {
+            return Ok(req.model_class_name.clone());
+        }
+        let served = match self.default_model().await {
+            Ok(model) => return Ok(model),
+            Err(served) => served,
+        };
+        crate::cache_config::resolve(
+            &self.defaults,
+            &req.cache_adapter,
+            req.cache_config.as_ref(),
+            "",
+        )?;
+        let why = if served.is_empty() {
+            "no denoiser has reported its model type yet".to_string()
+        } else {
+            format!("the denoisers serve several model types: {served:?}")
+        };
+        Err(ControllerError::InvalidArgument(format!(
+            "model_class_name is required: {why}, and no default model is configured (stage \
+             YAML `model_class_name`); one of {}",
+            models::supported_list()
+        )))
+    }
+
+    /// The controller's default model: the stage YAML's `model_class_name`, else the only
+    /// model type its denoisers serve; else the types served (none or several).
+    async fn default_model(&self) -> Result<String, Vec<String>> {
+        if let Some(m) = &self.defaults.model_class_name {
+            return Ok(m.clone());
+        }
+        let served = self.pool.served_model_types().await;
+        match served.as_slice() {
+            [only] => Ok(only.clone()),
+            _ => Err(served),
+        }
+    }
+
     async fn create(
         &self,
         req: &v1::GenerateRequest,
     ) -> Result<(String, v1::SessionInfo), ControllerError> {
+        let model_type = self.model_for(req).await?;
         let mut decode_size = None;
         let prepared;
         let req = if text_mode::requested(req) {
-            let model_type = if req.model_class_name.is_empty() {
-                self.defaults.model_class_name.clone().unwrap_or_default()
-            } else {
-                req.model_class_name.clone()
-            };
-            if model_type.is_empty() {
-                return Err(ControllerError::InvalidArgument(format!(
-                    "model_class_name is required (one of {})",
-                    models::supported_list()
-                )));
-            }
             crate::session::precheck(req, &self.defaults, &model_type)?;
             let (r, size) = text_mode::prepare(req, &model_type, &self.pool).await?;
             decode_size = Some(size);
@@ -88,7 +120,7 @@ impl ControllerService {
         } else {
             req
         };
-        let mut session = Session::create(req, &self.defaults, self.max_message_bytes)?;
+        let mut session = Session::create(req, &model_type, &self.defaults, self.max_message_bytes)?;
         session.decode_size = decode_size;
         let info = session.info(Duration::ZERO);
         let id = self.store.insert(session)?;
@@ -350,8 +382,12 @@ impl CacheController for ControllerService {
         &self,
         req: Request<v1::CalibrateRequest>,
     ) -> Result<Response<Self::CalibrateStream>, Status> {
-        let plan =
-            calibration::run::plan(req.get_ref(), self.defaults.model_class_name.as_deref())?;
+        let default_model = if req.get_ref().model_class_name.is_empty() {
+            self.default_model().await.ok()
+        } else {
+            None
+        };
+        let plan = calibration::run::plan(req.get_ref(), default_model.as_deref())?;
         let (tx, rx) = mpsc::channel(16);
         let span = tracing::info_span!(
             "calibrate",
@@ -460,6 +496,8 @@ pub struct ServeOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The metric registry this server records into.
     pub metrics: Metrics,
+    /// Background calls (health, reflection, Describe outside a trace) get spans too.
+    pub trace_background_calls: bool,
 }
 
 /// Serves the controller on `listener` until `shutdown` resolves.
@@ -491,16 +529,21 @@ pub async fn serve(
     health_reporter
         .set_serving::<CacheControllerServer<ControllerService>>()
         .await;
-    let reflection = reflection_service()
+    let (reflection, reflection_v1alpha) =
+        reflection_services(<CacheControllerServer<ControllerService> as tonic::server::NamedService>::NAME)
         .map_err(|e| ControllerError::Internal(format!("building reflection service: {e}")))?;
     let max = opts.max_message_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
     let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);
     let server = grpc_server(max)
-        .layer(ServerLayer::new(Some(opts.metrics.rpc.clone())))
+        .layer(
+            ServerLayer::new(Some(opts.metrics.rpc.clone()))
+                .trace_background(opts.trace_background_calls),
+        )
         .layer(OversizeToResourceExhausted::new(max))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             CacheControllerServer::new(service)
                 .max_decoding_message_size(max)

@@ -191,24 +191,23 @@ fn cfg_scale(req: &v1::GenerateRequest, model_type: &str) -> Result<f64, Control
 }
 
 impl Session {
-    /// Validates a request and builds its session (nothing runs yet).
+    /// Validates a request and builds its session (nothing runs yet). `model_class_name` is
+    /// the model the request runs on: its own, or the controller's default (see
+    /// [`crate::server`]); empty when neither decides, which is an error after the cache
+    /// plan's own checks.
     pub fn create(
         req: &v1::GenerateRequest,
+        model_class_name: &str,
         defaults: &CacheDefaults,
         max_message_bytes: usize,
     ) -> Result<Self, ControllerError> {
         // The cache plan first: its errors (the seed's) take precedence, and it injects
         // model_class_name as the model type.
-        let model_class_name = if req.model_class_name.is_empty() {
-            defaults.model_class_name.clone().unwrap_or_default()
-        } else {
-            req.model_class_name.clone()
-        };
         let plan = cache_config::resolve(
             defaults,
             &req.cache_adapter,
             req.cache_config.as_ref(),
-            &model_class_name,
+            model_class_name,
         )?;
         if model_class_name.is_empty() {
             return Err(invalid(format!(
@@ -216,7 +215,7 @@ impl Session {
                 models::supported_list()
             )));
         }
-        let model_type = model_class_name;
+        let model_type = model_class_name.to_string();
         if !req.prompt.is_empty()
             || !req.negative_prompt.is_empty()
             || req.height != 0

@@ -241,6 +241,29 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     let result = result.unwrap();
     assert_eq!(result.trace_id, client_trace, "the result names the trace");
 
+    // Background calls, as Kubernetes probes and tools make them: health checks on both
+    // services, a Describe outside any trace, reflection. None of them may produce a span.
+    for url in [format!("http://{grpc}"), denoiser.url()] {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        for _ in 0..3 {
+            health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .unwrap();
+        }
+    }
+    denoiser
+        .client()
+        .await
+        .describe(v1::DescribeRequest {})
+        .await
+        .unwrap();
+
     // Metrics: the step counters equal the result.
     let text = http_get(&metrics, "/metrics").await;
     let name = "teaserve_controller_steps_total";
@@ -323,8 +346,23 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
 
-    // One trace, from both services: everything the generation did is in the client's trace
-    // (other traces are health checks and the controller's Describe probes).
+    // Health checks, reflection and background Describe calls are not traced by default:
+    // every span either service exported belongs to the one generation's trace.
+    for s in &all {
+        assert_eq!(
+            s.trace_id, client_trace,
+            "span {} ({}) outside the generation's trace",
+            s.name, s.service
+        );
+        assert!(
+            !s.name.starts_with("grpc.health") && !s.name.starts_with("grpc.reflection"),
+            "background call traced: {} ({})",
+            s.name,
+            s.service
+        );
+    }
+
+    // One trace, from both services: everything the generation did is in the client's trace.
     let generation_work = |s: &Span| {
         matches!(
             s.name.as_str(),

@@ -19,7 +19,7 @@ use teaserve_proto::codec::map_bytes;
 use teaserve_proto::codec::{self, encode_tensor};
 use teaserve_proto::serving::{
     OversizeToResourceExhausted, bounded_shutdown, grpc_server, nodelay_incoming,
-    reflection_service,
+    reflection_services,
 };
 use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
 use teaserve_proto::v1::{self, DType};
@@ -677,6 +677,8 @@ pub struct ServeOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// The metric registry this server records into.
     pub metrics: Metrics,
+    /// Background calls (health, reflection, Describe outside a trace) get spans too.
+    pub trace_background_calls: bool,
 }
 
 /// Serves the denoiser on `listener` until `shutdown` resolves. The listener accepts
@@ -697,7 +699,8 @@ where
     health_reporter
         .set_not_serving::<DenoiserServer<DenoiserService>>()
         .await;
-    let reflection = reflection_service()
+    let (reflection, reflection_v1alpha) =
+        reflection_services(<DenoiserServer<DenoiserService> as tonic::server::NamedService>::NAME)
         .map_err(|e| DenoiserError::Config(format!("building reflection service: {e}")))?;
 
     let tensor_bytes = Family::<TensorLabels, Counter>::default();
@@ -775,10 +778,14 @@ where
         .map_err(|e| DenoiserError::Config(format!("--metrics-listen {addr}: {e}")))?;
     }
     let server = grpc_server(max)
-        .layer(ServerLayer::new(Some(opts.metrics.rpc.clone())))
+        .layer(
+            ServerLayer::new(Some(opts.metrics.rpc.clone()))
+                .trace_background(opts.trace_background_calls),
+        )
         .layer(OversizeToResourceExhausted::new(max))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(grpc)
         .serve_with_incoming_shutdown(nodelay_incoming(listener), signal);
     let served = tokio::select! {

@@ -1,6 +1,13 @@
 //! The server-side gRPC layer of every teaserve service: continues the caller's trace from
 //! `traceparent` in a server span named after the RPC, and records request counts and
 //! latency per method and status.
+//!
+//! Background calls are not traced by default, so that Kubernetes probes and the
+//! controller's pool upkeep do not bury the useful traces: health checks and watches
+//! (`grpc.health.v1`), server reflection, and `Describe` calls that arrive without a
+//! `traceparent` (the controller's pool probing its denoisers; a Describe made inside a
+//! generation carries the generation's trace and is traced). They are still counted in the
+//! metrics. [`ServerLayer::trace_background`] turns their spans on.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,12 +23,35 @@ use crate::metrics::RpcMetrics;
 #[derive(Clone)]
 pub struct ServerLayer {
     metrics: Option<RpcMetrics>,
+    trace_background: bool,
 }
 
 impl ServerLayer {
-    /// A layer recording into `metrics` (or only tracing when `None`).
+    /// A layer recording into `metrics` (or only tracing when `None`); background calls
+    /// (health, reflection, untraced Describe) get no span.
     pub fn new(metrics: Option<RpcMetrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            trace_background: false,
+        }
+    }
+
+    /// Whether background calls get server spans too (`--trace-background-calls`).
+    pub fn trace_background(mut self, on: bool) -> Self {
+        self.trace_background = on;
+        self
+    }
+}
+
+/// Whether a call to `method` (`package.Service/Method`) is background work: health checks,
+/// reflection, or a `Describe` that is not part of a caller's trace.
+pub fn is_background(method: &str, headers: &http::HeaderMap) -> bool {
+    let service = method.split('/').next().unwrap_or_default();
+    match service {
+        "grpc.health.v1.Health"
+        | "grpc.reflection.v1.ServerReflection"
+        | "grpc.reflection.v1alpha.ServerReflection" => true,
+        _ => method.ends_with("/Describe") && !headers.contains_key("traceparent"),
     }
 }
 
@@ -31,6 +61,7 @@ impl<S> Layer<S> for ServerLayer {
         ServerService {
             inner,
             metrics: self.metrics.clone(),
+            trace_background: self.trace_background,
         }
     }
 }
@@ -40,6 +71,7 @@ impl<S> Layer<S> for ServerLayer {
 pub struct ServerService<S> {
     inner: S,
     metrics: Option<RpcMetrics>,
+    trace_background: bool,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ServerService<S>
@@ -58,15 +90,20 @@ where
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         let method = req.uri().path().trim_start_matches('/').to_string();
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = %method,
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.method = %method,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
-        let _ = span.set_parent(crate::propagation::extract(req.headers()));
+        let span = if !self.trace_background && is_background(&method, req.headers()) {
+            tracing::Span::none()
+        } else {
+            let span = tracing::info_span!(
+                "grpc.server",
+                otel.name = %method,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = %method,
+                rpc.grpc.status_code = tracing::field::Empty,
+            );
+            let _ = span.set_parent(crate::propagation::extract(req.headers()));
+            span
+        };
         let fut = {
             let _entered = span.enter();
             self.inner.call(req)
@@ -92,5 +129,33 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_calls_are_health_reflection_and_untraced_describe() {
+        let none = http::HeaderMap::new();
+        let mut traced = http::HeaderMap::new();
+        traced.insert(
+            "traceparent",
+            http::HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        );
+        for m in [
+            "grpc.health.v1.Health/Check",
+            "grpc.health.v1.Health/Watch",
+            "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ] {
+            assert!(is_background(m, &none), "{m}");
+            assert!(is_background(m, &traced), "{m}");
+        }
+        assert!(is_background("teaserve.v1.Denoiser/Describe", &none));
+        assert!(!is_background("teaserve.v1.Denoiser/Describe", &traced));
+        assert!(!is_background("teaserve.v1.Denoiser/RunBlocks", &none));
+        assert!(!is_background("teaserve.v1.CacheController/Generate", &none));
     }
 }

@@ -77,7 +77,9 @@ pub struct Telemetry {
 pub fn init(format: LogFormat, otel: &OtelConfig) -> Result<Telemetry, TelemetryError> {
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
+        // Colours only on a terminal: piped or collected logs stay plain text.
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .with_filter(filter())
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
