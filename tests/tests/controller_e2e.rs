@@ -246,15 +246,6 @@ async fn bad_configs_get_the_seed_messages_and_the_controller_keeps_serving() {
         ..good.clone()
     };
 
-    let mut no_type = good.clone();
-    no_type.model_class_name.clear();
-    expect_invalid(
-        &mut c,
-        no_type,
-        Code::InvalidArgument,
-        "model_type must be provided in cache_config",
-    )
-    .await;
     expect_invalid(
         &mut c,
         with_cfg(v1::CacheConfig {
@@ -308,11 +299,11 @@ async fn bad_configs_get_the_seed_messages_and_the_controller_keeps_serving() {
     expect_invalid(
         &mut c,
         v1::GenerateRequest {
-            num_inference_steps: 0,
+            num_inference_steps: 1001,
             ..good.clone()
         },
         Code::InvalidArgument,
-        "num_inference_steps must be between 1 and 1000, got 0",
+        "num_inference_steps must be between 1 and 1000, got 1001",
     )
     .await;
     expect_invalid(
@@ -886,4 +877,52 @@ async fn oversize_generate_is_resource_exhausted_and_the_controller_keeps_servin
     );
     let models = c.list_models(v1::ListModelsRequest {}).await.unwrap();
     assert!(!models.into_inner().models.is_empty());
+}
+
+/// Fields proto3 leaves unset get defaults: no `num_inference_steps` runs the model's
+/// default steps (FluxPipeline: 28), no `model_class_name` runs the only model type served.
+/// With two model types served the controller cannot pick: the seed's cache-plan message
+/// first, then one naming the served types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unset_steps_and_model_get_the_defaults() {
+    let (fx, _d, _proxy, ctl) = pair("flux-tiny", &[]).await;
+    let mut c = ctl.client().await;
+    let mut req = request(&fx, "", 0, "none", None);
+    req.model_class_name.clear();
+    let mut stream = c.generate(req.clone()).await.unwrap().into_inner();
+    let mut steps = 0;
+    let mut result = None;
+    while let Some(ev) = stream.next().await {
+        match ev.unwrap().event.unwrap() {
+            generate_event::Event::Step(_) => steps += 1,
+            generate_event::Event::Result(r) => result = Some(r),
+        }
+    }
+    let result = result.unwrap();
+    assert_eq!(steps, 28, "FluxPipeline's default num_inference_steps");
+    assert_eq!(result.computed_steps, 28);
+
+    let qwen = Fixture::load("qwen-image-tiny");
+    let other = TestDenoiser::start(&["--model", qwen.dir.to_str().unwrap()]).await;
+    let flux = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let two = TestController::start(&["--denoiser", &flux.url(), "--denoiser", &other.url()]).await;
+    let mut c = two.client().await;
+    expect_invalid(
+        &mut c,
+        v1::GenerateRequest {
+            cache_adapter: "tea_cache".into(),
+            ..req.clone()
+        },
+        Code::InvalidArgument,
+        "model_type must be provided in cache_config",
+    )
+    .await;
+    expect_invalid(
+        &mut c,
+        req,
+        Code::InvalidArgument,
+        "model_class_name is required: the denoisers serve several model types: \
+         [\"FluxPipeline\", \"QwenImagePipeline\"]",
+    )
+    .await;
 }
