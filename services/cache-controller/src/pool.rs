@@ -373,6 +373,23 @@ impl DenoiserPool {
         types
     }
 
+    /// Probes every endpoint once and warns about each one that does not answer, so an
+    /// operator sees a wrong `--denoiser` address at start-up rather than at the first call.
+    pub async fn warn_unreachable(&self) {
+        self.refresh().await;
+        let endpoints = self.endpoints();
+        if endpoints.is_empty() {
+            tracing::warn!("no denoiser endpoint resolved yet (dns targets re-resolve every --dns-refresh-secs)");
+        }
+        for e in endpoints.iter().filter(|e| e.model_type.is_none()) {
+            tracing::warn!(
+                endpoint = %e.url,
+                "denoiser unreachable at start-up (Describe failed); calls go to the other \
+                 endpoints until it answers"
+            );
+        }
+    }
+
     /// Every endpoint with what the pool knows about it.
     pub fn endpoints(&self) -> Vec<EndpointState> {
         self.members()

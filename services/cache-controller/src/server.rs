@@ -508,6 +508,10 @@ pub async fn serve(
 ) -> Result<(), ControllerError> {
     let pool = DenoiserPool::new(&opts.denoisers, opts.pool.clone())?;
     let discovery = pool.spawn_upkeep();
+    {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.warn_unreachable().await });
+    }
     let controller_metrics = ControllerMetrics::register(&opts.metrics);
     let service = ControllerService::new(
         pool,
