@@ -85,6 +85,9 @@ pub struct Args {
     /// Seconds in-flight calls may take to finish after SIGTERM / Ctrl-C.
     #[arg(long, env = "TEASERVE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0, value_parser = parse_grace)]
     pub shutdown_grace_secs: f64,
+    /// Hub access token for gated or private repos (default: the file $HF_HOME/token).
+    #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+    pub hf_token: Option<String>,
     /// Hugging Face home; the Hub cache is $HF_HOME/hub.
     #[arg(long, env = "HF_HOME")]
     pub hf_home: Option<PathBuf>,
@@ -168,6 +171,7 @@ impl Args {
             hf_home: self.hf_home.clone(),
             offline: self.hf_hub_offline,
             revision: self.revision.clone(),
+            token: self.hf_token.clone(),
         };
         match &self.model {
             Some(model) => resolve(model, self.subfolder.as_deref(), &hub),

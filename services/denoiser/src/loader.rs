@@ -20,6 +20,9 @@ pub struct HubOptions {
     pub offline: bool,
     /// Branch, tag or commit; default `main`.
     pub revision: Option<String>,
+    /// `HF_TOKEN`: the Hub access token for gated or private repos; unset: the token file
+    /// `$HF_HOME/token`, if any.
+    pub token: Option<String>,
 }
 
 /// The resolved files of one transformer checkpoint.
@@ -87,7 +90,11 @@ pub fn resolve(
              'owner/name'"
         )));
     }
-    resolve_hub(model, subfolder, hub)
+    resolve_hub(model, subfolder, hub).map_err(|e| {
+        load_err(format!(
+            "'{model}' is not a local folder (no such path) and not a usable Hub repo: {e}"
+        ))
+    })
 }
 
 fn resolve_local(path: &Path, subfolder: Option<&str>) -> Result<ModelFiles, DenoiserError> {
@@ -112,20 +119,20 @@ fn resolve_local(path: &Path, subfolder: Option<&str>) -> Result<ModelFiles, Den
         .find(|p| p.is_file());
     let weights = match index {
         Some(index) => shards(&index, |f| Ok(dir.join(f)))?,
-        None => {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(|e| load_err(format!("reading {}: {e}", dir.display())))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            found.sort();
-            found
-        }
+        None => SINGLE_NAMES
+            .iter()
+            .map(|n| dir.join(n))
+            .filter(|p| p.is_file())
+            .take(1)
+            .collect(),
     };
     if weights.is_empty() {
         return Err(load_err(format!(
-            "no *.safetensors weights in {}",
-            dir.display()
+            "no transformer weights in {}: looked for {} (or a sharded {}); other \
+             *.safetensors files there are not loaded",
+            dir.display(),
+            SINGLE_NAMES.join(" / "),
+            INDEX_NAMES.join(" / "),
         )));
     }
     files(config_path, weights, dir.display().to_string())
@@ -196,6 +203,7 @@ fn resolve_hub(
         Some(
             hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
                 .with_progress(false)
+                .with_token(hub.token.clone().or_else(|| cache.token()))
                 .build()
                 .map_err(|e| load_err(format!("Hub client: {e}")))?,
         )
@@ -340,7 +348,18 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("no *.safetensors"), "{err}");
+        assert!(err.contains("no transformer weights"), "{err}");
+        // Other safetensors beside the config (e.g. recorded stages) are never loaded.
+        write(&d.join("stray/config.json"), "{}");
+        write(&d.join("stray/stages.safetensors"), "");
+        let err = resolve(
+            d.join("stray").to_str().unwrap(),
+            None,
+            &HubOptions::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("no transformer weights"), "{err}");
         let err = resolve("not/a/repo/id", None, &HubOptions::default())
             .unwrap_err()
             .to_string();
@@ -362,6 +381,7 @@ mod tests {
             hf_home: Some(tmp.path().to_path_buf()),
             offline: true,
             revision: None,
+            token: None,
         };
         let f = resolve("acme/tiny-flux", None, &hub).unwrap();
         assert_eq!(f.source, "hf://acme/tiny-flux/transformer/");
@@ -369,5 +389,6 @@ mod tests {
 
         let err = resolve("acme/missing", None, &hub).unwrap_err().to_string();
         assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+        assert!(err.contains("not a local folder"), "{err}");
     }
 }
