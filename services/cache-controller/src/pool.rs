@@ -379,7 +379,9 @@ impl DenoiserPool {
         self.refresh().await;
         let endpoints = self.endpoints();
         if endpoints.is_empty() {
-            tracing::warn!("no denoiser endpoint resolved yet (dns targets re-resolve every --dns-refresh-secs)");
+            tracing::warn!(
+                "no denoiser endpoint resolved yet (dns targets re-resolve every --dns-refresh-secs)"
+            );
         }
         for e in endpoints.iter().filter(|e| e.model_type.is_none()) {
             tracing::warn!(

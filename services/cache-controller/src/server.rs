@@ -120,7 +120,8 @@ impl ControllerService {
         } else {
             req
         };
-        let mut session = Session::create(req, &model_type, &self.defaults, self.max_message_bytes)?;
+        let mut session =
+            Session::create(req, &model_type, &self.defaults, self.max_message_bytes)?;
         session.decode_size = decode_size;
         let info = session.info(Duration::ZERO);
         let id = self.store.insert(session)?;
@@ -533,9 +534,10 @@ pub async fn serve(
     health_reporter
         .set_serving::<CacheControllerServer<ControllerService>>()
         .await;
-    let (reflection, reflection_v1alpha) =
-        reflection_services(<CacheControllerServer<ControllerService> as tonic::server::NamedService>::NAME)
-        .map_err(|e| ControllerError::Internal(format!("building reflection service: {e}")))?;
+    let (reflection, reflection_v1alpha) = reflection_services(
+        <CacheControllerServer<ControllerService> as tonic::server::NamedService>::NAME,
+    )
+    .map_err(|e| ControllerError::Internal(format!("building reflection service: {e}")))?;
     let max = opts.max_message_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
     let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);

@@ -701,7 +701,7 @@ where
         .await;
     let (reflection, reflection_v1alpha) =
         reflection_services(<DenoiserServer<DenoiserService> as tonic::server::NamedService>::NAME)
-        .map_err(|e| DenoiserError::Config(format!("building reflection service: {e}")))?;
+            .map_err(|e| DenoiserError::Config(format!("building reflection service: {e}")))?;
 
     let tensor_bytes = Family::<TensorLabels, Counter>::default();
     opts.metrics.register(

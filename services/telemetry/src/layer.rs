@@ -142,7 +142,9 @@ mod tests {
         let mut traced = http::HeaderMap::new();
         traced.insert(
             "traceparent",
-            http::HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            http::HeaderValue::from_static(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
         );
         for m in [
             "grpc.health.v1.Health/Check",
@@ -156,6 +158,9 @@ mod tests {
         assert!(is_background("teaserve.v1.Denoiser/Describe", &none));
         assert!(!is_background("teaserve.v1.Denoiser/Describe", &traced));
         assert!(!is_background("teaserve.v1.Denoiser/RunBlocks", &none));
-        assert!(!is_background("teaserve.v1.CacheController/Generate", &none));
+        assert!(!is_background(
+            "teaserve.v1.CacheController/Generate",
+            &none
+        ));
     }
 }
