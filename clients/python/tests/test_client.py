@@ -72,7 +72,7 @@ def test_generate_streams_progress_and_returns_a_picture():
 def test_bad_requests_get_clear_errors():
     with teaserve.Client(ADDRESS) as c:
         with pytest.raises(grpc.RpcError) as e:
-            c.generate(PROMPT, steps=0)
+            c.generate(PROMPT, steps=1001)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "num_inference_steps" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
