@@ -171,7 +171,7 @@ async fn all_denoisers_gone_is_unavailable_and_the_controller_recovers() {
         .client()
         .await
         .generate(v1::GenerateRequest {
-            num_inference_steps: 0,
+            num_inference_steps: 1001,
             ..request("tea_cache")
         })
         .await;
