@@ -23,8 +23,12 @@ use teaserve_proto::{TensorMap, decode_tensor, encode_tensor};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
+use crate::output::{Output, png_file_detail};
 use crate::plot::{Series, line_chart};
-use crate::spawn::{Service, connect, free_port, metric, scrape, sibling_binaries, start};
+use crate::rpc::status_error;
+use crate::spawn::{
+    Service, connect, free_port, metric, scrape, sibling_binaries, start, wait_until_served,
+};
 
 /// The parts of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,25 +47,52 @@ pub enum Section {
 #[derive(Debug, ClapArgs)]
 pub struct BenchArgs {
     /// Folder for report.md and threshold.png.
-    #[arg(long, default_value = "bench-results")]
+    #[arg(long, env = "TEASERVE_BENCH_OUT_DIR", default_value = "bench-results")]
     out_dir: PathBuf,
     /// Sections to run (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Section::Overhead, Section::Cache, Section::Wire, Section::Scaling])]
+    #[arg(long, env = "TEASERVE_BENCH_SECTIONS", value_enum, value_delimiter = ',', default_values_t = [Section::Overhead, Section::Cache, Section::Wire, Section::Scaling])]
     sections: Vec<Section>,
     /// Denoising steps per generation.
-    #[arg(long, default_value_t = 20)]
-    steps: u32,
+    #[arg(
+        long,
+        env = "TEASERVE_STEPS",
+        visible_alias = "num-inference-steps",
+        default_value_t = 20,
+        allow_negative_numbers = true
+    )]
+    pub steps: u32,
     /// Captions averaged in the threshold table (at most 8).
-    #[arg(long, default_value_t = 8)]
-    prompts: usize,
+    #[arg(
+        long,
+        env = "TEASERVE_BENCH_CAPTIONS",
+        visible_alias = "prompts",
+        default_value_t = 8,
+        allow_negative_numbers = true
+    )]
+    pub captions: usize,
     /// Timed repetitions per measurement (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(
+        long,
+        env = "TEASERVE_BENCH_REPEATS",
+        default_value_t = 3,
+        allow_negative_numbers = true
+    )]
     repeats: usize,
     /// Concurrent generations in the scaling section.
-    #[arg(long, default_value_t = 4)]
+    #[arg(
+        long,
+        env = "TEASERVE_BENCH_CONCURRENCY",
+        default_value_t = 4,
+        allow_negative_numbers = true
+    )]
     concurrency: usize,
     /// Generations per scaling run.
-    #[arg(long, default_value_t = 8)]
+    #[arg(
+        long,
+        env = "TEASERVE_BENCH_SCALING_GENERATIONS",
+        default_value_t = 8,
+        allow_negative_numbers = true
+    )]
     scaling_generations: usize,
 }
 
@@ -313,25 +344,13 @@ async fn stack(
     let (controller, addr) = start(&controller_bin, &args, &[], "cache-controller listening")?;
     let mut client = connect(&addr).await?;
     // Ready when every denoiser is described as serving the model.
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let models = client
-            .list_models(v1::ListModelsRequest {})
-            .await?
-            .into_inner()
-            .models;
-        let serving = models
-            .iter()
-            .find(|m| m.model_type == model_type)
-            .map_or(0, |m| m.endpoints.len());
-        if serving == denoisers {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {serving} of {denoisers} denoisers came up serving {model_type}");
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    wait_until_served(
+        &mut client,
+        model_type,
+        denoisers,
+        std::time::Duration::from_secs(120),
+    )
+    .await?;
     Ok(Stack {
         _denoisers: fleet,
         _controller: controller,
@@ -356,12 +375,11 @@ async fn generate(
     let mut stream = client
         .generate(req)
         .await
-        .map_err(|s| anyhow::anyhow!("Generate: {}", s.message()))?
+        .map_err(|s| status_error("Generate", &s))?
         .into_inner();
     while let Some(ev) = stream.next().await {
-        if let Some(generate_event::Event::Result(r)) = ev
-            .map_err(|s| anyhow::anyhow!("Generate: {}", s.message()))?
-            .event
+        if let Some(generate_event::Event::Result(r)) =
+            ev.map_err(|s| status_error("Generate", &s))?.event
         {
             let latents = r.latents.context("result without latents")?;
             return Ok(Run {
@@ -503,7 +521,7 @@ async fn cache(
     synthetic: &BenchModel,
     r: &mut Report,
 ) -> anyhow::Result<Vec<(f64, f64, f64)>> {
-    let captions = &CAPTIONS[..a.prompts.clamp(1, CAPTIONS.len())];
+    let captions = &CAPTIONS[..a.captions.clamp(1, CAPTIONS.len())];
     let mut s = stack(None, "TinyFluxPipeline", 1, &[]).await?;
     generate(
         &mut s.client,
@@ -752,7 +770,7 @@ fn machine() -> String {
 }
 
 /// Runs the benchmark.
-pub async fn bench(a: BenchArgs) -> anyhow::Result<()> {
+pub async fn bench(a: &BenchArgs) -> anyhow::Result<()> {
     sibling_binaries()?;
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
@@ -772,22 +790,23 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         machine()
     ));
     let mut points = Vec::new();
+    let mut plot = None;
     for section in &a.sections {
         let mut err = std::io::stderr().lock();
         writeln!(err, "bench: {section:?} ...")?;
         drop(err);
         match section {
-            Section::Overhead => overhead(&a, &[&embedded, &synthetic], &mut r).await?,
-            Section::Cache => points = cache(&a, &synthetic, &mut r).await?,
-            Section::Wire => wire(&a, &synthetic, &mut r).await?,
-            Section::Scaling => scaling(&a, &synthetic, &mut r).await?,
+            Section::Overhead => overhead(a, &[&embedded, &synthetic], &mut r).await?,
+            Section::Cache => points = cache(a, &synthetic, &mut r).await?,
+            Section::Wire => wire(a, &synthetic, &mut r).await?,
+            Section::Scaling => scaling(a, &synthetic, &mut r).await?,
         }
     }
     if !points.is_empty() {
-        let png = a.out_dir.join("threshold.png");
+        let png = Output::new(a.out_dir.join("threshold.png"));
         let reference: Vec<(f64, f64)> = REFERENCE.to_vec();
         line_chart(
-            &png,
+            png.path(),
             "TeaCache on the embedded model",
             "threshold",
             &[
@@ -805,6 +824,7 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<()> {
             ],
         )?;
         r.line("![speedup and PSNR against threshold](threshold.png)\n");
+        plot = Some(png);
     }
     let mut summary = String::new();
     for s in &r.summary {
@@ -814,11 +834,19 @@ pub async fn bench(a: BenchArgs) -> anyhow::Result<()> {
         "## Summary\n\n{summary}\nTotal bench time: {:.0} s.",
         started.elapsed().as_secs_f64()
     ));
-    let path = a.out_dir.join("report.md");
-    std::fs::write(&path, &r.md)?;
+    let report = Output::new(a.out_dir.join("report.md"));
+    report.write(r.md.as_bytes())?;
     let _ = std::fs::remove_dir_all(&scratch);
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}\nwrote {}", r.md, path.display())?;
+    writeln!(out, "{}", r.md)?;
+    writeln!(
+        out,
+        "{}",
+        report.wrote(&format!("({} sections)", a.sections.len()))
+    )?;
+    if let Some(png) = plot {
+        writeln!(out, "{}", png.wrote(&png_file_detail(png.path())))?;
+    }
     Ok(())
 }
 

@@ -9,12 +9,13 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use clap::{Args as ClapArgs, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
 use teaserve_proto::v1::{self, calibrate_event};
 use tokio_stream::StreamExt as _;
-use tonic::transport::Channel;
 
+use crate::output::{Output, png_file_detail};
 use crate::plot::{Series, line_chart};
+use crate::progress::{Cancelled, CtrlC, end_line};
+use crate::rpc::{Controller, ControllerArgs};
 
 /// What the polynomial predicts.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -28,40 +29,59 @@ pub enum Target {
 /// Options of `teaserve calibrate`.
 #[derive(Debug, ClapArgs)]
 pub struct CalibrateArgs {
-    /// Model type to calibrate, e.g. TinyFluxPipeline or FluxPipeline.
-    #[arg(long)]
+    #[command(flatten)]
+    pub controller: ControllerArgs,
+    /// Model type to calibrate, e.g. TinyFluxPipeline or FluxPipeline; default: the
+    /// controller's.
+    #[arg(long, env = "TEASERVE_MODEL_CLASS_NAME", default_value = "")]
     model_class_name: String,
     /// A prompt (text-mode models); repeat for more.
-    #[arg(long)]
+    #[arg(long, env = "TEASERVE_PROMPT")]
     prompt: Vec<String>,
     /// A file of prompts, one per line (blank lines and lines starting with # are skipped).
-    #[arg(long)]
+    #[arg(long, env = "TEASERVE_PROMPTS_FILE")]
     prompts_file: Option<PathBuf>,
     /// Seeds per prompt (0, 1, ...).
-    #[arg(long, default_value_t = 1)]
+    #[arg(
+        long,
+        env = "TEASERVE_SEEDS_PER_PROMPT",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     seeds_per_prompt: u32,
     /// Model-native inputs as safetensors files (hidden_states, encoder_hidden_states, ...);
     /// repeat for more generations.
-    #[arg(long)]
+    #[arg(long, env = "TEASERVE_INPUTS")]
     inputs: Vec<PathBuf>,
     /// Only use tensors of --inputs whose name starts with this prefix, and strip it.
-    #[arg(long, default_value = "")]
+    #[arg(long, env = "TEASERVE_INPUTS_PREFIX", default_value = "")]
     inputs_prefix: String,
-    /// Steps per generation.
-    #[arg(long, default_value_t = 20)]
-    steps: u32,
+    /// Steps per generation; default: the controller's (20 for prompts, the model's default
+    /// for --inputs).
+    #[arg(
+        long,
+        env = "TEASERVE_STEPS",
+        visible_alias = "num-inference-steps",
+        allow_negative_numbers = true
+    )]
+    steps: Option<u32>,
     /// What the polynomial predicts from the modulated input's change.
-    #[arg(long, value_enum, default_value_t = Target::Residual)]
+    #[arg(long, env = "TEASERVE_CALIBRATE_TARGET", value_enum, default_value_t = Target::Residual)]
     target: Target,
     /// Folder for samples.csv, fit.json and fit.png.
-    #[arg(long, default_value = "calibration")]
+    #[arg(
+        long,
+        env = "TEASERVE_CALIBRATE_OUT_DIR",
+        default_value = "calibration"
+    )]
     out_dir: PathBuf,
 }
 
 /// Runs the calibration.
 pub async fn calibrate(
-    mut client: CacheControllerClient<Channel>,
-    a: CalibrateArgs,
+    a: &CalibrateArgs,
+    ctl: &ControllerArgs,
+    mut ctrl_c: CtrlC,
 ) -> anyhow::Result<()> {
     let mut prompts = a.prompt.clone();
     if let Some(path) = &a.prompts_file {
@@ -74,48 +94,72 @@ pub async fn calibrate(
                 .map(str::to_string),
         );
     }
+    let steps = a.steps.unwrap_or(0);
     let mut requests = Vec::new();
     for path in &a.inputs {
         requests.push(v1::GenerateRequest {
             inputs: crate::load_inputs(path, &a.inputs_prefix, &[])?,
-            num_inference_steps: a.steps,
+            num_inference_steps: steps,
             ..Default::default()
         });
     }
     if prompts.is_empty() && requests.is_empty() {
         bail!("give --prompt / --prompts-file (text-mode models) or --inputs files");
     }
+    let generations = prompts.len() * a.seeds_per_prompt.max(1) as usize + requests.len();
     let req = v1::CalibrateRequest {
         model_class_name: a.model_class_name.clone(),
         prompts,
         seeds_per_prompt: a.seeds_per_prompt,
-        num_inference_steps: a.steps,
+        num_inference_steps: steps,
         requests,
         target: match a.target {
             Target::Residual => v1::CalibrationTarget::Residual,
             Target::Output => v1::CalibrationTarget::Output,
         } as i32,
     };
-    let mut stream = client
-        .calibrate(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("Calibrate: {}", s.message()))?
-        .into_inner();
-    let bar = ProgressBar::new(0);
+    let mut controller = Controller::connect(ctl).await?;
+    let mut stream = match controller.client.calibrate(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return Err(controller.error("Calibrate", &s).await),
+    };
+    let bar = ProgressBar::new(generations as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} generations {msg}")
+        ProgressStyle::with_template("{bar:40} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let (mut done, mut total) = (0u32, generations as u32);
+    bar.set_message(format!("0/{total} generations"));
     let mut result = None;
-    while let Some(ev) = stream.next().await {
-        match ev
-            .map_err(|s| anyhow::anyhow!("Calibrate: {}", s.message()))?
-            .event
-        {
+    loop {
+        let ev = tokio::select! {
+            ev = stream.next() => ev,
+            () = ctrl_c.pressed() => {
+                bar.abandon();
+                end_line(&bar);
+                drop(stream);
+                return Err(Cancelled(format!(
+                    "cancelled by Ctrl-C after {done}/{total} generations; the controller stops \
+                     the calibration"
+                ))
+                .into());
+            }
+        };
+        let Some(ev) = ev else { break };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(s) => {
+                bar.abandon();
+                end_line(&bar);
+                return Err(controller.error("Calibrate", &s).await);
+            }
+        };
+        match ev.event {
             Some(calibrate_event::Event::Progress(p)) => {
-                bar.set_length(u64::from(p.generations));
-                bar.set_position(u64::from(p.generation));
-                bar.set_message(format!("{} samples", p.samples));
+                (done, total) = (p.generation, p.generations);
+                bar.set_length(u64::from(total));
+                bar.set_message(format!("{done}/{total} generations, {} samples", p.samples));
+                bar.set_position(u64::from(done));
             }
             Some(calibrate_event::Event::Result(r)) => result = Some(r),
             None => {}
@@ -123,24 +167,25 @@ pub async fn calibrate(
     }
     bar.finish_and_clear();
     let r = result.context("Calibrate ended without a result")?;
-    std::fs::create_dir_all(&a.out_dir)?;
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("creating {}", a.out_dir.display()))?;
     let mut csv = String::from("step,x_rel_l1_input,y_rel_l1_target\n");
     for ((s, x), y) in r.step.iter().zip(&r.x).zip(&r.y) {
         csv.push_str(&format!("{s},{x},{y}\n"));
     }
-    std::fs::write(a.out_dir.join("samples.csv"), csv)?;
+    let samples_out = Output::new(a.out_dir.join("samples.csv"));
+    samples_out.write(csv.as_bytes())?;
     let fit = serde_json::json!({
         "model_type": r.model_type,
         "coefficients": r.coefficients,
         "r2": r.r2,
         "samples": r.samples,
         "target": format!("{:?}", a.target).to_lowercase(),
-        "cache_config": serde_json::from_str::<serde_json::Value>(&r.cache_config_json)?,
+        "cache_config": serde_json::from_str::<serde_json::Value>(&r.cache_config_json)
+            .context("the controller's cache_config_json is not JSON")?,
     });
-    std::fs::write(
-        a.out_dir.join("fit.json"),
-        serde_json::to_string_pretty(&fit)?,
-    )?;
+    let fit_out = Output::new(a.out_dir.join("fit.json"));
+    fit_out.write(serde_json::to_string_pretty(&fit)?.as_bytes())?;
     let lo = r.x.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = r.x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let curve: Vec<(f64, f64)> = (0..=40)
@@ -149,8 +194,9 @@ pub async fn calibrate(
             (x, r.coefficients.iter().fold(0.0, |acc, c| acc * x + c))
         })
         .collect();
+    let plot_out = Output::new(a.out_dir.join("fit.png"));
     line_chart(
-        &a.out_dir.join("fit.png"),
+        plot_out.path(),
         "TeaCache calibration",
         "input rel-L1",
         &[
@@ -165,13 +211,15 @@ pub async fn calibrate(
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{}: {} samples, R^2 {:.4}\ncoefficients (highest power first): {:?}\ncache_config: {}\nwrote {}/{{samples.csv, fit.json, fit.png}}",
-        r.model_type,
-        r.samples,
-        r.r2,
-        r.coefficients,
-        r.cache_config_json,
-        a.out_dir.display()
+        "{}: {} samples, R^2 {:.4}\ncoefficients (highest power first): {:?}\ncache_config: {}",
+        r.model_type, r.samples, r.r2, r.coefficients, r.cache_config_json,
     )?;
+    writeln!(
+        out,
+        "{}",
+        samples_out.wrote(&format!("({} samples)", r.samples))
+    )?;
+    writeln!(out, "{}", fit_out.wrote(&format!("(R^2 {:.4})", r.r2)))?;
+    writeln!(out, "{}", plot_out.wrote(&png_file_detail(plot_out.path())))?;
     Ok(())
 }

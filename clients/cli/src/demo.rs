@@ -7,9 +7,11 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
-use crate::spawn::{connect, sibling_binaries, start};
+use crate::output::{Output, png_detail};
+use crate::rpc::status_error;
+use crate::spawn::{connect, sibling_binaries, start, wait_until_served};
 use clap::Args as ClapArgs;
 use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
 use teaserve_proto::v1::{self, generate_event};
@@ -20,20 +22,41 @@ use tonic::transport::Channel;
 #[derive(Debug, ClapArgs)]
 pub struct DemoArgs {
     /// What to draw (the embedded model knows 8 colours, 3 shapes, 5 positions).
-    #[arg(long, default_value = "a red circle on a blue background")]
-    prompt: String,
+    #[arg(
+        long,
+        env = "TEASERVE_PROMPT",
+        default_value = "a red circle on a blue background"
+    )]
+    pub prompt: String,
     /// Noise seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[arg(
+        long,
+        env = "TEASERVE_SEED",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub seed: u64,
     /// Denoising steps.
-    #[arg(long, default_value_t = 20)]
-    steps: u32,
+    #[arg(
+        long,
+        env = "TEASERVE_STEPS",
+        visible_alias = "num-inference-steps",
+        default_value_t = 20,
+        allow_negative_numbers = true
+    )]
+    pub steps: u32,
     /// TeaCache threshold of the cached run.
-    #[arg(long, default_value_t = 0.2)]
-    threshold: f64,
+    #[arg(
+        long,
+        env = "TEASERVE_REL_L1_THRESH",
+        visible_alias = "threshold",
+        default_value_t = 0.2,
+        allow_negative_numbers = true
+    )]
+    pub rel_l1_thresh: f64,
     /// Folder for demo-uncached.png and demo-teacache.png.
-    #[arg(long, default_value = ".")]
-    out_dir: PathBuf,
+    #[arg(long, env = "TEASERVE_DEMO_OUT_DIR", default_value = ".")]
+    pub out_dir: PathBuf,
 }
 
 struct Outcome {
@@ -52,7 +75,7 @@ async fn run(
         model_class_name: "TinyFluxPipeline".into(),
         cache_adapter: adapter.into(),
         cache_config: Some(v1::CacheConfig {
-            rel_l1_thresh: Some(a.threshold),
+            rel_l1_thresh: Some(a.rel_l1_thresh),
             ..Default::default()
         }),
         num_inference_steps: a.steps,
@@ -64,11 +87,11 @@ async fn run(
     let mut stream = client
         .generate(req)
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| status_error("Generate", &s))?
         .into_inner();
     while let Some(ev) = stream.next().await {
         if let Some(generate_event::Event::Result(r)) =
-            ev.map_err(|s| anyhow::anyhow!("{}", s.message()))?.event
+            ev.map_err(|s| status_error("Generate", &s))?.event
         {
             return Ok(Outcome {
                 png: r.image_png.to_vec(),
@@ -78,11 +101,11 @@ async fn run(
             });
         }
     }
-    bail!("no result")
+    bail!("the controller ended the stream without a result")
 }
 
 /// Runs the demo.
-pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
+pub async fn demo(a: &DemoArgs) -> anyhow::Result<()> {
     let (denoiser, controller_bin) = sibling_binaries()?;
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -98,26 +121,18 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
         "cache-controller listening",
     )?;
     let mut client = connect(&c_addr).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // The denoiser answers UNAVAILABLE while its weights load; retry the first call briefly.
-    let uncached = loop {
-        match run(&mut client, &a, "none").await {
-            Ok(o) => break o,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e),
-        }
-    };
-    let cached = run(&mut client, &a, "tea_cache").await?;
-    std::fs::create_dir_all(&a.out_dir)?;
+    // The controller discovers the denoiser's model shortly after both listen.
+    wait_until_served(&mut client, "TinyFluxPipeline", 1, Duration::from_secs(30)).await?;
+    let uncached = run(&mut client, a, "none").await?;
+    let cached = run(&mut client, a, "tea_cache").await?;
+    std::fs::create_dir_all(&a.out_dir)
+        .with_context(|| format!("creating {}", a.out_dir.display()))?;
     let (p_off, p_on) = (
-        a.out_dir.join("demo-uncached.png"),
-        a.out_dir.join("demo-teacache.png"),
+        Output::new(a.out_dir.join("demo-uncached.png")),
+        Output::new(a.out_dir.join("demo-teacache.png")),
     );
-    std::fs::write(&p_off, &uncached.png)?;
-    std::fs::write(&p_on, &cached.png)?;
+    p_off.write(&uncached.png)?;
+    p_on.write(&cached.png)?;
     let psnr = crate::bench::psnr_png(&uncached.png, &cached.png)?;
     writeln!(
         out,
@@ -137,12 +152,14 @@ pub async fn demo(a: DemoArgs) -> anyhow::Result<()> {
     writeln!(
         out,
         "| TeaCache {} | {}/{} | {:.0} ms | {:.2}x | {psnr:.1} dB |",
-        a.threshold,
+        a.rel_l1_thresh,
         cached.computed,
         cached.total,
         cached.wall_ms,
         uncached.wall_ms / cached.wall_ms
     )?;
-    writeln!(out, "\nwrote {} and {}", p_off.display(), p_on.display())?;
+    writeln!(out)?;
+    writeln!(out, "{}", p_off.wrote(&png_detail(&uncached.png)))?;
+    writeln!(out, "{}", p_on.wrote(&png_detail(&cached.png)))?;
     Ok(())
 }

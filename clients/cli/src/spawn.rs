@@ -7,8 +7,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
+use teaserve_proto::v1::{self, cache_controller_client::CacheControllerClient};
 use tonic::transport::Channel;
+
+use crate::rpc::status_error;
 
 /// A child service that is killed when dropped.
 pub struct Service(Child);
@@ -93,6 +95,35 @@ pub async fn connect(addr: &str) -> anyhow::Result<CacheControllerClient<Channel
     Ok(CacheControllerClient::new(channel)
         .max_decoding_message_size(1 << 30)
         .max_encoding_message_size(1 << 30))
+}
+
+/// Waits until `denoisers` denoisers are described as serving `model_type` (ListModels).
+pub async fn wait_until_served(
+    client: &mut CacheControllerClient<Channel>,
+    model_type: &str,
+    denoisers: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let models = client
+            .list_models(v1::ListModelsRequest {})
+            .await
+            .map_err(|s| status_error("ListModels", &s))?
+            .into_inner()
+            .models;
+        let serving = models
+            .iter()
+            .find(|m| m.model_type == model_type)
+            .map_or(0, |m| m.endpoints.len());
+        if serving >= denoisers {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {serving} of {denoisers} denoisers came up serving {model_type}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A free loopback port (for `--metrics-listen`).
