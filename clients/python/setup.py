@@ -1,7 +1,9 @@
 """Build hook: generate the teaserve.v1 message and gRPC stubs from the repository's protos.
 
 The stubs are never committed or hand-written: `pip install clients/python` runs grpcio-tools'
-protoc on ../../proto/teaserve/v1/*.proto and packages the output as `teaserve.v1`.
+protoc on ../../proto/teaserve/v1/*.proto and packages the output as `teaserve.v1`. An editable
+install (`pip install -e clients/python`) imports the package from src/, so there the stubs are
+written to src/teaserve/v1 (ignored by git); rerun the install after the protos change.
 """
 
 import os
@@ -43,11 +45,15 @@ def generate(out_dir: pathlib.Path) -> None:
 
 
 class BuildWithStubs(build_py):
-    """build_py that first writes the generated stubs into the build tree."""
+    """build_py that also writes the generated stubs: into the build tree for a regular
+    install, next to the sources (src/) for an editable one, which imports from there."""
 
     def run(self):
         super().run()
-        generate(pathlib.Path(self.build_lib))
+        if getattr(self, "editable_mode", False):
+            generate(HERE / "src")
+        else:
+            generate(pathlib.Path(self.build_lib))
 
 
 setup(cmdclass={"build_py": BuildWithStubs})

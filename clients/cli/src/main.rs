@@ -287,8 +287,21 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
         let _ = writeln!(err, "{c}");
         return ExitCode::from(130);
     }
-    let _ = writeln!(err, "error: {e:#}");
+    let _ = writeln!(err, "error: {}", message_chain(&e));
     ExitCode::FAILURE
+}
+
+/// `outer: inner: cause` (anyhow's `{:#}`), with a cause repeated by the next layer down
+/// (tonic's `tcp connect error: tcp connect error`) said once.
+fn message_chain(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if parts.last() != Some(&s) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
 }
 
 /// The controller settings of a subcommand, with the pre-subcommand spelling
@@ -610,6 +623,18 @@ mod tests {
             }) => *g,
             other => panic!("not a generate command: {other:?}"),
         }
+    }
+
+    #[test]
+    fn errors_print_as_one_chain_without_repeats() {
+        let e = anyhow::anyhow!("Connection refused")
+            .context("tcp connect error")
+            .context("tcp connect error")
+            .context("connecting to the controller at http://127.0.0.1:1");
+        assert_eq!(
+            message_chain(&e),
+            "connecting to the controller at http://127.0.0.1:1: tcp connect error: Connection refused"
+        );
     }
 
     #[test]

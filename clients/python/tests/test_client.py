@@ -16,6 +16,9 @@ from teaserve.v1 import tensor_pb2
 ADDRESS = os.environ.get("TEASERVE_CONTROLLER")
 needs_services = pytest.mark.skipif(not ADDRESS, reason="TEASERVE_CONTROLLER is not set")
 PROMPT = "a red circle on a blue background"
+# Named explicitly: the controller these tests run against may predate picking the only served
+# model type when model_class_name is empty.
+MODEL = "TinyFluxPipeline"
 
 
 def png_size(png: bytes):
@@ -43,16 +46,35 @@ def test_tensor_round_trip():
 def test_models_are_listed():
     with teaserve.Client(ADDRESS) as c:
         models = {m.model_type: m for m in c.list_models()}
-    assert models["TinyFluxPipeline"].text_mode
-    assert models["TinyFluxPipeline"].endpoints
+    tiny = models[MODEL]
+    assert tiny.text_mode
+    assert tiny.endpoints
+    assert tiny.default_num_inference_steps == 20
+    assert (tiny.default_height, tiny.default_width) == (32, 32)
+    assert models["FluxPipeline"].default_guidance_scale == 3.5
+    assert not tiny.HasField("default_guidance_scale")
+    # The same address with a scheme works too.
+    with teaserve.Client("http://" + ADDRESS.split("://")[-1]) as c:
+        assert {m.model_type for m in c.list_models()} == set(models)
+    # A denoiser's address is not a controller's: a clear error, still a grpc.RpcError.
+    with teaserve.Client(tiny.endpoints[0]) as c:
+        with pytest.raises(teaserve.NotAControllerError) as e:
+            c.list_models()
+        assert isinstance(e.value, grpc.RpcError)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "does not implement teaserve.v1.CacheController" in e.value.details()
+        assert f"teaserve denoiser serving {MODEL}" in e.value.details()
+        with pytest.raises(teaserve.NotAControllerError):
+            c.generate(PROMPT, model_class_name=MODEL, steps=2)
 
 
 @needs_services
 def test_generate_streams_progress_and_returns_a_picture():
     seen = []
     with teaserve.Client(ADDRESS) as c:
-        off = c.generate(PROMPT, steps=12, cache_adapter="none", seed=3)
-        on = c.generate(PROMPT, steps=12, threshold=0.4, seed=3, on_step=seen.append)
+        off = c.generate(PROMPT, model=MODEL, steps=12, cache_adapter="none", seed=3)
+        # No cache_adapter: the threshold (under its old name) turns TeaCache on.
+        on = c.generate(PROMPT, model=MODEL, steps=12, threshold=0.4, seed=3, on_step=seen.append)
     assert [s.step for s in seen] == list(range(12))
     assert off.computed_steps == 12 and off.reused_steps == 0
     assert on.computed_steps + on.reused_steps == 12
@@ -63,22 +85,40 @@ def test_generate_streams_progress_and_returns_a_picture():
     assert png_size(off.image_png) == (32, 32)
     # The same seed gives the same picture; TeaCache stays close to it.
     with teaserve.Client(ADDRESS) as c:
-        again = c.generate(PROMPT, steps=12, cache_adapter="none", seed=3)
+        again = c.generate(PROMPT, model_class_name=MODEL, steps=12, cache_adapter="none", seed=3)
+        # Steps unset: the model's default (20).
+        default = c.generate(PROMPT, model_class_name=MODEL, rel_l1_thresh=0.4, seed=3)
     assert np.array_equal(again.latents, off.latents)
     assert float(np.abs(on.latents - off.latents).mean()) < 0.5
+    assert len(default.steps) == 20
+    assert default.computed_steps + default.reused_steps == 20
+    assert default.reused_steps > 0
 
 
 @needs_services
 def test_bad_requests_get_clear_errors():
     with teaserve.Client(ADDRESS) as c:
         with pytest.raises(grpc.RpcError) as e:
-            c.generate(PROMPT, steps=1001)
+            c.generate(PROMPT, model=MODEL, steps=1001)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "num_inference_steps" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
-            c.generate(PROMPT, threshold=-1.0)
+            c.generate(PROMPT, model=MODEL, rel_l1_thresh=-1.0)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "rel_l1_thresh" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
-            c.generate("a pink circle")
+            c.generate("a pink circle", model=MODEL)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "pink" in e.value.details()
+        # Refused before any call: contradictory or doubled arguments.
+        with pytest.raises(ValueError, match="cache_adapter='none' turns TeaCache off"):
+            c.generate(PROMPT, model=MODEL, cache_adapter="none", rel_l1_thresh=0.4)
+        with pytest.raises(TypeError, match="rel_l1_thresh= or its alias threshold="):
+            c.generate(PROMPT, model=MODEL, rel_l1_thresh=0.4, threshold=0.4)
+        with pytest.raises(TypeError, match="model_class_name= or its alias model="):
+            c.generate(PROMPT, model=MODEL, model_class_name=MODEL)
+        with pytest.raises(ValueError, match="wire_dtype"):
+            c.generate(PROMPT, model=MODEL, wire_dtype="f64")
+        # Wire dtypes by name.
+        r = c.generate(PROMPT, model=MODEL, steps=2, wire_dtype="bf16")
+        assert r.latents.dtype == np.float32 and np.isfinite(r.latents).all()

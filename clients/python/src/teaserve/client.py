@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, List, Mapping, Optional
+import os
+from typing import Callable, Iterable, List, Mapping, Optional, Union
 
 import grpc
 import numpy as np
@@ -67,11 +68,75 @@ class GenerateResult:
     steps: List[StepDecision]
 
 
-class Client:
-    """A connection to a cache-controller, e.g. ``Client("127.0.0.1:50050")``."""
+DEFAULT_CONTROLLER = "127.0.0.1:50050"
 
-    def __init__(self, address: str, max_message_bytes: int = 512 << 20, timeout: Optional[float] = None):
-        target = address.split("://", 1)[-1]
+_WIRE_DTYPES = {"f32": tensor_pb2.F32, "f16": tensor_pb2.F16, "bf16": tensor_pb2.BF16}
+
+
+class NotAControllerError(grpc.RpcError):
+    """The server at the address answered, but does not implement teaserve.v1.CacheController
+    (a denoiser, or another gRPC service). ``code()`` is ``UNIMPLEMENTED``; ``details()`` says
+    what the server seems to be and where the controller listens by default."""
+
+    def __init__(self, address: str, rpc: str, what: str):
+        super().__init__()
+        self._details = (
+            f"{rpc} failed: UNIMPLEMENTED: the server at {address} does not implement "
+            f"teaserve.v1.CacheController ({what}); point the client at the cache-controller, "
+            f"which listens on {DEFAULT_CONTROLLER} by default"
+        )
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNIMPLEMENTED
+
+    def details(self) -> str:
+        return self._details
+
+    def __str__(self) -> str:
+        return self._details
+
+
+def _is_unimplemented_service(e: grpc.RpcError) -> bool:
+    """An UNIMPLEMENTED without details: the server has no such service at all."""
+    code = getattr(e, "code", None)
+    details = getattr(e, "details", None)
+    return (
+        callable(code)
+        and code() == grpc.StatusCode.UNIMPLEMENTED
+        and not (details() if callable(details) else "")
+    )
+
+
+def _cache_adapter(cache_adapter: Optional[str], tea_cache_settings: List[str]) -> str:
+    """The cache_adapter to send: the one given; ``tea_cache`` when TeaCache settings are given
+    without one (a threshold is never ignored); else "" (the controller's default)."""
+    adapter = (cache_adapter or "").strip()
+    if adapter.lower() == "none" and tea_cache_settings:
+        raise ValueError(
+            f"cache_adapter='none' turns TeaCache off, but {', '.join(tea_cache_settings)} only "
+            "apply to TeaCache; drop them, or use cache_adapter='tea_cache'"
+        )
+    if adapter:
+        return adapter
+    return "tea_cache" if tea_cache_settings else ""
+
+
+class Client:
+    """A connection to a cache-controller, e.g. ``Client("127.0.0.1:50050")``.
+
+    ``address`` is ``host:port`` or ``http://host:port``; unset, ``$TEASERVE_CONTROLLER`` or
+    127.0.0.1:50050 (as the ``teaserve`` CLI).
+    """
+
+    def __init__(
+        self,
+        address: Optional[str] = None,
+        max_message_bytes: int = 512 << 20,
+        timeout: Optional[float] = None,
+    ):
+        address = address or os.environ.get("TEASERVE_CONTROLLER") or DEFAULT_CONTROLLER
+        self.address = address.strip()
+        target = self.address.split("://", 1)[-1].rstrip("/")
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -90,28 +155,60 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _not_a_controller(self, rpc: str) -> NotAControllerError:
+        """What to raise when the server has no CacheController service."""
+        what = "it looks like a denoiser or another gRPC service"
+        try:
+            from teaserve.v1 import denoiser_pb2, denoiser_pb2_grpc
+
+            d = denoiser_pb2_grpc.DenoiserStub(self._channel).Describe(
+                denoiser_pb2.DescribeRequest(), timeout=5
+            )
+            what = (
+                f"it is a teaserve denoiser serving {d.model_type}; denoisers listen on "
+                "127.0.0.1:50051 by default"
+            )
+        except (grpc.RpcError, ImportError):
+            pass
+        return NotAControllerError(self.address, rpc, what)
+
     def list_models(self) -> List[controller_pb2.ModelInfo]:
-        """Model types the controller knows, with their coefficients and serving endpoints."""
-        return list(self._stub.ListModels(controller_pb2.ListModelsRequest(), timeout=self._timeout).models)
+        """Model types the controller knows, with their defaults (steps, image size, CFG and
+        guidance scale, TeaCache threshold and coefficients) and serving endpoints."""
+        try:
+            resp = self._stub.ListModels(controller_pb2.ListModelsRequest(), timeout=self._timeout)
+        except grpc.RpcError as e:
+            if _is_unimplemented_service(e):
+                raise self._not_a_controller("ListModels") from e
+            raise
+        return list(resp.models)
 
     def generate(
         self,
         prompt: str = "",
         *,
-        model: str = "TinyFluxPipeline",
-        steps: int = 20,
-        cache_adapter: str = "tea_cache",
+        model_class_name: Optional[str] = None,
+        model: Optional[str] = None,
+        steps: Optional[int] = None,
+        cache_adapter: Optional[str] = None,
+        rel_l1_thresh: Optional[float] = None,
         threshold: Optional[float] = None,
+        model_type: str = "",
         coefficients: Iterable[float] = (),
+        warmup_steps: Optional[int] = None,
+        cooldown_steps: Optional[int] = None,
+        max_consecutive_reuses: Optional[int] = None,
+        shared_cfg_decision: Optional[bool] = None,
         negative_prompt: str = "",
         true_cfg_scale: Optional[float] = None,
+        cfg_renorm: bool = False,
         seed: int = 0,
         height: int = 0,
         width: int = 0,
         inputs: Optional[Mapping[str, np.ndarray]] = None,
         negative_inputs: Optional[Mapping[str, np.ndarray]] = None,
         sigmas: Iterable[float] = (),
-        wire_dtype: int = tensor_pb2.F32,
+        wire_dtype: Union[int, str] = tensor_pb2.F32,
         on_step: Optional[Callable[[StepDecision], None]] = None,
     ) -> GenerateResult:
         """Runs one generation, streaming progress to ``on_step``.
@@ -119,16 +216,53 @@ class Client:
         Text mode (``prompt``) needs a model that ships a text encoder (the embedded
         TinyFluxPipeline does); otherwise pass model-native ``inputs`` as numpy arrays
         (``hidden_states`` = the initial packed latents, ``encoder_hidden_states``, ...).
-        Errors come back as ``grpc.RpcError`` with the controller's status and message.
+
+        Unset means the server's default: ``model_class_name`` (alias ``model``) the
+        controller's default model, ``steps`` the model's default (``len(sigmas)`` with
+        sigmas), ``true_cfg_scale`` the model's. ``rel_l1_thresh`` (alias ``threshold``) or any
+        other TeaCache setting without ``cache_adapter`` turns TeaCache on; with
+        ``cache_adapter="none"`` it is a ValueError.
+
+        Errors come back as ``grpc.RpcError`` with the controller's status and message
+        (:class:`NotAControllerError` when the address is not a controller).
         """
-        config = controller_pb2.CacheConfig(coefficients=list(coefficients))
-        if threshold is not None:
-            config.rel_l1_thresh = threshold
+        model_class_name = _alias("model_class_name", model_class_name, "model", model) or ""
+        rel_l1_thresh = _alias("rel_l1_thresh", rel_l1_thresh, "threshold", threshold)
+        coefficients = list(coefficients)
+        given = [
+            name
+            for name, value in [
+                ("rel_l1_thresh", rel_l1_thresh),
+                ("model_type", model_type or None),
+                ("coefficients", coefficients or None),
+                ("warmup_steps", warmup_steps),
+                ("cooldown_steps", cooldown_steps),
+                ("max_consecutive_reuses", max_consecutive_reuses),
+                ("shared_cfg_decision", shared_cfg_decision),
+            ]
+            if value is not None
+        ]
+        adapter = _cache_adapter(cache_adapter, given)
+        config = controller_pb2.CacheConfig(model_type=model_type, coefficients=coefficients)
+        if rel_l1_thresh is not None:
+            config.rel_l1_thresh = rel_l1_thresh
+        if warmup_steps is not None:
+            config.warmup_steps = warmup_steps
+        if cooldown_steps is not None:
+            config.cooldown_steps = cooldown_steps
+        if max_consecutive_reuses is not None:
+            config.max_consecutive_reuses = max_consecutive_reuses
+        if shared_cfg_decision is not None:
+            config.shared_cfg_decision = shared_cfg_decision
+        if isinstance(wire_dtype, str):
+            if wire_dtype.lower() not in _WIRE_DTYPES:
+                raise ValueError(f"wire_dtype {wire_dtype!r}: use one of {sorted(_WIRE_DTYPES)}")
+            wire_dtype = _WIRE_DTYPES[wire_dtype.lower()]
         req = controller_pb2.GenerateRequest(
-            model_class_name=model,
-            cache_adapter=cache_adapter,
+            model_class_name=model_class_name,
+            cache_adapter=adapter,
             cache_config=config,
-            num_inference_steps=steps,
+            num_inference_steps=0 if steps is None else steps,
             sigmas=list(sigmas),
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -136,6 +270,7 @@ class Client:
             height=height,
             width=width,
             wire_dtype=wire_dtype,
+            cfg_renorm=cfg_renorm,
         )
         if true_cfg_scale is not None:
             req.true_cfg_scale = true_cfg_scale
@@ -144,32 +279,47 @@ class Client:
         for name, a in (negative_inputs or {}).items():
             req.negative_inputs[name].CopyFrom(from_numpy(a))
         decisions: List[StepDecision] = []
-        for event in self._stub.Generate(req, timeout=self._timeout):
-            kind = event.WhichOneof("event")
-            if kind == "step":
-                s = event.step
-                d = StepDecision(
-                    step=s.step,
-                    sigma=s.sigma,
-                    computed=[b.computed for b in s.branches],
-                    accumulated=[b.accumulated for b in s.branches],
-                    elapsed_ms=s.elapsed_ms,
-                )
-                decisions.append(d)
-                if on_step is not None:
-                    on_step(d)
-            elif kind == "result":
-                r = event.result
-                return GenerateResult(
-                    latents=to_numpy(r.latents),
-                    image_png=bytes(r.image_png),
-                    computed_steps=r.computed_steps,
-                    reused_steps=r.reused_steps,
-                    wall_ms=r.wall_ms,
-                    session_id=r.session_id,
-                    trace_id=r.trace_id,
-                    steps=decisions,
-                )
+        call = self._stub.Generate(req, timeout=self._timeout)
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "step":
+                    s = event.step
+                    d = StepDecision(
+                        step=s.step,
+                        sigma=s.sigma,
+                        computed=[b.computed for b in s.branches],
+                        accumulated=[b.accumulated for b in s.branches],
+                        elapsed_ms=s.elapsed_ms,
+                    )
+                    decisions.append(d)
+                    if on_step is not None:
+                        on_step(d)
+                elif kind == "result":
+                    r = event.result
+                    return GenerateResult(
+                        latents=to_numpy(r.latents),
+                        image_png=bytes(r.image_png),
+                        computed_steps=r.computed_steps,
+                        reused_steps=r.reused_steps,
+                        wall_ms=r.wall_ms,
+                        session_id=r.session_id,
+                        trace_id=r.trace_id,
+                        steps=decisions,
+                    )
+        except grpc.RpcError as e:
+            if _is_unimplemented_service(e):
+                raise self._not_a_controller("Generate") from e
+            raise
+        finally:
+            # Ctrl-C (KeyboardInterrupt) or an exception in on_step: cancel the call, so the
+            # controller frees the session instead of finishing a generation nobody reads.
+            call.cancel()
         raise RuntimeError("the controller ended the stream without a result")
 
 
+def _alias(name: str, value, old_name: str, old_value):
+    """``value``, or ``old_value`` given under the older name; both given is a TypeError."""
+    if value is not None and old_value is not None:
+        raise TypeError(f"give {name}= or its alias {old_name}=, not both")
+    return value if value is not None else old_value
