@@ -839,10 +839,15 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&scratch);
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", r.md)?;
+    let sections: Vec<String> = a
+        .sections
+        .iter()
+        .map(|s| format!("{s:?}").to_lowercase())
+        .collect();
     writeln!(
         out,
         "{}",
-        report.wrote(&format!("({} sections)", a.sections.len()))
+        report.wrote(&format!("(sections: {})", sections.join(", ")))
     )?;
     if let Some(png) = plot {
         writeln!(out, "{}", png.wrote(&png_file_detail(png.path())))?;
