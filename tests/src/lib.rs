@@ -527,3 +527,23 @@ pub fn decode(t: &v1::Tensor) -> Tensor {
         .to_dtype(DType::F32)
         .unwrap()
 }
+
+/// Runs a command to completion and returns its stdout and stderr; panics, naming `what` and
+/// showing the output, when it cannot start or exits unsuccessfully.
+#[allow(clippy::panic)]
+pub fn run_command(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: could not start {cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{text}",
+        out.status
+    );
+    text
+}

@@ -16,22 +16,7 @@ const PACKAGES: &[&str] = &[
     "grpcio-reflection==1.85.1",
 ];
 
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: could not start {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{text}",
-        out.status
-    );
-    text
-}
+use teaserve_tests::run_command as run;
 
 /// The virtualenv's bin directory, with grpcurl and grpcio-reflection installed.
 fn venv() -> PathBuf {
