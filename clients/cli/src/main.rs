@@ -267,11 +267,16 @@ async fn main() -> ExitCode {
     };
     let ctrl_c = CtrlC::install();
     let mut pressed = ctrl_c.clone();
-    // Biased: a command watching Ctrl-C itself (to say how far it got) answers first.
+    // A command watching Ctrl-C itself (to say how far it got) answers first; this generic
+    // answer comes only when it has not within half a second (stuck connecting, say).
+    let fallback = async move {
+        pressed.pressed().await;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
     let result = tokio::select! {
         biased;
         r = run(cli, &matches, ctrl_c) => r,
-        () = pressed.pressed() => Err(Cancelled("cancelled by Ctrl-C".into()).into()),
+        () = fallback => Err(Cancelled("cancelled by Ctrl-C".into()).into()),
     };
     report(result)
 }
@@ -459,24 +464,21 @@ async fn generate(a: &GenerateArgs, ctl: &ControllerArgs, mut ctrl_c: CtrlC) -> 
         width: a.width,
     };
     let started = Instant::now();
-    let mut stream = match controller.client.generate(req).await {
+    let mut bar = StepBar::new(expected);
+    // Ctrl-C may come before the stream's headers do (the session is already running).
+    let opened = tokio::select! {
+        r = controller.client.generate(req) => r,
+        () = ctrl_c.pressed() => return Err(cancelled(&mut bar)),
+    };
+    let mut stream = match opened {
         Ok(r) => r.into_inner(),
         Err(s) => return Err(controller.error("Generate", &s).await),
     };
-    let mut bar = StepBar::new(expected);
     loop {
         let event = tokio::select! {
             ev = stream.next() => ev,
-            () = ctrl_c.pressed() => {
-                bar.abandon();
-                // Dropping the stream cancels the call; the controller frees the session.
-                drop(stream);
-                return Err(Cancelled(format!(
-                    "cancelled by Ctrl-C after {}; the controller frees the session",
-                    bar.progress.count()
-                ))
-                .into());
-            }
+            // Dropping the stream cancels the call; the controller frees the session.
+            () = ctrl_c.pressed() => return Err(cancelled(&mut bar)),
         };
         let event = match event {
             Some(Ok(event)) => event,
@@ -543,6 +545,17 @@ async fn generate(a: &GenerateArgs, ctl: &ControllerArgs, mut ctrl_c: CtrlC) -> 
             None => {}
         }
     }
+}
+
+/// The error a generation ends with on Ctrl-C: how far it got, and that the call's end (its
+/// stream dropped by the caller) frees the session on the controller.
+fn cancelled(bar: &mut StepBar) -> anyhow::Error {
+    bar.abandon();
+    Cancelled(format!(
+        "cancelled by Ctrl-C after {}; the controller frees the session",
+        bar.progress.count()
+    ))
+    .into()
 }
 
 /// `-` for an unset (zero) default; floats keep their point (`1.0`, not `1`).

@@ -391,4 +391,30 @@ mod tests {
         assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
         assert!(err.contains("not a local folder"), "{err}");
     }
+
+    #[test]
+    fn a_config_missing_a_key_that_sizes_the_network_names_it() {
+        let files = |json: &str| ModelFiles {
+            config_path: PathBuf::from("m/config.json"),
+            config_json: json.to_string(),
+            class_name: None,
+            weights: Vec::new(),
+            source: "test".into(),
+            embedded: None,
+            pipeline_hint: None,
+        };
+        let mut config: serde_json::Value = serde_json::from_str(EMBEDDED_CONFIG).unwrap();
+        let full = config.to_string();
+        parse_config::<crate::models::flux::Config>(&files(&full), |_| Ok(())).unwrap();
+        config.as_object_mut().unwrap().remove("num_layers");
+        let err =
+            parse_config::<crate::models::flux::Config>(&files(&config.to_string()), |_| Ok(()))
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("m/config.json"), "{err}");
+        assert!(err.contains("missing field `num_layers`"), "{err}");
+        // Flags keep diffusers' defaults (the embedded config has no out_channels).
+        let c = parse_config::<crate::models::flux::Config>(&files(&full), |_| Ok(())).unwrap();
+        assert_eq!(c.out_channels, None);
+    }
 }

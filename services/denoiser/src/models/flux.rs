@@ -21,70 +21,39 @@ use super::layers::{
     attention, gated, linear, modulate,
 };
 
-/// `config.json` of a diffusers `FluxTransformer2DModel` (defaults are diffusers' own).
+/// `config.json` of a diffusers `FluxTransformer2DModel` (the keys that size the network are required:
+/// a missing one is an error naming it; the flags default as in diffusers).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Config {
     /// Patch size of the packed latents (FLUX packs 2x2 before the model; the model uses 1).
     #[serde(default = "default_patch_size")]
     pub patch_size: usize,
     /// Channels per packed latent token.
-    #[serde(default = "default_in_channels")]
     pub in_channels: usize,
     /// Output channels; `None` means `in_channels`.
     #[serde(default)]
     pub out_channels: Option<usize>,
     /// Number of double-stream blocks.
-    #[serde(default = "default_num_layers")]
     pub num_layers: usize,
     /// Number of single-stream blocks.
-    #[serde(default = "default_num_single_layers")]
     pub num_single_layers: usize,
     /// Width of one attention head.
-    #[serde(default = "default_attention_head_dim")]
     pub attention_head_dim: usize,
     /// Number of attention heads.
-    #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: usize,
     /// Width of the text encoder's hidden states.
-    #[serde(default = "default_joint_attention_dim")]
     pub joint_attention_dim: usize,
     /// Width of the pooled text embedding.
-    #[serde(default = "default_pooled_projection_dim")]
     pub pooled_projection_dim: usize,
     /// Whether the model embeds a guidance scale (guidance-distilled FLUX.1-dev).
     #[serde(default)]
     pub guidance_embeds: bool,
     /// Rotary dimensions per position axis; they sum to `attention_head_dim`.
-    #[serde(default = "default_axes_dims_rope")]
     pub axes_dims_rope: Vec<usize>,
 }
 
 fn default_patch_size() -> usize {
     1
-}
-fn default_in_channels() -> usize {
-    64
-}
-fn default_num_layers() -> usize {
-    19
-}
-fn default_num_single_layers() -> usize {
-    38
-}
-fn default_attention_head_dim() -> usize {
-    128
-}
-fn default_num_attention_heads() -> usize {
-    24
-}
-fn default_joint_attention_dim() -> usize {
-    4096
-}
-fn default_pooled_projection_dim() -> usize {
-    768
-}
-fn default_axes_dims_rope() -> Vec<usize> {
-    vec![16, 56, 56]
 }
 
 const ROPE_THETA: f64 = 10_000.0;

@@ -20,35 +20,30 @@ use super::layers::{
     modulate, rms_norm, rms_norm_layer, timestep_projection,
 };
 
-/// `config.json` of a diffusers `QwenImageTransformer2DModel` (defaults are diffusers' own).
+/// `config.json` of a diffusers `QwenImageTransformer2DModel` (the keys that size the network are required:
+/// a missing one is an error naming it; the flags default as in diffusers).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct Config {
     /// Patch size of the packed latents (2: each token is a 2x2 patch).
     #[serde(default = "default_patch_size")]
     pub patch_size: usize,
     /// Channels per packed latent token.
-    #[serde(default = "default_in_channels")]
     pub in_channels: usize,
     /// Latent channels of the output (before packing); `None` means `in_channels`.
     #[serde(default = "default_out_channels")]
     pub out_channels: Option<usize>,
     /// Number of dual-stream blocks.
-    #[serde(default = "default_num_layers")]
     pub num_layers: usize,
     /// Width of one attention head.
-    #[serde(default = "default_attention_head_dim")]
     pub attention_head_dim: usize,
     /// Number of attention heads.
-    #[serde(default = "default_num_attention_heads")]
     pub num_attention_heads: usize,
     /// Width of the text encoder's hidden states.
-    #[serde(default = "default_joint_attention_dim")]
     pub joint_attention_dim: usize,
     /// Unused by diffusers' forward for this class; must be false.
     #[serde(default)]
     pub guidance_embeds: bool,
     /// Rotary dimensions per axis (frame, height, width); they sum to `attention_head_dim`.
-    #[serde(default = "default_axes_dims_rope")]
     pub axes_dims_rope: Vec<usize>,
     /// Edit-model variant; not supported.
     #[serde(default)]
@@ -64,26 +59,8 @@ pub struct Config {
 fn default_patch_size() -> usize {
     2
 }
-fn default_in_channels() -> usize {
-    64
-}
 fn default_out_channels() -> Option<usize> {
     Some(16)
-}
-fn default_num_layers() -> usize {
-    60
-}
-fn default_attention_head_dim() -> usize {
-    128
-}
-fn default_num_attention_heads() -> usize {
-    24
-}
-fn default_joint_attention_dim() -> usize {
-    3584
-}
-fn default_axes_dims_rope() -> Vec<usize> {
-    vec![16, 56, 56]
 }
 
 const ROPE_THETA: f32 = 10_000.0;
