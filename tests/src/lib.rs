@@ -103,6 +103,7 @@ pub fn load_qwen(fx: &Fixture) -> QwenImage {
     let opts = LoadOptions {
         device: Device::Cpu,
         dtype: DType::F32,
+        components: Vec::new(),
     };
     QwenImage::new(&config, var_builder(&files, &opts).unwrap()).unwrap()
 }
@@ -126,6 +127,7 @@ pub fn load_flux(fx: &Fixture) -> Flux {
     let opts = LoadOptions {
         device: Device::Cpu,
         dtype: DType::F32,
+        components: Vec::new(),
     };
     Flux::new(&config, var_builder(&files, &opts).unwrap()).unwrap()
 }
@@ -546,4 +548,34 @@ pub fn run_command(cmd: &mut std::process::Command, what: &str) -> String {
         out.status
     );
     text
+}
+
+/// What a Generate stream delivered: every step event, then the result.
+pub struct GenerateRun {
+    /// The step events, in order.
+    pub steps: Vec<v1::StepEvent>,
+    /// The final result.
+    pub result: v1::GenerateResult,
+}
+
+/// Runs one Generate call to its end.
+pub async fn generate_run(
+    client: &mut CacheControllerClient<Channel>,
+    req: v1::GenerateRequest,
+) -> Result<GenerateRun, Status> {
+    use tokio_stream::StreamExt as _;
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut steps = Vec::new();
+    while let Some(ev) = stream.next().await {
+        match ev?.event {
+            Some(v1::generate_event::Event::Step(s)) => steps.push(s),
+            Some(v1::generate_event::Event::Result(result)) => {
+                return Ok(GenerateRun { steps, result });
+            }
+            None => {}
+        }
+    }
+    Err(Status::internal(
+        "the Generate stream ended without a result",
+    ))
 }

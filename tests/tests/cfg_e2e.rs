@@ -117,7 +117,12 @@ fn reference(
         for (k, base) in [&pos, &neg].into_iter().enumerate() {
             let inputs = Inputs {
                 hidden_states: latents.clone(),
-                timestep: Tensor::full(w[0] as f32, 1, &Device::Cpu).unwrap(),
+                timestep: Tensor::full(
+                    teaserve_controller::schedule::transformer_timestep(w[0]),
+                    1,
+                    &Device::Cpu,
+                )
+                .unwrap(),
                 ..base.clone()
             };
             let pre = model.preprocess(&inputs).unwrap();

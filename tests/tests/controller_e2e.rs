@@ -72,7 +72,8 @@ fn reference_loop(fx: &Fixture, prefix: &str, sigmas: &[f64]) -> Tensor {
     let mut latents = inputs.hidden_states.to_dtype(CDType::F32).unwrap();
     for w in sigmas.windows(2) {
         inputs.hidden_states = latents.clone();
-        inputs.timestep = Tensor::full(w[0] as f32, b, &Device::Cpu).unwrap();
+        inputs.timestep =
+            Tensor::full(schedule::transformer_timestep(w[0]), b, &Device::Cpu).unwrap();
         let v = model.forward(&inputs).unwrap();
         latents = (&latents + (v * (w[1] - w[0])).unwrap()).unwrap();
     }
@@ -167,7 +168,11 @@ async fn teacache_decisions_follow_the_pure_policy() {
         let p = flux_params(thresh);
         assert_eq!(log.modulated.len(), steps as usize);
         for (i, ((t, _, m), ev)) in log.modulated.iter().zip(&run.steps).enumerate() {
-            assert_eq!(*t, ev.sigma as f32, "step {i} timestep");
+            assert_eq!(
+                *t,
+                schedule::transformer_timestep(ev.sigma),
+                "step {i} timestep"
+            );
             let values: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
             let want = state.decide(&p, i, steps as usize, m.dims(), &values);
             let got = &ev.branches[0];

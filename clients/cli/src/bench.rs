@@ -202,6 +202,7 @@ impl BenchModel {
         let opts = LoadOptions {
             device: Device::Cpu,
             dtype: CDType::F32,
+            components: Vec::new(),
         };
         let flux = Flux::new(&cfg, loader::var_builder(&files, &opts)?)?;
         let (inputs, latents) = native_inputs(&cfg, 8, 12)?;
@@ -315,7 +316,11 @@ impl BenchModel {
         let mut latents = self.latents.clone();
         for w in sigmas.windows(2) {
             inputs.hidden_states = latents.clone();
-            inputs.timestep = Tensor::full(w[0] as f32, 1, &dev)?;
+            inputs.timestep = Tensor::full(
+                teaserve_controller::schedule::transformer_timestep(w[0]),
+                1,
+                &dev,
+            )?;
             let v = self.flux.forward(&inputs)?;
             latents = (&latents + (v * (w[1] - w[0]))?)?;
         }

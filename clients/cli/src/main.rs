@@ -128,6 +128,18 @@ struct GenerateArgs {
         allow_negative_numbers = true
     )]
     width: u32,
+    /// Embedded guidance of guidance-distilled checkpoints (FLUX.1-dev; unset: the model's
+    /// default, 3.5); refused by models without a guidance embedding (FLUX.1-schnell).
+    #[arg(long, env = "TEASERVE_GUIDANCE_SCALE", allow_negative_numbers = true)]
+    guidance_scale: Option<f64>,
+    /// Text mode: the text encoder's length (T5's in FLUX; 0: the model's default, 512).
+    #[arg(
+        long,
+        env = "TEASERVE_MAX_SEQUENCE_LENGTH",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    max_sequence_length: u32,
     /// Text mode: where to write the decoded image.
     #[arg(long, env = "TEASERVE_PNG", default_value = "image.png")]
     png: PathBuf,
@@ -462,6 +474,8 @@ async fn generate(a: &GenerateArgs, ctl: &ControllerArgs, mut ctrl_c: CtrlC) -> 
         seed: a.seed,
         height: a.height,
         width: a.width,
+        guidance_scale: a.guidance_scale,
+        max_sequence_length: a.max_sequence_length,
     };
     let started = Instant::now();
     let mut bar = StepBar::new(expected);

@@ -42,6 +42,8 @@ pub struct ModelDefaults {
     pub true_cfg_scale: f64,
     /// Embedded guidance of guidance-distilled checkpoints; `None` where the model takes none.
     pub guidance_scale: Option<f64>,
+    /// Text mode: default (and largest) `max_sequence_length`; 0 where there is none.
+    pub max_sequence_length: u32,
 }
 
 /// TeaCache coefficients of the embedded TinyFluxPipeline, highest power first.
@@ -78,6 +80,8 @@ pub static MODELS: &[ModelDefaults] = &[
         image_size: (1024, 1024),
         true_cfg_scale: 1.0,
         guidance_scale: Some(3.5),
+        // FluxPipeline.__call__: max_sequence_length 512 (T5's positions).
+        max_sequence_length: 512,
     },
     ModelDefaults {
         model_type: "TinyFluxPipeline",
@@ -97,6 +101,8 @@ pub static MODELS: &[ModelDefaults] = &[
         image_size: (32, 32),
         true_cfg_scale: 4.0,
         guidance_scale: None,
+        // Its word-embedding encoder has a fixed length.
+        max_sequence_length: 0,
     },
     ModelDefaults {
         model_type: "QwenImagePipeline",
@@ -114,6 +120,8 @@ pub static MODELS: &[ModelDefaults] = &[
         image_size: (1024, 1024),
         true_cfg_scale: 4.0,
         guidance_scale: None,
+        // QwenImagePipeline.__call__: max_sequence_length 512.
+        max_sequence_length: 512,
     },
 ];
 

@@ -175,7 +175,11 @@ async fn step_once(
     let batch = session.latents.dim(0)?;
     let latents_wire = encode_tensor(&session.latents, wire)?;
     let timestep = encode_tensor(
-        &Tensor::full(sigma as f32, batch, &Device::Cpu)?,
+        &Tensor::full(
+            crate::schedule::transformer_timestep(sigma),
+            batch,
+            &Device::Cpu,
+        )?,
         DType::F32,
     )?;
 

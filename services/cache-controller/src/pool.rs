@@ -212,6 +212,16 @@ pub struct EndpointState {
     pub in_flight: usize,
 }
 
+/// The pipeline component a denoiser must have loaded to answer `method` (Describe's
+/// `components`; a denoiser listing none has them all).
+pub fn component(method: &str) -> &'static str {
+    match method {
+        "EncodePrompt" => "text_encoders",
+        "Decode" => "vae",
+        _ => "transformer",
+    }
+}
+
 /// The set of denoisers this controller drives; cheap to clone.
 #[derive(Clone)]
 pub struct DenoiserPool {
@@ -474,15 +484,20 @@ impl DenoiserPool {
         z ^ (z >> 31)
     }
 
-    /// Power of two choices: two random candidates of `model_type` not in `tried`, the one
+    /// Power of two choices: two random candidates of `model_type` that loaded the component
+    /// `method` needs (see [`component`]), not in `tried`, the one
     /// with fewer calls in flight. Usable (healthy, not ejected) endpoints are preferred; when
     /// none is left the others are tried too, since health reports can lag.
-    fn pick(&self, model_type: &str, tried: &[String]) -> Option<Arc<Member>> {
+    fn pick(&self, model_type: &str, method: &str, tried: &[String]) -> Option<Arc<Member>> {
         let members = self.members();
+        let part = component(method);
         let of_type: Vec<&Arc<Member>> = members
             .iter()
             .filter(|m| {
-                m.described().is_some_and(|d| d.model_type == model_type) && !tried.contains(&m.url)
+                m.described().is_some_and(|d| {
+                    d.model_type == model_type
+                        && (d.components.is_empty() || d.components.iter().any(|c| c == part))
+                }) && !tried.contains(&m.url)
             })
             .collect();
         let usable: Vec<&Arc<Member>> = of_type.iter().copied().filter(|m| m.usable()).collect();
@@ -528,12 +543,12 @@ impl DenoiserPool {
         let mut failures: Vec<String> = Vec::new();
         let mut refreshed = false;
         for attempt in 0..opts.max_attempts.max(1) {
-            let member = match self.pick(model_type, &tried) {
+            let member = match self.pick(model_type, method, &tried) {
                 Some(m) => m,
                 None if !refreshed => {
                     refreshed = true;
                     self.refresh().await;
-                    match self.pick(model_type, &tried) {
+                    match self.pick(model_type, method, &tried) {
                         Some(m) => m,
                         None => break,
                     }

@@ -277,6 +277,7 @@ impl CacheController for ControllerService {
                 default_width: m.image_size.1,
                 default_true_cfg_scale: m.true_cfg_scale,
                 default_guidance_scale: m.guidance_scale,
+                default_max_sequence_length: m.max_sequence_length,
             })
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))

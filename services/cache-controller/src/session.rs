@@ -112,7 +112,10 @@ fn wire_dtype(req: &v1::GenerateRequest) -> Result<DType, ControllerError> {
 
 /// The number of steps a request asks for, from `num_inference_steps` and / or `sigmas`
 /// (which must agree, be finite and lie in [0, 1]); neither set: the model's default.
-fn step_count(req: &v1::GenerateRequest, model_type: &str) -> Result<u32, ControllerError> {
+pub(crate) fn step_count(
+    req: &v1::GenerateRequest,
+    model_type: &str,
+) -> Result<u32, ControllerError> {
     if let Some(bad) = req
         .sigmas
         .iter()
@@ -170,6 +173,23 @@ pub fn precheck(
     Ok(())
 }
 
+/// `inputs["guidance"]` for `guidance_scale`: the value for every sample, f32 (as
+/// FluxPipeline makes it); refused next to an explicit `inputs["guidance"]`.
+fn guidance(scale: f64, batch: usize, inputs: &TensorMap) -> Result<v1::Tensor, ControllerError> {
+    if inputs.contains_key("guidance") {
+        return Err(invalid(
+            "set either guidance_scale or inputs['guidance'], not both",
+        ));
+    }
+    if !scale.is_finite() {
+        return Err(invalid(format!(
+            "guidance_scale must be a finite number, got {scale}"
+        )));
+    }
+    let t = Tensor::full(scale as f32, batch, &Device::Cpu)?;
+    Ok(codec::encode_tensor(&t, DType::F32)?)
+}
+
 /// The CFG scale of a request with a NEGATIVE branch: its `true_cfg_scale`, or the model's
 /// default when unset; it must be finite.
 fn cfg_scale(req: &v1::GenerateRequest, model_type: &str) -> Result<f64, ControllerError> {
@@ -221,10 +241,11 @@ impl Session {
             || req.height != 0
             || req.width != 0
             || req.seed != 0
+            || req.max_sequence_length != 0
         {
             return Err(invalid(format!(
-                "prompt / negative_prompt / seed / height / width need a model that ships a text \
-                 encoder; model type '{model_type}' takes model-native inputs (hidden_states, \
+                "prompt / negative_prompt / seed / height / width / max_sequence_length need a \
+                 model that ships a text encoder; model type '{model_type}' takes model-native inputs (hidden_states, \
                  encoder_hidden_states, ...)"
             )));
         }
@@ -274,6 +295,9 @@ impl Session {
             .to_dtype(CDType::F32)?;
         let mut positive = req.inputs.clone();
         positive.remove("hidden_states");
+        if let Some(g) = req.guidance_scale {
+            positive.insert("guidance".into(), guidance(g, hshape[0], &positive)?);
+        }
         let mut branches = vec![BranchRun {
             branch: Branch::Positive,
             inputs: positive.clone(),

@@ -7,7 +7,10 @@ use teaserve_proto::v1::{self, DType};
 use teaserve_proto::{TensorMap, encode_tensor};
 
 use crate::error::ControllerError;
+use crate::models;
 use crate::pool::DenoiserPool;
+use crate::schedule::SchedulerConfig;
+use crate::session::step_count;
 
 /// Whether a request asks for text mode.
 pub fn requested(req: &v1::GenerateRequest) -> bool {
@@ -16,6 +19,7 @@ pub fn requested(req: &v1::GenerateRequest) -> bool {
         || req.seed != 0
         || req.height != 0
         || req.width != 0
+        || req.max_sequence_length != 0
 }
 
 /// SplitMix64 with Box-Muller: the seeded standard-normal noise of the initial latents.
@@ -41,6 +45,136 @@ fn invalid(msg: String) -> ControllerError {
     ControllerError::InvalidArgument(msg)
 }
 
+/// Checks the parts of a text-mode request that need no denoiser: a prompt, and no
+/// model-native inputs except the initial noise.
+fn check(req: &v1::GenerateRequest) -> Result<(), ControllerError> {
+    if req.prompt.trim().is_empty() {
+        return Err(invalid(
+            "text mode needs a non-empty `prompt` (negative_prompt, seed, height, width, \
+             guidance_scale and max_sequence_length refine it)"
+                .into(),
+        ));
+    }
+    if let Some(name) = req.inputs.keys().find(|k| k.as_str() != "hidden_states") {
+        return Err(invalid(format!(
+            "with `prompt`, inputs may hold only 'hidden_states' (the initial packed noise), \
+             got '{}'; send either a prompt or model-native inputs",
+            name.chars().take(64).collect::<String>()
+        )));
+    }
+    if !req.negative_inputs.is_empty() {
+        return Err(invalid(
+            "with `prompt`, use negative_prompt rather than negative_inputs".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The guidance the transformer embeds: the request's, or the model's default, when the
+/// checkpoint has a guidance embedding; refused when it has none.
+fn guidance_scale(
+    req: &v1::GenerateRequest,
+    describe: &v1::DescribeResponse,
+    model_type: &str,
+) -> Result<Option<f64>, ControllerError> {
+    match (describe.guidance_embeds, req.guidance_scale) {
+        (true, Some(g)) => Ok(Some(g)),
+        (true, None) => Ok(models::lookup(model_type).and_then(|m| m.guidance_scale)),
+        (false, Some(g)) => Err(invalid(format!(
+            "guidance_scale {g}: this {model_type} checkpoint has no guidance embedding \
+             (config guidance_embeds is false, e.g. FLUX.1-schnell); leave guidance_scale unset"
+        ))),
+        (false, None) => Ok(None),
+    }
+}
+
+/// The sigma schedule from the checkpoint's own scheduler config (the pipeline's, float32
+/// arithmetic), unless the request gives sigmas or the checkpoint ships no config (then the
+/// session uses the model table's schedule).
+fn sigmas(
+    req: &v1::GenerateRequest,
+    describe: &v1::DescribeResponse,
+    model_type: &str,
+    image_seq_len: usize,
+) -> Result<Vec<f64>, ControllerError> {
+    if !req.sigmas.is_empty() || describe.scheduler_config_json.is_empty() {
+        return Ok(req.sigmas.clone());
+    }
+    let config = SchedulerConfig::parse(&describe.scheduler_config_json).map_err(|e| {
+        ControllerError::Internal(format!("the checkpoint's scheduler_config.json: {e}"))
+    })?;
+    let steps = step_count(req, model_type)? as usize;
+    let mut s = config.sigmas(steps, image_seq_len);
+    s.pop(); // the session appends the final 0 itself
+    Ok(s)
+}
+
+/// The initial latents: `inputs["hidden_states"]` when the caller made the noise (it must
+/// have the latent shape), else standard-normal noise from `seed`.
+fn initial_latents(
+    req: &v1::GenerateRequest,
+    shape: &[usize],
+) -> Result<v1::Tensor, ControllerError> {
+    if let Some(given) = req.inputs.get("hidden_states") {
+        let (_, dims) = teaserve_proto::codec::validate(given, usize::MAX)
+            .map_err(|e| invalid(format!("inputs['hidden_states']: {e}")))?;
+        if dims != shape {
+            return Err(invalid(format!(
+                "inputs['hidden_states'] is {dims:?}; for this prompt and size the packed \
+                 latents are {shape:?}"
+            )));
+        }
+        return Ok(given.clone());
+    }
+    let numel: usize = shape.iter().product();
+    let noise = candle_core::Tensor::from_vec(
+        seeded_noise(req.seed, numel),
+        shape,
+        &candle_core::Device::Cpu,
+    )?;
+    Ok(encode_tensor(&noise, DType::F32)?)
+}
+
+/// Asks a denoiser with the text encoders to encode one prompt.
+async fn encode(
+    req: &v1::GenerateRequest,
+    prompt: &str,
+    model_type: &str,
+    pool: &DenoiserPool,
+) -> Result<v1::EncodePromptResponse, ControllerError> {
+    let call = v1::EncodePromptRequest {
+        prompts: vec![prompt.to_string()],
+        height: req.height,
+        width: req.width,
+        wire_dtype: DType::F32 as i32,
+        max_sequence_length: req.max_sequence_length,
+    };
+    let resp = pool
+        .call(
+            model_type,
+            "EncodePrompt",
+            "",
+            call,
+            |mut c, r| async move { c.encode_prompt(r).await },
+        )
+        .await?
+        .response;
+    for (encoder, &n) in resp.prompt_tokens.iter().flat_map(|t| &t.untruncated) {
+        let kept = resp.prompt_tokens.first().and_then(|t| t.kept.get(encoder));
+        if let Some(&kept) = kept
+            && n > kept
+        {
+            tracing::warn!(
+                encoder = %encoder,
+                tokens = i64::from(n),
+                kept = i64::from(kept),
+                "the prompt was truncated to the text encoder's length"
+            );
+        }
+    }
+    Ok(resp)
+}
+
 /// Turns a text-mode request into a model-native one; returns it with the image size to
 /// decode at.
 pub async fn prepare(
@@ -48,16 +182,7 @@ pub async fn prepare(
     model_type: &str,
     pool: &DenoiserPool,
 ) -> Result<(v1::GenerateRequest, (u32, u32)), ControllerError> {
-    if req.prompt.trim().is_empty() {
-        return Err(invalid(
-            "text mode needs `prompt` (negative_prompt, seed, height and width refine it)".into(),
-        ));
-    }
-    if !req.inputs.is_empty() || !req.negative_inputs.is_empty() {
-        return Err(invalid(
-            "send either `prompt` (text mode) or model-native `inputs`, not both".into(),
-        ));
-    }
+    check(req)?;
     let describe = pool.describe_for(model_type).await?;
     if !describe.text_mode {
         return Err(invalid(format!(
@@ -65,38 +190,20 @@ pub async fn prepare(
              (hidden_states, encoder_hidden_states, ...)"
         )));
     }
-    let encode = |prompt: &str| {
-        let req = v1::EncodePromptRequest {
-            prompts: vec![prompt.to_string()],
-            height: req.height,
-            width: req.width,
-            wire_dtype: DType::F32 as i32,
-        };
-        async move {
-            pool.call(model_type, "EncodePrompt", "", req, |mut c, r| async move {
-                c.encode_prompt(r).await
-            })
-            .await
-            .map(|called| called.response)
-        }
-    };
-    let positive = encode(&req.prompt).await?;
+    let guidance_scale = guidance_scale(req, &describe, model_type)?;
+    let positive = encode(req, &req.prompt, model_type, pool).await?;
     let shape: Vec<usize> = positive
         .latent_shape
         .iter()
         .map(|&d| d.max(0) as usize)
         .collect();
-    let numel: usize = shape.iter().product();
-    let noise = candle_core::Tensor::from_vec(
-        seeded_noise(req.seed, numel),
-        shape.as_slice(),
-        &candle_core::Device::Cpu,
-    )?;
+    let tokens = shape.get(1).copied().unwrap_or(0);
+    let sigmas = sigmas(req, &describe, model_type, tokens)?;
     let mut inputs = positive.inputs;
-    inputs.insert("hidden_states".into(), encode_tensor(&noise, DType::F32)?);
+    inputs.insert("hidden_states".into(), initial_latents(req, &shape)?);
     let mut negative_inputs = TensorMap::new();
     if !req.negative_prompt.trim().is_empty() {
-        let negative = encode(&req.negative_prompt).await?;
+        let negative = encode(req, &req.negative_prompt, model_type, pool).await?;
         for name in [
             "encoder_hidden_states",
             "pooled_projections",
@@ -112,11 +219,14 @@ pub async fn prepare(
             model_class_name: model_type.to_string(),
             inputs,
             negative_inputs,
+            sigmas,
+            guidance_scale,
             prompt: String::new(),
             negative_prompt: String::new(),
             seed: 0,
             height: 0,
             width: 0,
+            max_sequence_length: 0,
             ..req.clone()
         },
         (positive.height, positive.width),

@@ -9,7 +9,7 @@ pub use teaserve_telemetry::LogFormat;
 
 use crate::error::DenoiserError;
 use crate::loader::{HubOptions, ModelFiles, resolve};
-use crate::registry::{LoadOptions, ModelAdapter, lookup};
+use crate::registry::{Component, LoadOptions, ModelAdapter, lookup};
 use crate::server::{Limits, ServeOptions};
 
 /// Compute dtype of the weights.
@@ -85,6 +85,12 @@ pub struct Args {
     /// Seconds in-flight calls may take to finish after SIGTERM / Ctrl-C.
     #[arg(long, env = "TEASERVE_SHUTDOWN_GRACE_SECS", default_value_t = 10.0, value_parser = parse_grace)]
     pub shutdown_grace_secs: f64,
+    /// Parts of a pipeline folder to load, comma-separated: transformer (Preprocess,
+    /// RunBlocks, Postprocess), text_encoders (EncodePrompt), vae (Decode). Default: all, so
+    /// one denoiser serves text mode; split them to put large encoders on other GPUs (the
+    /// controller routes each call to a denoiser that has the part).
+    #[arg(long, env = "TEASERVE_COMPONENTS", value_delimiter = ',', value_parser = Component::parse)]
+    pub components: Vec<Component>,
     /// Hub access token for gated or private repos (default: the file $HF_HOME/token).
     #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
     pub hf_token: Option<String>,
@@ -215,6 +221,7 @@ impl Args {
         let opts = LoadOptions {
             device: parse_device(&self.device)?,
             dtype: self.dtype.into(),
+            components: self.components.clone(),
         };
         Ok(move || (entry.load)(&files, &opts))
     }

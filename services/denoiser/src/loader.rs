@@ -42,6 +42,87 @@ pub struct ModelFiles {
     pub embedded: Option<&'static [u8]>,
     /// `teaserve.pipeline` from config.json: the model type to serve it as by default.
     pub pipeline_hint: Option<String>,
+    /// The whole pipeline folder (text encoders, tokenizers, VAE, scheduler) when the model
+    /// was given as one (it has `model_index.json`); `None` for a bare transformer.
+    pub pipeline: Option<PipelineSource>,
+}
+
+/// Where a diffusers pipeline's component files come from: a local folder or a Hub repo.
+#[derive(Debug, Clone)]
+pub enum PipelineSource {
+    /// A local folder holding `model_index.json`.
+    Local(PathBuf),
+    /// A Hub repo holding `model_index.json` (fetched through the Hub cache).
+    Hub {
+        /// `owner/name`.
+        repo_id: String,
+        /// Cache, token, revision and offline mode.
+        hub: HubOptions,
+    },
+}
+
+impl PipelineSource {
+    /// The local path of `rel` (e.g. `tokenizer/vocab.json`), downloading it from the Hub
+    /// first when needed.
+    pub fn file(&self, rel: &str) -> Result<PathBuf, DenoiserError> {
+        match self {
+            Self::Local(root) => {
+                let p = root.join(rel);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(load_err(format!("{} not found", p.display())))
+                }
+            }
+            Self::Hub { repo_id, hub } => hub_fetcher(repo_id, hub)?(rel),
+        }
+    }
+
+    /// Whether `rel` exists (for optional files).
+    pub fn has(&self, rel: &str) -> bool {
+        self.file(rel).is_ok()
+    }
+
+    /// The safetensors weights of component `sub` (single file or sharded index).
+    pub fn weights(&self, sub: &str) -> Result<Vec<PathBuf>, DenoiserError> {
+        let sub = sub.trim_end_matches('/');
+        if let Some(index) = INDEX_NAMES
+            .iter()
+            .find_map(|n| self.file(&format!("{sub}/{n}")).ok())
+        {
+            return shards(&index, |f| self.file(&format!("{sub}/{f}")));
+        }
+        SINGLE_NAMES
+            .iter()
+            .find_map(|n| self.file(&format!("{sub}/{n}")).ok())
+            .map(|w| vec![w])
+            .ok_or_else(|| {
+                load_err(format!(
+                    "{}: no {sub}/ weights: looked for {} (or a sharded {})",
+                    self.describe(),
+                    SINGLE_NAMES.join(" / "),
+                    INDEX_NAMES.join(" / ")
+                ))
+            })
+    }
+
+    /// Reads a JSON file of the pipeline.
+    pub fn json(&self, rel: &str) -> Result<serde_json::Value, DenoiserError> {
+        let path = self.file(rel)?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| load_err(format!("reading {}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| {
+            DenoiserError::Config(format!("{} is not valid JSON: {e}", path.display()))
+        })
+    }
+
+    /// The folder or `hf://` repo, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Local(root) => root.display().to_string(),
+            Self::Hub { repo_id, .. } => format!("hf://{repo_id}"),
+        }
+    }
 }
 
 /// config.json of the embedded model (`models/tiny-flux`, trained by `tools/train`).
@@ -61,6 +142,7 @@ pub fn embedded() -> Result<ModelFiles, DenoiserError> {
         source: "embedded:tiny-flux".into(),
         embedded: Some(EMBEDDED_WEIGHTS),
         pipeline_hint: value["teaserve"]["pipeline"].as_str().map(str::to_string),
+        pipeline: None,
     })
 }
 
@@ -104,9 +186,10 @@ fn resolve_local(path: &Path, subfolder: Option<&str>) -> Result<ModelFiles, Den
             path.display()
         )));
     }
+    let is_pipeline = path.join("model_index.json").is_file();
     let dir = match subfolder {
         Some(s) => path.join(s),
-        None if path.join("model_index.json").exists() => path.join("transformer"),
+        None if is_pipeline => path.join("transformer"),
         None => path.to_path_buf(),
     };
     let config_path = dir.join("config.json");
@@ -135,7 +218,9 @@ fn resolve_local(path: &Path, subfolder: Option<&str>) -> Result<ModelFiles, Den
             INDEX_NAMES.join(" / "),
         )));
     }
-    files(config_path, weights, dir.display().to_string())
+    let mut f = files(config_path, weights, dir.display().to_string())?;
+    f.pipeline = is_pipeline.then(|| PipelineSource::Local(path.to_path_buf()));
+    Ok(f)
 }
 
 fn files(
@@ -166,6 +251,7 @@ fn files(
         source,
         embedded: None,
         pipeline_hint,
+        pipeline: None,
     })
 }
 
@@ -191,38 +277,7 @@ fn resolve_hub(
     subfolder: Option<&str>,
     hub: &HubOptions,
 ) -> Result<ModelFiles, DenoiserError> {
-    let cache = match &hub.hf_home {
-        Some(home) => hf_hub::Cache::new(home.join("hub")),
-        None => hf_hub::Cache::from_env(),
-    };
-    let revision = hub.revision.clone().unwrap_or_else(|| "main".to_string());
-    let repo = hf_hub::Repo::with_revision(repo_id.to_string(), hf_hub::RepoType::Model, revision);
-    let api = if hub.offline {
-        None
-    } else {
-        Some(
-            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-                .with_progress(false)
-                .with_token(hub.token.clone().or_else(|| cache.token()))
-                .build()
-                .map_err(|e| load_err(format!("Hub client: {e}")))?,
-        )
-    };
-    let fetch = |name: &str| -> Result<PathBuf, DenoiserError> {
-        match &api {
-            Some(api) => api
-                .repo(repo.clone())
-                .get(name)
-                .map_err(|e| load_err(format!("{repo_id}/{name}: {e}"))),
-            None => cache.repo(repo.clone()).get(name).ok_or_else(|| {
-                load_err(format!(
-                    "{repo_id}/{name} is not in the Hub cache at {} and HF_HUB_OFFLINE is set; \
-                     download it first or unset HF_HUB_OFFLINE",
-                    cache.path().display()
-                ))
-            }),
-        }
-    };
+    let fetch = hub_fetcher(repo_id, hub)?;
     let prefixes: Vec<String> = match subfolder {
         Some(s) => vec![format!("{}/", s.trim_end_matches('/'))],
         None => vec![String::new(), "transformer/".to_string()],
@@ -256,9 +311,55 @@ fn resolve_hub(
                 }
             },
         };
-        return files(config_path, weights, format!("hf://{repo_id}/{prefix}"));
+        let mut f = files(config_path, weights, format!("hf://{repo_id}/{prefix}"))?;
+        f.pipeline = fetch("model_index.json").ok().map(|_| PipelineSource::Hub {
+            repo_id: repo_id.to_string(),
+            hub: hub.clone(),
+        });
+        return Ok(f);
     }
     Err(last_err.unwrap_or_else(|| load_err(format!("{repo_id}: no config.json found"))))
+}
+
+/// A function fetching `repo_id`'s files into the Hub cache (or, offline, finding them
+/// there) and returning their local paths.
+fn hub_fetcher(
+    repo_id: &str,
+    hub: &HubOptions,
+) -> Result<impl Fn(&str) -> Result<PathBuf, DenoiserError>, DenoiserError> {
+    let cache = match &hub.hf_home {
+        Some(home) => hf_hub::Cache::new(home.join("hub")),
+        None => hf_hub::Cache::from_env(),
+    };
+    let revision = hub.revision.clone().unwrap_or_else(|| "main".to_string());
+    let repo = hf_hub::Repo::with_revision(repo_id.to_string(), hf_hub::RepoType::Model, revision);
+    let api = if hub.offline {
+        None
+    } else {
+        Some(
+            hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                .with_progress(false)
+                .with_token(hub.token.clone().or_else(|| cache.token()))
+                .build()
+                .map_err(|e| load_err(format!("Hub client: {e}")))?,
+        )
+    };
+    let repo_id = repo_id.to_string();
+    Ok(move |name: &str| -> Result<PathBuf, DenoiserError> {
+        match &api {
+            Some(api) => api
+                .repo(repo.clone())
+                .get(name)
+                .map_err(|e| load_err(format!("{repo_id}/{name}: {e}"))),
+            None => cache.repo(repo.clone()).get(name).ok_or_else(|| {
+                load_err(format!(
+                    "{repo_id}/{name} is not in the Hub cache at {} and HF_HUB_OFFLINE is set; \
+                     download it first or unset HF_HUB_OFFLINE",
+                    cache.path().display()
+                ))
+            }),
+        }
+    })
 }
 
 /// Parses `config.json` into a model's config type and runs its consistency check; errors
@@ -402,6 +503,7 @@ mod tests {
             source: "test".into(),
             embedded: None,
             pipeline_hint: None,
+            pipeline: None,
         };
         let mut config: serde_json::Value = serde_json::from_str(EMBEDDED_CONFIG).unwrap();
         let full = config.to_string();

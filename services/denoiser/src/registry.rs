@@ -48,6 +48,53 @@ pub struct ModelInfo {
     pub postprocess: StageSpec,
     /// Default image size `(height, width)` when the model has a text mode.
     pub text_mode: Option<(usize, usize)>,
+    /// Parts of the pipeline loaded here (`--components`); empty: the model is one part.
+    pub components: Vec<Component>,
+    /// The checkpoint's `scheduler/scheduler_config.json`, empty when it has none.
+    pub scheduler_config_json: String,
+    /// Whether the transformer embeds a guidance scale (`guidance` input).
+    pub guidance_embeds: bool,
+    /// Default and largest text length of EncodePrompt; 0 where there is no such setting.
+    pub max_sequence_length: usize,
+}
+
+/// A part of a diffusers pipeline one denoiser may load (`--components`), so that large
+/// text encoders can live on other GPUs than the transformer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Component {
+    /// The transformer: Preprocess, RunBlocks, Postprocess.
+    Transformer,
+    /// The tokenizers and text encoders: EncodePrompt.
+    TextEncoders,
+    /// The VAE decoder: Decode.
+    Vae,
+}
+
+impl Component {
+    /// Every component, in the order they run.
+    pub const ALL: [Component; 3] = [Self::TextEncoders, Self::Transformer, Self::Vae];
+
+    /// The name used by `--components` and Describe.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Transformer => "transformer",
+            Self::TextEncoders => "text_encoders",
+            Self::Vae => "vae",
+        }
+    }
+
+    /// Parses one `--components` item.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "transformer" => Ok(Self::Transformer),
+            "text_encoders" | "text_encoder" => Ok(Self::TextEncoders),
+            "vae" => Ok(Self::Vae),
+            other => Err(format!(
+                "unknown component '{}'; use transformer, text_encoders, vae",
+                other.chars().take(40).collect::<String>()
+            )),
+        }
+    }
 }
 
 /// The tensor contracts of a dual-stream DiT split into three stages, built from what differs
@@ -137,6 +184,10 @@ impl DualStreamContract {
                 outputs: vec![sample],
             },
             text_mode: None,
+            components: Vec::new(),
+            scheduler_config_json: String::new(),
+            guidance_embeds: false,
+            max_sequence_length: 0,
         }
     }
 }
@@ -159,6 +210,17 @@ pub struct PreprocessOutput {
     pub context: Tensors,
 }
 
+/// How long one prompt was for one text encoder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptLength {
+    /// The encoder, e.g. `clip` or `t5`.
+    pub encoder: &'static str,
+    /// Tokens before truncation, specials included.
+    pub untruncated: usize,
+    /// The encoder's length (what the model sees, padding included).
+    pub kept: usize,
+}
+
 /// What `EncodePrompt` returns: model-native inputs for the prompts and the latent shape.
 #[derive(Debug, Clone)]
 pub struct PromptInputs {
@@ -170,18 +232,24 @@ pub struct PromptInputs {
     pub height: usize,
     /// Image size used, pixels.
     pub width: usize,
+    /// The text length used (0 where the model has no such setting).
+    pub max_sequence_length: usize,
+    /// Per prompt, how long it was for each text encoder.
+    pub prompt_lengths: Vec<Vec<PromptLength>>,
 }
 
 /// A model's text mode: a text encoder and a decoder to pixels.
 pub trait TextMode {
     /// Default image size `(height, width)` in pixels.
     fn default_size(&self) -> (usize, usize);
-    /// Inputs for `prompts` at `height x width` (0 = default).
+    /// Inputs for `prompts` at `height x width` with text length `max_sequence_length`
+    /// (each 0 = the model's default).
     fn encode_prompts(
         &self,
         prompts: &[String],
         height: usize,
         width: usize,
+        max_sequence_length: usize,
     ) -> Result<PromptInputs, DenoiserError>;
     /// Final latents to PNG images.
     fn decode(
@@ -220,6 +288,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Weight and compute dtype.
     pub dtype: DType,
+    /// Pipeline parts to load (all by default); models that are one part ignore it.
+    pub components: Vec<Component>,
 }
 
 /// Builds an adapter from resolved files (a registry entry's constructor).

@@ -314,6 +314,14 @@ fn describe(info: &ModelInfo, limits: &Limits, source: &str) -> v1::DescribeResp
         text_mode: info.text_mode.is_some(),
         default_height: info.text_mode.map_or(0, |(h, _)| h as u32),
         default_width: info.text_mode.map_or(0, |(_, w)| w as u32),
+        components: info
+            .components
+            .iter()
+            .map(|c| c.name().to_string())
+            .collect(),
+        scheduler_config_json: info.scheduler_config_json.clone(),
+        guidance_embeds: info.guidance_embeds,
+        max_sequence_length: u32::try_from(info.max_sequence_length).unwrap_or(u32::MAX),
     }
 }
 
@@ -557,12 +565,33 @@ fn encode_prompt(
         .into());
     }
     let out_dtype = output_dtype(req.wire_dtype)?;
-    let p = tm.encode_prompts(&req.prompts, req.height as usize, req.width as usize)?;
+    let p = tm.encode_prompts(
+        &req.prompts,
+        req.height as usize,
+        req.width as usize,
+        req.max_sequence_length as usize,
+    )?;
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Ok(v1::EncodePromptResponse {
         inputs: encode_map(&p.inputs, out_dtype)?,
         latent_shape: p.latent_shape.iter().map(|&d| d as i64).collect(),
         height: p.height as u32,
         width: p.width as u32,
+        max_sequence_length: count(p.max_sequence_length),
+        prompt_tokens: p
+            .prompt_lengths
+            .iter()
+            .map(|encoders| v1::PromptTokens {
+                untruncated: encoders
+                    .iter()
+                    .map(|l| (l.encoder.to_string(), count(l.untruncated)))
+                    .collect(),
+                kept: encoders
+                    .iter()
+                    .map(|l| (l.encoder.to_string(), count(l.kept)))
+                    .collect(),
+            })
+            .collect(),
     })
 }
 

@@ -20,16 +20,29 @@ pub struct FluxAdapter {
     info: ModelInfo,
 }
 
-/// Loads a FLUX checkpoint (registry entry point).
+/// Loads a FLUX checkpoint (registry entry point): a whole diffusers pipeline folder serves
+/// text mode too ([`flux_pipeline`](crate::adapters::flux_pipeline)), a bare transformer
+/// serves model-native inputs.
 pub fn load(
     files: &ModelFiles,
     opts: &LoadOptions,
 ) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
+    if let Some(pipeline) = &files.pipeline {
+        return crate::adapters::flux_pipeline::load(files, pipeline, opts);
+    }
+    Ok(Box::new(load_transformer(files, opts)?))
+}
+
+/// Builds the transformer alone.
+pub fn load_transformer(
+    files: &ModelFiles,
+    opts: &LoadOptions,
+) -> Result<FluxAdapter, DenoiserError> {
     let config: Config = parse_config(files, Config::validate)?;
     let vb = var_builder(files, opts)?;
     let model = Flux::new(&config, vb)
         .map_err(|e| DenoiserError::Load(format!("building FluxTransformer2DModel: {e}")))?;
-    Ok(Box::new(FluxAdapter::new(model, files.config_json.clone())))
+    Ok(FluxAdapter::new(model, files.config_json.clone()))
 }
 
 fn sym(s: &'static str) -> Dim {
@@ -39,7 +52,18 @@ fn sym(s: &'static str) -> Dim {
 impl FluxAdapter {
     /// Wraps a built model; `config_json` is reported by Describe.
     pub fn new(model: Flux, config_json: String) -> Self {
-        let c = model.config();
+        let info = Self::contract(model.config(), config_json, model.dtype(), model.device());
+        Self { model, info }
+    }
+
+    /// The tensor contracts of a FLUX transformer with this config (also for a denoiser that
+    /// serves only the pipeline's other components).
+    pub fn contract(
+        c: &Config,
+        config_json: String,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> ModelInfo {
         let ids = |name, tokens, what| {
             TensorSpec::new(
                 name,
@@ -104,8 +128,11 @@ impl FluxAdapter {
             extra_context: vec![img_ids, txt_ids],
             indicator_description: "TeaCache indicator: transformer_blocks[0].norm1(hidden_states, temb)[0]",
         }
-        .info(config_json, model.dtype(), model.device().clone());
-        Self { model, info }
+        .info(config_json, dtype, device.clone());
+        ModelInfo {
+            guidance_embeds: c.guidance_embeds,
+            ..info
+        }
     }
 
     /// The wrapped model.

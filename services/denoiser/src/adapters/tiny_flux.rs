@@ -4,8 +4,6 @@
 //! unpatchifying to pixels. Trained by `tools/train`; the weights ship in the repository
 //! (`models/tiny-flux`) and are compiled into the denoiser.
 
-use std::io::Cursor;
-
 use candle_core::{DType, Tensor};
 
 use crate::adapters::flux::FluxAdapter;
@@ -66,6 +64,7 @@ pub fn load(
     let mut info = flux.info().clone();
     info.model_type = "TinyFluxPipeline";
     info.text_mode = Some((side, side));
+    info.max_sequence_length = MAX_TOKENS;
     Ok(Box::new(TinyFluxAdapter {
         flux,
         text,
@@ -135,9 +134,16 @@ impl TextMode for TinyFluxAdapter {
         prompts: &[String],
         height: usize,
         width: usize,
+        max_sequence_length: usize,
     ) -> Result<PromptInputs, DenoiserError> {
         if prompts.is_empty() {
             return Err(invalid("EncodePrompt needs at least one prompt".into()));
+        }
+        if max_sequence_length != 0 && max_sequence_length != MAX_TOKENS {
+            return Err(invalid(format!(
+                "max_sequence_length {max_sequence_length}: TinyFluxPipeline's text length is \
+                 fixed at {MAX_TOKENS}; leave it unset (0)"
+            )));
         }
         let (h, w) = self.size(height, width)?;
         let tokens = prompts
@@ -159,6 +165,8 @@ impl TextMode for TinyFluxAdapter {
             latent_shape: vec![prompts.len(), (h / p) * (w / p), 3 * p * p],
             height: h,
             width: w,
+            max_sequence_length: MAX_TOKENS,
+            prompt_lengths: Vec::new(),
         })
     }
 
@@ -185,15 +193,7 @@ impl TextMode for TinyFluxAdapter {
             .permute((0, 2, 3, 1))?
             .to_dtype(DType::U8)?;
         (0..b)
-            .map(|i| {
-                let rgb: Vec<u8> = pixels.get(i)?.flatten_all()?.to_vec1()?;
-                let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
-                    .ok_or_else(|| invalid("decoded pixel buffer has the wrong size".into()))?;
-                let mut png = Vec::new();
-                img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
-                    .map_err(|e| invalid(format!("PNG encoding failed: {e}")))?;
-                Ok(png)
-            })
+            .map(|i| crate::adapters::png(pixels.get(i)?.flatten_all()?.to_vec1()?, h, w))
             .collect()
     }
 }

@@ -138,6 +138,14 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     Ok(Linear(candle_nn::linear(in_dim, out_dim, vb)?))
 }
 
+impl Linear {
+    /// A [`Linear`] from an already loaded `weight` `[out, in]` and optional `bias` `[out]`
+    /// (for layers without a bias, or kept in another dtype than the `VarBuilder`'s).
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self(candle_nn::Linear::new(weight, bias))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let rows = xs.dim(0)?;
