@@ -197,6 +197,67 @@ async fn text_mode_uses_the_default_steps_a_threshold_turns_tea_cache_on_and_out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flux_pipeline_folder_turns_a_prompt_into_a_png() {
+    let folder = fixtures_dir().join("flux-pipeline-tiny");
+    let denoiser = TestDenoiser::start(&["--model", folder.to_str().unwrap()]).await;
+    let controller = TestController::start(&["--denoiser", &denoiser.url()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("fox.png");
+    let out = teaserve(args(&[
+        "generate",
+        "--controller",
+        &controller.addr.to_string(),
+        "--model-class-name",
+        "FluxPipeline",
+        "--prompt",
+        "a red fox in the snow",
+        "--height",
+        "64",
+        "--width",
+        "96",
+        "--steps",
+        "4",
+        "--guidance-scale",
+        "3.5",
+        "--max-sequence-length",
+        "32",
+        "--png",
+        png.to_str().unwrap(),
+        "--output",
+        dir.path().join("l.safetensors").to_str().unwrap(),
+    ]))
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("wrote {} (96x64)\n", png.display())),
+        "{stdout}"
+    );
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    // A size FLUX cannot take is the server's clear error.
+    let out = teaserve(args(&[
+        "generate",
+        "--controller",
+        &controller.addr.to_string(),
+        "--model-class-name",
+        "FluxPipeline",
+        "--prompt",
+        "a red fox",
+        "--height",
+        "72",
+        "--steps",
+        "2",
+        "--png",
+        png.to_str().unwrap(),
+    ]))
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stderr.contains("INVALID_ARGUMENT"), "{stderr}");
+    assert!(stderr.contains("multiple of 16"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_numbers_reach_the_server_and_its_error_is_shown() {
     let denoiser = TestDenoiser::start(&[]).await;
     let controller = TestController::start(&["--denoiser", &denoiser.url()]).await;

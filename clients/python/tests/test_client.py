@@ -110,6 +110,16 @@ def test_bad_requests_get_clear_errors():
             c.generate("a pink circle", model=MODEL)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "pink" in e.value.details()
+        # FLUX's settings reach the server: the embedded model has no guidance embedding and
+        # a fixed text length.
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(PROMPT, model=MODEL, guidance_scale=3.5)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no guidance embedding" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(PROMPT, model=MODEL, max_sequence_length=64)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_sequence_length" in e.value.details()
         # Refused before any call: contradictory or doubled arguments.
         with pytest.raises(ValueError, match="cache_adapter='none' turns TeaCache off"):
             c.generate(PROMPT, model=MODEL, cache_adapter="none", rel_l1_thresh=0.4)

@@ -205,6 +205,8 @@ class Client:
         seed: int = 0,
         height: int = 0,
         width: int = 0,
+        guidance_scale: Optional[float] = None,
+        max_sequence_length: int = 0,
         inputs: Optional[Mapping[str, np.ndarray]] = None,
         negative_inputs: Optional[Mapping[str, np.ndarray]] = None,
         sigmas: Iterable[float] = (),
@@ -214,8 +216,12 @@ class Client:
         """Runs one generation, streaming progress to ``on_step``.
 
         Text mode (``prompt``) needs a model that ships a text encoder (the embedded
-        TinyFluxPipeline does); otherwise pass model-native ``inputs`` as numpy arrays
-        (``hidden_states`` = the initial packed latents, ``encoder_hidden_states``, ...).
+        TinyFluxPipeline does, and FluxPipeline served from a diffusers pipeline folder);
+        otherwise pass model-native ``inputs`` as numpy arrays (``hidden_states`` = the
+        initial packed latents, ``encoder_hidden_states``, ...). With a prompt, ``inputs`` may
+        hold ``hidden_states`` alone: initial noise made elsewhere, used instead of ``seed``.
+        ``guidance_scale`` is FLUX.1-dev's embedded guidance (unset: 3.5; refused by models
+        without a guidance embedding), ``max_sequence_length`` T5's length (0: 512).
 
         Unset means the server's default: ``model_class_name`` (alias ``model``) the
         controller's default model, ``steps`` the model's default (``len(sigmas)`` with
@@ -271,9 +277,12 @@ class Client:
             width=width,
             wire_dtype=wire_dtype,
             cfg_renorm=cfg_renorm,
+            max_sequence_length=max_sequence_length,
         )
         if true_cfg_scale is not None:
             req.true_cfg_scale = true_cfg_scale
+        if guidance_scale is not None:
+            req.guidance_scale = guidance_scale
         for name, a in (inputs or {}).items():
             req.inputs[name].CopyFrom(from_numpy(a))
         for name, a in (negative_inputs or {}).items():

@@ -306,4 +306,31 @@ mod tests {
         // A special token written in the prompt is that token.
         assert_eq!(clip.encode("<|endoftext|> inside").unwrap().ids[1], 728);
     }
+
+    /// Odd prompts (unicode, emoji, whitespace runs, a special token in the text, long
+    /// ones) give exactly the ids of transformers' own tokenizers
+    /// (tools/fixtures/tokenizer_ids.py, transformers 5.24.0).
+    #[test]
+    fn odd_prompts_give_the_ids_transformers_gives() {
+        let (clip, t5) = (clip(), t5());
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/flux-pipeline-tokenizer-ids.json"
+        );
+        let cases: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert!(cases.len() >= 10);
+        let ids = |v: &serde_json::Value| -> Vec<u32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
+        };
+        for c in &cases {
+            let p = c["prompt"].as_str().unwrap();
+            assert_eq!(clip.encode(p).unwrap().ids, ids(&c["clip"]), "CLIP {p:?}");
+            assert_eq!(t5.encode(p, 16).unwrap().ids, ids(&c["t5"]), "T5 {p:?}");
+        }
+    }
 }
