@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::clap_free_args::denoiser_args;
@@ -578,4 +578,35 @@ pub async fn generate_run(
     Err(Status::internal(
         "the Generate stream ended without a result",
     ))
+}
+
+/// A virtualenv `CARGO_TARGET_TMPDIR/<name>` (created on first use) with `packages` installed
+/// by pip from `cwd` (PyPI, or whatever pip's own environment variables configure); returns
+/// its `bin` folder.
+pub fn python_venv(tmp: &Path, name: &str, packages: &[&str], cwd: &Path) -> PathBuf {
+    let dir = tmp.join(name);
+    let bin = dir.join("bin");
+    if !bin.join("python").exists() {
+        run_command(
+            std::process::Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&dir),
+            "creating a virtualenv (python3 -m venv)",
+        );
+    }
+    run_command(
+        std::process::Command::new(bin.join("python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(packages)
+            .current_dir(cwd)
+            .env("PYTHONDONTWRITEBYTECODE", "1"),
+        &format!("pip install {}", packages.join(" ")),
+    );
+    bin
 }

@@ -14,29 +14,14 @@ use teaserve_tests::{TestController, TestDenoiser};
 use teaserve_tests::run_command as run;
 
 fn venv(root: &Path) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-client-venv");
-    let python = dir.join("bin").join("python");
-    if !python.exists() {
-        run(
-            Command::new("python3").args(["-m", "venv"]).arg(&dir),
-            "creating a virtualenv (python3 -m venv)",
-        );
-    }
-    run(
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "./clients/python[test]",
-            ])
-            .current_dir(root)
-            .env("PYTHONDONTWRITEBYTECODE", "1"),
-        "installing clients/python",
-    );
-    python
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    teaserve_tests::python_venv(
+        &tmp,
+        "python-client-venv",
+        &["./clients/python[test]"],
+        root,
+    )
+    .join("python")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,28 +97,14 @@ async fn editable_install_imports_from_the_sources_and_talks_to_a_controller() {
     let address = format!("127.0.0.1:{}", ctl.addr.port());
     let src = root.join("clients/python/src/teaserve");
     let out = tokio::task::spawn_blocking(move || {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-editable-venv");
-        let python = dir.join("bin").join("python");
-        if !python.exists() {
-            run(
-                Command::new("python3").args(["-m", "venv"]).arg(&dir),
-                "creating a virtualenv (python3 -m venv)",
-            );
-        }
-        run(
-            Command::new(&python)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                ])
-                .args(["-e", "./clients/python"])
-                .current_dir(&root)
-                .env("PYTHONDONTWRITEBYTECODE", "1"),
-            "pip install -e ./clients/python",
-        );
+        let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let python = teaserve_tests::python_venv(
+            &tmp,
+            "python-editable-venv",
+            &["-e", "./clients/python"],
+            &root,
+        )
+        .join("python");
         let script = "import pathlib, sys, teaserve\n\
             from teaserve.v1 import controller_pb2\n\
             print('package', pathlib.Path(teaserve.__file__).resolve().parent)\n\

@@ -20,28 +20,8 @@ use teaserve_tests::run_command as run;
 
 /// The virtualenv's bin directory, with grpcurl and grpcio-reflection installed.
 fn venv() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("reflection-venv");
-    let bin = dir.join("bin");
-    if !bin.join("python").exists() {
-        run(
-            Command::new("python3").args(["-m", "venv"]).arg(&dir),
-            "creating a virtualenv (python3 -m venv)",
-        );
-    }
-    run(
-        Command::new(bin.join("python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(PACKAGES)
-            .env("PYTHONDONTWRITEBYTECODE", "1"),
-        "installing grpcurl and grpcio-reflection",
-    );
-    bin
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    teaserve_tests::python_venv(&tmp, "reflection-venv", PACKAGES, &tmp)
 }
 
 fn grpcurl(bin: &Path, args: &[&str]) -> String {

@@ -12,5 +12,7 @@ pub mod models;
 pub mod registry;
 pub mod server;
 pub mod spec;
+#[cfg(test)]
+mod test_util;
 
 pub use error::DenoiserError;

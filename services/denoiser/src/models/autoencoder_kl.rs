@@ -481,6 +481,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::test_util::max_abs_diff;
 
     const FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -507,22 +508,6 @@ mod tests {
 
     fn decoder(config: &Config) -> Decoder {
         Decoder::new(config, fixture_weights(DType::F32)).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let a = a.to_dtype(DType::F32).unwrap();
-        let b = b.to_dtype(DType::F32).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

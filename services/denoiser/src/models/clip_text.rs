@@ -354,6 +354,7 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+    use crate::test_util::{check, flux_pipeline_reference as reference, max_abs_diff as max_diff};
 
     const FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -372,31 +373,6 @@ mod tests {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
             .unwrap();
         ClipTextModel::new(cfg, vb).unwrap()
-    }
-
-    fn reference() -> HashMap<String, Tensor> {
-        candle_core::safetensors::load(format!("{FIXTURE}/reference.safetensors"), &Device::Cpu)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
-        let diff = max_diff(ours, theirs);
-        eprintln!("{what}: max abs diff {diff:e}");
-        assert!(diff < 1e-4, "{what}: max abs diff {diff}");
     }
 
     #[test]

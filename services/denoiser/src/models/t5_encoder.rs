@@ -440,6 +440,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::test_util::{check, max_abs_diff as max_diff};
 
     const FIXTURE: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -461,25 +462,6 @@ mod tests {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu) }
             .unwrap();
         T5Encoder::new(cfg, vb).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-        d.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn check(what: &str, ours: &Tensor, theirs: &Tensor) {
-        let diff = max_diff(ours, theirs);
-        eprintln!("{what}: max abs diff {diff:e}");
-        assert!(diff < 1e-4, "{what}: max abs diff {diff}");
     }
 
     /// Values worked out by hand from transformers' formula (bidirectional, 32 buckets, max

@@ -203,21 +203,11 @@ impl T5Tokenizer {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
-    fn fixture() -> PathBuf {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/flux-pipeline-tiny"
-        ))
-    }
+    use crate::test_util::{flux_pipeline_dir as fixture, flux_pipeline_reference};
 
     fn reference_ids(key: &str) -> Vec<u32> {
-        let t = candle_core::safetensors::load(
-            fixture().join("reference.safetensors"),
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let t = flux_pipeline_reference();
         let ids: Vec<i64> = t[key].flatten_all().unwrap().to_vec1().unwrap();
         ids.into_iter().map(|i| i as u32).collect()
     }
