@@ -488,6 +488,34 @@ mod tests {
         assert_eq!(f.source, "hf://acme/tiny-flux/transformer/");
         assert!(f.weights[0].ends_with("transformer/diffusion_pytorch_model.safetensors"));
 
+        assert!(
+            f.pipeline.is_none(),
+            "no model_index.json: a bare transformer"
+        );
+        // With model_index.json the repo is a pipeline: its other components resolve
+        // through the same cache.
+        write(&repo.join("snapshots/abc123/model_index.json"), "{}");
+        write(&repo.join("snapshots/abc123/tokenizer/vocab.json"), "{}");
+        write(&repo.join("snapshots/abc123/vae/config.json"), "{}");
+        write(
+            &repo.join("snapshots/abc123/vae/diffusion_pytorch_model.safetensors"),
+            "",
+        );
+        let f = resolve("acme/tiny-flux", None, &hub).unwrap();
+        let pipeline = f.pipeline.expect("a pipeline");
+        assert_eq!(pipeline.describe(), "hf://acme/tiny-flux");
+        assert!(
+            pipeline
+                .file("tokenizer/vocab.json")
+                .unwrap()
+                .ends_with("tokenizer/vocab.json")
+        );
+        assert_eq!(pipeline.weights("vae").unwrap().len(), 1);
+        let err = pipeline
+            .file("tokenizer/merges.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
         let err = resolve("acme/missing", None, &hub).unwrap_err().to_string();
         assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
         assert!(err.contains("not a local folder"), "{err}");
