@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod codec;
+pub mod quote;
 pub mod serving;
 
 /// Generated protobuf messages and tonic services of package `teaserve.v1`.
@@ -16,3 +17,4 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("teaserve_descriptor");
 
 pub use codec::{CodecError, TensorMap, decode_tensor, encode_tensor};
+pub use quote::{MAX_STATUS_BYTES, bounded, quote};

@@ -127,6 +127,17 @@ pub fn grpc_server(max_message_bytes: usize) -> tonic::transport::Server {
 
 /// The names a server's reflection lists besides its own service.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Metadata key on an UNAVAILABLE status that means "this replica's queue is full; the call
+/// was not started, try another replica" (the controller's pool retries it elsewhere without
+/// ejecting the replica). Oversize messages stay RESOURCE_EXHAUSTED: they fail everywhere.
+pub const QUEUE_FULL_METADATA: &str = "teaserve-queue-full";
+
+/// Whether `status` is a full queue (see [`QUEUE_FULL_METADATA`]).
+pub fn is_queue_full(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && status.metadata().get(QUEUE_FULL_METADATA).is_some()
+}
 /// `grpc.reflection.v1`, what current grpcurl and most clients ask.
 pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 /// `grpc.reflection.v1alpha`, all that grpcurl 1.8, Python's grpcio-reflection and several GUI
@@ -199,34 +210,127 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received; draining in-flight calls");
 }
 
-/// Splits `shutdown` into the signal to hand tonic's `serve_with_incoming_shutdown` and a
-/// deadline that resolves `grace` after that signal fired. tonic's graceful shutdown waits
-/// for clients to hang up, and idle keep-alive connections never do, so callers race the
-/// server against the deadline.
-pub fn bounded_shutdown(
+/// A server's calls in flight and whether it is draining (after SIGTERM): each RPC that does
+/// work enters it; once draining, new calls are refused with UNAVAILABLE (clients and the
+/// controller's pool go to another replica) while the calls in flight finish.
+#[derive(Clone, Default)]
+pub struct Drain(Arc<DrainState>);
+
+#[derive(Default)]
+struct DrainState {
+    draining: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One call in flight; leaving (dropping it) may end the drain.
+pub struct DrainGuard(Drain);
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        if self.0.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Drain {
+    /// Admits a call (hold the guard until it is done), or UNAVAILABLE when draining.
+    #[allow(clippy::result_large_err)]
+    pub fn enter(&self) -> Result<DrainGuard, Status> {
+        use std::sync::atomic::Ordering;
+        self.0.in_flight.fetch_add(1, Ordering::SeqCst);
+        let guard = DrainGuard(self.clone());
+        if self.0.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "this server is shutting down; send the call to another replica",
+            ));
+        }
+        Ok(guard)
+    }
+
+    /// Starts draining: every later [`enter`](Self::enter) is refused.
+    pub fn begin(&self) {
+        self.0
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Calls in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.0.in_flight.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves once no call is in flight.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How long a stopping server keeps its connections after the last call finished, so the
+/// final responses and HTTP/2 GOAWAY frames reach the peers.
+pub const CLOSE_PAUSE: Duration = Duration::from_millis(200);
+
+/// The shutdown sequence of both servers, as Kubernetes' rolling updates want it. When
+/// `shutdown` fires: `not_serving` reports NOT_SERVING on the health service at once (health
+/// watchers such as the controller's pool stop sending calls), `drain` refuses new calls
+/// with UNAVAILABLE, the calls in flight finish (at most `grace`), then tonic's graceful
+/// shutdown starts and, [`CLOSE_PAUSE`] later, the remaining connections (health watch
+/// streams, idle keep-alives, which never hang up by themselves) are dropped.
+///
+/// Returns the signal to hand `serve_with_incoming_shutdown` and the future to race the
+/// server against (it resolves when the server should stop).
+pub fn drain_on_shutdown<N, NF>(
     shutdown: impl Future<Output = ()> + Send + 'static,
+    drain: Drain,
     grace: Duration,
+    not_serving: N,
 ) -> (
     impl Future<Output = ()> + Send + 'static,
     impl Future<Output = ()> + Send + 'static,
-) {
-    let stopping = Arc::new(tokio::sync::Notify::new());
-    let signal = {
-        let stopping = stopping.clone();
-        async move {
-            shutdown.await;
-            stopping.notify_one();
-        }
-    };
-    let deadline = async move {
-        stopping.notified().await;
-        tokio::time::sleep(grace).await;
-        tracing::warn!(
-            grace_s = grace.as_secs_f64(),
-            "shutdown grace elapsed; closing remaining connections"
+)
+where
+    N: FnOnce() -> NF + Send + 'static,
+    NF: Future<Output = ()> + Send,
+{
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let done = async move {
+        shutdown.await;
+        not_serving().await;
+        drain.begin();
+        let started = std::time::Instant::now();
+        tracing::info!(
+            in_flight = drain.in_flight() as u64,
+            "shutting down: reported NOT_SERVING, refusing new calls, finishing the calls in flight"
         );
+        if tokio::time::timeout(grace, drain.idle()).await.is_err() {
+            tracing::warn!(
+                grace_s = grace.as_secs_f64(),
+                in_flight = drain.in_flight() as u64,
+                "shutdown grace elapsed with calls still in flight; closing"
+            );
+        } else {
+            tracing::info!(
+                drained_ms = started.elapsed().as_millis() as u64,
+                "every call in flight finished; closing"
+            );
+        }
+        let _ = stop_tx.send(());
+        tokio::time::sleep(CLOSE_PAUSE).await;
     };
-    (signal, deadline)
+    let signal = async move {
+        let _ = stop_rx.await;
+    };
+    (signal, done)
 }
 
 #[cfg(test)]

@@ -405,6 +405,8 @@ pub struct Recorded {
     pub run_blocks: usize,
     /// Postprocess calls.
     pub postprocess: usize,
+    /// RunBlocks calls refused as a full queue (see [`RecordingProxy::queue_full_run_blocks`]).
+    pub queue_full_refusals: usize,
     /// Every Preprocess call in arrival order: its timestep, its `encoder_hidden_states`
     /// (which tells CFG branches apart) and the modulated input it returned.
     pub modulated: Vec<(f32, v1::Tensor, Tensor)>,
@@ -421,6 +423,9 @@ pub struct RecordingProxy {
     /// The next this-many RunBlocks calls fail with UNAVAILABLE (a lost connection, as the
     /// caller sees it) without reaching the denoiser.
     pub fail_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
+    /// The next this-many RunBlocks calls are refused exactly as a denoiser whose compute
+    /// queue is full refuses them (the status its own error mapping makes).
+    pub queue_full_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl RecordingProxy {
@@ -430,6 +435,7 @@ impl RecordingProxy {
             upstream: upstream.client().await,
             log: Arc::new(Mutex::new(Recorded::default())),
             fail_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            queue_full_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -508,6 +514,18 @@ impl Denoiser for RecordingProxy {
             .is_ok();
         if fail {
             return Err(Status::unavailable("injected failure: connection lost"));
+        }
+        let full = self
+            .queue_full_run_blocks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if full {
+            self.log.lock().unwrap().queue_full_refusals += 1;
+            return Err(teaserve_denoiser::DenoiserError::Busy(
+                "compute queue full (64 requests waiting); retry later or on another replica"
+                    .into(),
+            )
+            .into());
         }
         self.log.lock().unwrap().run_blocks += 1;
         self.upstream.clone().run_blocks(req.into_inner()).await

@@ -180,7 +180,8 @@ fn check_adapter(a: &str) -> Result<(), ConfigError> {
         Ok(())
     } else {
         Err(ConfigError(format!(
-            "Unknown cache adapter '{a}'. Supported: ['none', 'tea_cache']"
+            "Unknown cache adapter '{}'. Supported: ['none', 'tea_cache']",
+            teaserve_proto::quote(a)
         )))
     }
 }
@@ -252,7 +253,8 @@ pub fn resolve(
     };
     let model = models::lookup(&model_type).ok_or_else(|| {
         ConfigError(format!(
-            "Unknown model type: '{model_type}'. Supported: {}",
+            "Unknown model type: '{}'. Supported: {}",
+            teaserve_proto::quote(&model_type),
             supported_list()
         ))
     })?;

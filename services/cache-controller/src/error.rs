@@ -62,7 +62,8 @@ impl From<teaserve_proto::CodecError> for ControllerError {
 
 impl From<ControllerError> for Status {
     fn from(err: ControllerError) -> Self {
-        let msg = err.to_string();
+        // Statuses travel in headers: never let one grow past a few KiB, whatever it quotes.
+        let msg = teaserve_proto::bounded(&err.to_string(), teaserve_proto::MAX_STATUS_BYTES);
         match err {
             ControllerError::InvalidArgument(_) => Status::invalid_argument(msg),
             ControllerError::NotFound(_) => Status::not_found(msg),

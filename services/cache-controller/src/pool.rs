@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use teaserve_proto::serving::is_queue_full;
 use teaserve_proto::v1::denoiser_client::DenoiserClient;
 use teaserve_proto::v1::{DescribeRequest, DescribeResponse};
 use teaserve_telemetry::propagation::InjectTraceContext;
@@ -148,9 +149,9 @@ impl Member {
         self.health() != Health::NotServing && !self.ejected()
     }
 
-    async fn describe(&self) -> Result<Arc<DescribeResponse>, String> {
+    async fn describe(&self, timeout: Duration) -> Result<Arc<DescribeResponse>, String> {
         let mut client = self.client.clone();
-        match tokio::time::timeout(PROBE_TIMEOUT, client.describe(DescribeRequest {})).await {
+        match tokio::time::timeout(timeout, client.describe(DescribeRequest {})).await {
             Ok(Ok(resp)) => {
                 let describe = Arc::new(resp.into_inner());
                 let first = self.described().is_none();
@@ -347,15 +348,36 @@ impl DenoiserPool {
             .unwrap_or_default()
     }
 
-    /// Asks every endpoint whose model is unknown what it serves.
+    /// Asks every endpoint whose model is unknown what it serves (one quick probe each).
     pub async fn refresh(&self) {
+        self.probe_unknown(PROBE_TIMEOUT, 1).await;
+    }
+
+    /// Before a call gives up for want of a known endpoint: asks every endpoint whose model
+    /// is unknown (its health unknown or its last check failed) with the call's own deadline,
+    /// a few attempts each, so a controller that has just started never refuses work a
+    /// reachable denoiser can do. A refused connection fails each attempt at once, so a
+    /// denoiser that is really down costs only the short backoffs.
+    async fn refresh_for_call(&self) {
+        self.probe_unknown(self.inner.opts.call_timeout, 3).await;
+    }
+
+    async fn probe_unknown(&self, timeout: Duration, attempts: u32) {
         let members = self.members();
         let probes = members
             .iter()
             .filter(|m| m.described().is_none())
             .map(|m| async move {
-                if let Err(e) = m.describe().await {
-                    tracing::debug!(endpoint = %m.url, error = %e, "denoiser not reached");
+                for attempt in 0..attempts {
+                    if attempt > 0 {
+                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    }
+                    match m.describe(timeout).await {
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::debug!(endpoint = %m.url, error = %e, attempt, "denoiser not reached");
+                        }
+                    }
                 }
             });
         futures::future::join_all(probes).await;
@@ -372,7 +394,7 @@ impl DenoiserPool {
     /// The model types the reached denoiser endpoints serve, sorted and deduplicated; probes
     /// the endpoints whose model is not known yet first.
     pub async fn served_model_types(&self) -> Vec<String> {
-        self.refresh().await;
+        self.refresh_for_call().await;
         let mut types: Vec<String> = self
             .endpoints()
             .into_iter()
@@ -416,7 +438,7 @@ impl DenoiserPool {
     }
 
     /// `Describe` of a denoiser serving `model_type` (replicas of a type agree); probes
-    /// unknown endpoints once before giving up with UNAVAILABLE.
+    /// unknown endpoints with the call deadline before giving up with UNAVAILABLE.
     pub async fn describe_for(
         &self,
         model_type: &str,
@@ -437,7 +459,7 @@ impl DenoiserPool {
         if let Some(d) = find() {
             return Ok(d);
         }
-        self.refresh().await;
+        self.refresh_for_call().await;
         find().ok_or_else(|| self.no_denoiser(model_type))
     }
 
@@ -541,20 +563,23 @@ impl DenoiserPool {
         let opts = &self.inner.opts;
         let mut tried: Vec<String> = Vec::new();
         let mut failures: Vec<String> = Vec::new();
+        // Replicas whose queue was full: tried again (after the backoff) only once every
+        // other replica has been tried.
+        let mut full: Vec<String> = Vec::new();
         let mut refreshed = false;
         for attempt in 0..opts.max_attempts.max(1) {
-            let member = match self.pick(model_type, method, &tried) {
-                Some(m) => m,
-                None if !refreshed => {
-                    refreshed = true;
-                    self.refresh().await;
-                    match self.pick(model_type, method, &tried) {
-                        Some(m) => m,
-                        None => break,
-                    }
-                }
-                None => break,
-            };
+            let mut member = self.pick(model_type, method, &tried);
+            if member.is_none() && !refreshed {
+                refreshed = true;
+                self.refresh_for_call().await;
+                member = self.pick(model_type, method, &tried);
+            }
+            if member.is_none() && !full.is_empty() {
+                tried.retain(|u| !full.contains(u));
+                full.clear();
+                member = self.pick(model_type, method, &tried);
+            }
+            let Some(member) = member else { break };
             if attempt > 0 {
                 let pause = opts.retry_backoff * 2u32.saturating_pow(attempt as u32 - 1);
                 tokio::time::sleep(pause).await;
@@ -599,7 +624,12 @@ impl DenoiserPool {
                     message: status.message().to_string(),
                 });
             }
-            member.eject(opts.eject_for);
+            if is_queue_full(&status) {
+                // Overloaded, not broken: the call never started there; no ejection.
+                full.push(member.url.clone());
+            } else {
+                member.eject(opts.eject_for);
+            }
             tracing::warn!(
                 parent: &span,
                 endpoint = %member.url,
@@ -734,7 +764,7 @@ async fn watch_health(member: Weak<Member>) {
                                     *u = None;
                                 }
                                 if was != Health::Serving
-                                    && let Err(e) = m.describe().await
+                                    && let Err(e) = m.describe(PROBE_TIMEOUT).await
                                 {
                                     tracing::debug!(endpoint = %url, error = %e, "describe failed");
                                 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use teaserve_proto::serving::{
-    OversizeToResourceExhausted, bounded_shutdown, grpc_server, nodelay_incoming,
+    Drain, OversizeToResourceExhausted, drain_on_shutdown, grpc_server, nodelay_incoming,
     reflection_services,
 };
 use teaserve_proto::v1::cache_controller_server::{CacheController, CacheControllerServer};
@@ -37,6 +37,9 @@ pub struct ControllerService {
     defaults: CacheDefaults,
     max_message_bytes: usize,
     metrics: ControllerMetrics,
+    /// Calls in flight (Generate and Calibrate streams until they end); refuses new ones
+    /// once SIGTERM started the drain.
+    drain: Drain,
 }
 
 impl ControllerService {
@@ -54,6 +57,7 @@ impl ControllerService {
             defaults,
             max_message_bytes,
             metrics,
+            drain: Drain::default(),
         }
     }
 
@@ -67,6 +71,14 @@ impl ControllerService {
     /// An error when none of them decides; the cache plan's errors (the seed's) come first.
     async fn model_for(&self, req: &v1::GenerateRequest) -> Result<String, ControllerError> {
         if !req.model_class_name.is_empty() {
+            // The cache plan's own errors (the seed's) come first.
+            crate::cache_config::resolve(
+                &self.defaults,
+                &req.cache_adapter,
+                req.cache_config.as_ref(),
+                &req.model_class_name,
+            )?;
+            self.known_model(&req.model_class_name).await?;
             return Ok(req.model_class_name.clone());
         }
         let served = match self.default_model().await {
@@ -87,6 +99,27 @@ impl ControllerService {
         Err(ControllerError::InvalidArgument(format!(
             "model_class_name is required: {why}, and no default model is configured (stage \
              YAML `model_class_name`); one of {}",
+            models::supported_list()
+        )))
+    }
+
+    /// A model type no model table and no denoiser knows is the caller's mistake
+    /// (INVALID_ARGUMENT with the supported list), not an outage: UNAVAILABLE stays for a
+    /// known type whose denoisers are all down.
+    async fn known_model(&self, model_type: &str) -> Result<(), ControllerError> {
+        if models::lookup(model_type).is_some()
+            || self
+                .pool
+                .served_model_types()
+                .await
+                .iter()
+                .any(|t| t == model_type)
+        {
+            return Ok(());
+        }
+        Err(ControllerError::InvalidArgument(format!(
+            "Unknown model type: '{}'. Supported: {}",
+            teaserve_proto::quote(model_type),
             models::supported_list()
         )))
     }
@@ -229,6 +262,7 @@ impl CacheController for ControllerService {
         &self,
         req: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let in_flight = self.drain.enter()?;
         let (id, info) = self.create(req.get_ref()).await?;
         let (tx, rx) = mpsc::channel(16);
         // Child of the gRPC server span, which continues the caller's traceparent.
@@ -241,14 +275,12 @@ impl CacheController for ControllerService {
             threshold = info.rel_l1_thresh,
             cfg = info.cfg,
         );
+        let (store, pool, metrics) = (self.store.clone(), self.pool.clone(), self.metrics.clone());
         tokio::spawn(
-            drive(
-                self.store.clone(),
-                self.pool.clone(),
-                self.metrics.clone(),
-                id,
-                tx,
-            )
+            async move {
+                drive(store, pool, metrics, id, tx).await;
+                drop(in_flight);
+            }
             .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -287,6 +319,7 @@ impl CacheController for ControllerService {
         &self,
         req: Request<v1::CreateSessionRequest>,
     ) -> Result<Response<v1::CreateSessionResponse>, Status> {
+        let _in_flight = self.drain.enter()?;
         let req = req.into_inner().request.ok_or_else(|| {
             Status::invalid_argument("CreateSession needs `request` (a GenerateRequest)")
         })?;
@@ -300,6 +333,7 @@ impl CacheController for ControllerService {
         &self,
         req: Request<v1::StepRequest>,
     ) -> Result<Response<v1::StepResponse>, Status> {
+        let _in_flight = self.drain.enter()?;
         let req = req.into_inner();
         let mut handle = self.store.checkout(&req.session_id)?;
         let started = handle.session.created;
@@ -384,12 +418,14 @@ impl CacheController for ControllerService {
         &self,
         req: Request<v1::CalibrateRequest>,
     ) -> Result<Response<Self::CalibrateStream>, Status> {
+        let in_flight = self.drain.enter()?;
         let default_model = if req.get_ref().model_class_name.is_empty() {
             self.default_model().await.ok()
         } else {
             None
         };
         let plan = calibration::run::plan(req.get_ref(), default_model.as_deref())?;
+        self.known_model(&plan.model_type).await?;
         let (tx, rx) = mpsc::channel(16);
         let span = tracing::info_span!(
             "calibrate",
@@ -397,7 +433,13 @@ impl CacheController for ControllerService {
             generations = plan.generations.len() as i64,
         );
         let me = self.clone();
-        tokio::spawn(async move { me.calibrate_all(plan, tx).await }.instrument(span));
+        tokio::spawn(
+            async move {
+                me.calibrate_all(plan, tx).await;
+                drop(in_flight);
+            }
+            .instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -541,7 +583,22 @@ pub async fn serve(
     .map_err(|e| ControllerError::Internal(format!("building reflection service: {e}")))?;
     let max = opts.max_message_bytes;
     tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
-    let (signal, drain_deadline) = bounded_shutdown(shutdown, opts.shutdown_grace);
+    // SIGTERM: NOT_SERVING at once, new calls UNAVAILABLE, Generate / Calibrate streams and
+    // session calls in flight finish (within the grace), then exit.
+    let health = health_reporter.clone();
+    let (signal, stopped) = drain_on_shutdown(
+        shutdown,
+        service.drain.clone(),
+        opts.shutdown_grace,
+        move || async move {
+            health
+                .set_not_serving::<CacheControllerServer<ControllerService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        },
+    );
     let server = grpc_server(max)
         .layer(
             ServerLayer::new(Some(opts.metrics.rpc.clone()))
@@ -559,7 +616,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(nodelay_incoming(listener), signal);
     let result = tokio::select! {
         r = server => r,
-        () = drain_deadline => Ok(()),
+        () = stopped => Ok(()),
     };
     discovery.abort();
     reaper.abort();

@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType as CDType, Device, Tensor};
-use teaserve_proto::TensorMap;
 use teaserve_proto::codec::{self, dtype_name, is_float};
 use teaserve_proto::v1::{self, Branch, DType};
+use teaserve_proto::{TensorMap, quote};
 
 use crate::cache_config::{self, CacheDefaults, CachePlan};
 use crate::error::ControllerError;
@@ -87,7 +87,7 @@ fn check_tensors(field: &str, map: &TensorMap, max_bytes: usize) -> Result<(), C
         if let Some(t) = map.get(name) {
             codec::validate(t, max_bytes)
                 .and_then(|_| codec::check_finite(t))
-                .map_err(|e| invalid(format!("{field}['{name}']: {e}")))?;
+                .map_err(|e| invalid(format!("{field}['{}']: {e}", quote(name))))?;
         }
         if RESERVED_INPUTS.contains(&name.as_str()) {
             return Err(invalid(format!(
@@ -123,6 +123,15 @@ pub(crate) fn step_count(
     {
         return Err(invalid(format!(
             "sigmas must be finite numbers in [0, 1], got {bad}"
+        )));
+    }
+    if let Some(i) = req.sigmas.windows(2).position(|w| w[1] > w[0]) {
+        return Err(invalid(format!(
+            "sigmas must be non-increasing (the sampler walks from noise to data), but \
+             sigmas[{}] = {} > sigmas[{i}] = {}",
+            i + 1,
+            req.sigmas[i + 1],
+            req.sigmas[i]
         )));
     }
     let num_steps = match (req.num_inference_steps, req.sigmas.len()) {
@@ -523,11 +532,15 @@ impl SessionStore {
         let entries = self.lock()?;
         let e = entries.get(id).ok_or_else(|| {
             ControllerError::NotFound(format!(
-                "no session '{id}' (closed, expired, or never created)"
+                "no session '{}' (closed, expired, or never created)",
+                quote(id)
             ))
         })?;
         let session = e.session.clone().try_lock_owned().map_err(|_| {
-            ControllerError::Aborted(format!("session '{id}' is busy with another call; retry"))
+            ControllerError::Aborted(format!(
+                "session '{}' is busy with another call; retry",
+                quote(id)
+            ))
         })?;
         if let Ok(mut last) = e.last_used.lock() {
             *last = Instant::now();
@@ -543,9 +556,15 @@ impl SessionStore {
 
     /// Removes a session; false if it was not there.
     pub fn remove(&self, id: &str) -> bool {
-        self.lock()
+        let removed = self
+            .lock()
             .map(|mut m| m.remove(id).is_some())
-            .unwrap_or(false)
+            .unwrap_or(false);
+        if removed {
+            // The gauges follow: back to 0 when no session is live.
+            self.publish();
+        }
+        removed
     }
 
     /// Descriptions of every session (as of their last call).

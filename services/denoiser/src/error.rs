@@ -23,7 +23,8 @@ pub enum DenoiserError {
     /// A result could not be encoded for the wire (INTERNAL).
     #[error("encoding the result failed: {0}")]
     Encode(#[from] CodecError),
-    /// The compute queue is full (RESOURCE_EXHAUSTED; retry or go to another replica).
+    /// The compute queue is full: UNAVAILABLE marked `teaserve-queue-full` (the call did not
+    /// start; another replica can take it).
     #[error("{0}")]
     Busy(String),
     /// The model is not loaded yet, or the worker is shutting down (UNAVAILABLE).
@@ -42,11 +43,19 @@ impl From<InputError> for DenoiserError {
 
 impl From<DenoiserError> for Status {
     fn from(err: DenoiserError) -> Self {
-        let msg = err.to_string();
+        // Statuses travel in headers: never let one grow past a few KiB, whatever it quotes.
+        let msg = teaserve_proto::bounded(&err.to_string(), teaserve_proto::MAX_STATUS_BYTES);
         match err {
             DenoiserError::Input(_) => Status::invalid_argument(msg),
             DenoiserError::Config(_) => Status::failed_precondition(msg),
-            DenoiserError::Busy(_) => Status::resource_exhausted(msg),
+            DenoiserError::Busy(_) => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                md.insert(
+                    teaserve_proto::serving::QUEUE_FULL_METADATA,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                Status::with_metadata(tonic::Code::Unavailable, msg, md)
+            }
             DenoiserError::Unavailable(_) => Status::unavailable(msg),
             DenoiserError::Load(_)
             | DenoiserError::Compute(_)

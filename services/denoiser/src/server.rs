@@ -18,7 +18,7 @@ use teaserve_proto::batch::{split_map, stack_run_blocks};
 use teaserve_proto::codec::map_bytes;
 use teaserve_proto::codec::{self, encode_tensor};
 use teaserve_proto::serving::{
-    OversizeToResourceExhausted, bounded_shutdown, grpc_server, nodelay_incoming,
+    Drain, OversizeToResourceExhausted, drain_on_shutdown, grpc_server, nodelay_incoming,
     reflection_services,
 };
 use teaserve_proto::v1::denoiser_server::{Denoiser, DenoiserServer};
@@ -56,6 +56,8 @@ pub struct DenoiserService {
     limits: Limits,
     model_source: Arc<String>,
     tensor_bytes: Family<TensorLabels, Counter>,
+    /// Calls in flight; refuses new ones once SIGTERM started the drain.
+    drain: Drain,
 }
 
 /// Labels of the tensor byte counter.
@@ -149,6 +151,7 @@ impl DenoiserService {
             limits,
             model_source: Arc::new(model_source),
             tensor_bytes,
+            drain: Drain::default(),
         }
     }
 
@@ -197,6 +200,7 @@ impl DenoiserService {
         Req: Payload + Send + 'static,
         Resp: Payload + Send + 'static,
     {
+        let _in_flight = self.drain.enter()?;
         let limits = self.limits;
         let req = req.into_inner();
         self.count(stage, "in", req.payload_bytes());
@@ -673,6 +677,7 @@ impl Denoiser for DenoiserService {
         let Some(batcher) = self.batcher.get() else {
             return self.dispatch("run_blocks", req, run_blocks).await;
         };
+        let _in_flight = self.drain.enter()?;
         let req = req.into_inner();
         self.count("run_blocks", "in", req.payload_bytes());
         let out = batcher.submit(req).await?;
@@ -739,6 +744,7 @@ where
         tensor_bytes.clone(),
     );
     let mut service = DenoiserService::new(opts.limits, opts.model_source.clone(), tensor_bytes);
+    let drain = service.drain.clone();
     if let Some(window) = opts.batch_window {
         let batches = Family::<BatchLabels, Counter>::default();
         opts.metrics.register(
@@ -784,9 +790,11 @@ where
         })
     };
 
-    // Stop on the caller's shutdown signal, or when the model fails to load (reported below).
+    // Stop on the caller's shutdown signal, or when the model fails to load (reported below):
+    // NOT_SERVING at once, new calls UNAVAILABLE, the calls in flight finish, then exit.
     let (reason_tx, reason_rx) = tokio::sync::oneshot::channel::<Option<DenoiserError>>();
-    let (signal, drain_deadline) = bounded_shutdown(
+    let health = health_reporter.clone();
+    let (signal, stopped) = drain_on_shutdown(
         async move {
             let reason = tokio::select! {
                 () = shutdown => None,
@@ -794,7 +802,16 @@ where
             };
             let _ = reason_tx.send(reason);
         },
+        drain,
         opts.shutdown_grace,
+        move || async move {
+            health
+                .set_not_serving::<DenoiserServer<DenoiserService>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+        },
     );
 
     tracing::info!(addr = ?addr, max_message_bytes = max, "denoiser listening");
@@ -819,7 +836,7 @@ where
         .serve_with_incoming_shutdown(nodelay_incoming(listener), signal);
     let served = tokio::select! {
         r = server => r,
-        () = drain_deadline => Ok(()),
+        () = stopped => Ok(()),
     };
     loader.abort();
     let _ = stop_metrics.send(());

@@ -142,7 +142,7 @@ pub enum InputError {
         shape: String,
     },
     /// A tensor the RPC does not accept.
-    #[error("{stage}: unknown {field} tensor '{name}'; accepted: [{accepted}]")]
+    #[error("{stage}: unknown {field} tensor '{}'; accepted: [{accepted}]", teaserve_proto::quote(.name))]
     Unknown {
         /// RPC name.
         stage: &'static str,
@@ -154,7 +154,7 @@ pub enum InputError {
         accepted: String,
     },
     /// The wire tensor itself is malformed (dtype, shape, length, size, non-finite values).
-    #[error("{stage}: {field} tensor '{name}': {source}")]
+    #[error("{stage}: {field} tensor '{}': {source}", teaserve_proto::quote(.name))]
     Codec {
         /// RPC name.
         stage: &'static str,

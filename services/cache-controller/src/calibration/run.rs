@@ -108,8 +108,9 @@ pub fn plan(
     for (i, r) in req.requests.iter().enumerate() {
         if !r.model_class_name.is_empty() && r.model_class_name != model_type {
             return Err(invalid(format!(
-                "requests[{i}] names model '{}' but the calibration is for '{model_type}'",
-                r.model_class_name
+                "requests[{i}] names model '{}' but the calibration is for '{}'",
+                teaserve_proto::quote(&r.model_class_name),
+                teaserve_proto::quote(&model_type)
             )));
         }
         if !r.negative_inputs.is_empty() || !r.negative_prompt.is_empty() {

@@ -148,7 +148,10 @@ impl TextMode for TinyFluxAdapter {
         let (h, w) = self.size(height, width)?;
         let tokens = prompts
             .iter()
-            .map(|p| tokenize(p).map_err(|e| invalid(format!("prompt {p:?}: {e}"))))
+            .map(|p| {
+                tokenize(p)
+                    .map_err(|e| invalid(format!("prompt \"{}\": {e}", teaserve_proto::quote(p))))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let device = &self.info.device;
         let (states, pooled) = self.text.encode(&tokens, device)?;

@@ -41,7 +41,7 @@ pub const MAX_TOKENS: usize = 12;
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PromptError {
     /// A word outside the vocabulary.
-    #[error("unknown word '{word}' in the prompt; the embedded model knows: {known}")]
+    #[error("unknown word '{}' in the prompt; the embedded model knows: {known}", teaserve_proto::quote(.word))]
     UnknownWord {
         /// The word.
         word: String,
