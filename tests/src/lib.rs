@@ -266,6 +266,9 @@ pub struct KillableDenoiser {
     /// Where it listens.
     pub addr: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
+    /// Fires the graceful shutdown (what SIGTERM does to the binary).
+    term: Option<tokio::sync::oneshot::Sender<()>>,
+    served: Option<tokio::task::JoinHandle<Result<(), teaserve_denoiser::DenoiserError>>>,
 }
 
 impl KillableDenoiser {
@@ -285,13 +288,19 @@ impl KillableDenoiser {
             .build()
             .unwrap();
         let opts = args.serve_options(source);
-        runtime.spawn(async move {
+        let (term, termed) = tokio::sync::oneshot::channel::<()>();
+        let served = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            teaserve_denoiser::server::serve(listener, load, opts, std::future::pending()).await
+            let shutdown = async move {
+                let _ = termed.await;
+            };
+            teaserve_denoiser::server::serve(listener, load, opts, shutdown).await
         });
         let me = Self {
             addr,
             runtime: Some(runtime),
+            term: Some(term),
+            served: Some(served),
         };
         wait_serving(&me.url()).await;
         me
@@ -300,6 +309,22 @@ impl KillableDenoiser {
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Terminates it as SIGTERM terminates the binary (NOT_SERVING, drain, exit), waits
+    /// until its server has returned, then drops whatever the process would have left
+    /// behind; returns how long the shutdown took.
+    pub async fn terminate(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        if let Some(term) = self.term.take() {
+            let _ = term.send(());
+        }
+        if let Some(served) = self.served.take() {
+            served.await.unwrap().unwrap();
+        }
+        let took = started.elapsed();
+        self.kill();
+        took
     }
 
     /// Kills it: listener, connections and in-flight calls vanish at once.

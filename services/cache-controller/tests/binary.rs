@@ -26,7 +26,7 @@ async fn binary_serves_and_stops_on_sigterm() {
             "--denoiser",
             "http://127.0.0.1:9",
         ])
-        .args(["--log-format", "json", "--shutdown-grace-secs", "1"])
+        .args(["--log-format", "json", "--shutdown-grace-secs", "60"])
         .args(["--cache-config", r#"{"rel_l1_thresh": 0.4}"#])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -84,7 +84,22 @@ async fn binary_serves_and_stops_on_sigterm() {
             .is_empty()
     );
 
+    // A health watch (a load balancer's) hears NOT_SERVING at once and does not hold the
+    // process open for the grace (60 s).
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "teaserve.v1.CacheController".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(
+        first.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     let pid = child.id().to_string();
+    let signalled = Instant::now();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -92,7 +107,14 @@ async fn binary_serves_and_stops_on_sigterm() {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("no health update after SIGTERM");
+    assert_eq!(
+        next.unwrap().unwrap().status,
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
@@ -101,6 +123,10 @@ async fn binary_serves_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status}");
+    eprintln!(
+        "idle controller with a health watch open exited {:?} after SIGTERM (grace 60 s)",
+        signalled.elapsed()
+    );
 }
 
 #[test]

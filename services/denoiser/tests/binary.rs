@@ -31,7 +31,7 @@ async fn binary_serves_and_stops_on_sigterm() {
             "--listen",
             "127.0.0.1:0",
         ])
-        .args(["--log-format", "json", "--shutdown-grace-secs", "1"])
+        .args(["--log-format", "json", "--shutdown-grace-secs", "60"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .stderr(Stdio::null())
         .stdout(Stdio::piped())
@@ -94,8 +94,20 @@ async fn binary_serves_and_stops_on_sigterm() {
         info.model_source
     );
 
+    // A health watch, as the controller keeps one: it must hear NOT_SERVING at once and must
+    // not hold the process open for the grace (60 s).
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "teaserve.v1.Denoiser".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
     // The channel stays open across the signal: shutdown must not wait on an idle client.
     let pid = child.id().to_string();
+    let signalled = Instant::now();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -103,7 +115,15 @@ async fn binary_serves_and_stops_on_sigterm() {
             .unwrap()
             .success()
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("no health update after SIGTERM");
+    assert_eq!(
+        next.unwrap().unwrap().status,
+        ServingStatus::NotServing as i32,
+        "SIGTERM must report NOT_SERVING on the watch"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
@@ -115,6 +135,10 @@ async fn binary_serves_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status after SIGTERM: {status}");
+    eprintln!(
+        "idle denoiser with a health watch open exited {:?} after SIGTERM (grace 60 s)",
+        signalled.elapsed()
+    );
 }
 
 #[test]
