@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod codec;
 pub mod quote;
+pub mod security;
 pub mod serving;
 
 /// Generated protobuf messages and tonic services of package `teaserve.v1`.

@@ -188,6 +188,14 @@ impl TestDenoiser {
     /// Starts a denoiser with the binary's flags (e.g. `["--model", dir]`) on 127.0.0.1:0 and
     /// waits until its health check says SERVING.
     pub async fn start(flags: &[&str]) -> Self {
+        let me = Self::start_unchecked(flags).await;
+        me.wait_serving().await;
+        me
+    }
+
+    /// Starts a denoiser without waiting for it (for servers this harness cannot reach over
+    /// plaintext, e.g. with TLS on: the caller checks health its own way).
+    pub async fn start_unchecked(flags: &[&str]) -> Self {
         let args = denoiser_args(flags);
         let files = args.model_files().unwrap();
         let source = files.source.clone();
@@ -203,13 +211,11 @@ impl TestDenoiser {
                 let _ = rx.await;
             },
         ));
-        let me = Self {
+        Self {
             addr,
             shutdown: Some(tx),
             task: Some(task),
-        };
-        me.wait_serving().await;
-        me
+        }
     }
 
     /// `http://addr`.
@@ -604,7 +610,7 @@ pub struct GenerateRun {
 /// Runs one Generate call to its end.
 pub async fn generate_run(
     client: &mut CacheControllerClient<Channel>,
-    req: v1::GenerateRequest,
+    req: impl tonic::IntoRequest<v1::GenerateRequest>,
 ) -> Result<GenerateRun, Status> {
     use tokio_stream::StreamExt as _;
     let mut stream = client.generate(req).await?.into_inner();

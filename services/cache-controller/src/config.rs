@@ -86,6 +86,12 @@ pub struct Args {
     /// Log format (filter with RUST_LOG, default info).
     #[arg(long, env = "TEASERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// TLS, mutual TLS and bearer tokens of the controller's public API.
+    #[command(flatten)]
+    pub security: teaserve_proto::security::ServerSecurityArgs,
+    /// TLS, client certificate and token towards the denoisers.
+    #[command(flatten)]
+    pub denoiser_security: teaserve_proto::security::DenoiserClientSecurityArgs,
 }
 
 impl Args {
@@ -133,8 +139,17 @@ impl Args {
             resolve_every: secs("dns-refresh-secs", self.dns_refresh_secs)?,
             keepalive_interval: secs("keepalive-secs", self.keepalive_secs)?,
             keepalive_timeout: secs("keepalive-timeout-secs", self.keepalive_timeout_secs)?,
+            security: self
+                .denoiser_security
+                .resolve()
+                .map_err(|e| ConfigError(e.to_string()))?,
             ..PoolOptions::default()
         };
+        // Fail at start-up, not at the first call, on unusable TLS or token settings.
+        self.security
+            .tls()
+            .and_then(|_| self.security.tokens())
+            .map_err(|e| ConfigError(e.to_string()))?;
         if self.max_sessions == 0 {
             return Err(ConfigError("--max-sessions must be at least 1".into()));
         }
@@ -152,6 +167,7 @@ impl Args {
             metrics_listen: self.metrics_listen,
             trace_background_calls: self.trace_background_calls,
             metrics: teaserve_telemetry::Metrics::new(),
+            security: self.security.clone(),
         })
     }
 }

@@ -27,7 +27,24 @@ use tracing::Instrument as _;
 use crate::error::ControllerError;
 
 /// A client of one denoiser; every call carries the caller's `traceparent`.
-pub type Client = DenoiserClient<InterceptedService<Channel, InjectTraceContext>>;
+pub type Client = DenoiserClient<InterceptedService<Channel, DenoiserMetadata>>;
+
+/// What every call to a denoiser carries: the W3C trace context and, when configured, the
+/// bearer token denoisers require.
+#[derive(Clone)]
+pub struct DenoiserMetadata {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for DenoiserMetadata {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut req = InjectTraceContext.call(req)?;
+        if let Some(a) = &self.authorization {
+            req.metadata_mut().insert("authorization", a.clone());
+        }
+        Ok(req)
+    }
+}
 
 /// The health service name denoisers report.
 const HEALTH_SERVICE: &str = "teaserve.v1.Denoiser";
@@ -55,6 +72,8 @@ pub struct PoolOptions {
     pub keepalive_timeout: Duration,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
+    /// TLS towards denoisers and the token they require (both off by default).
+    pub security: teaserve_proto::security::ClientSecurity,
 }
 
 impl Default for PoolOptions {
@@ -69,6 +88,7 @@ impl Default for PoolOptions {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
+            security: Default::default(),
         }
     }
 }
@@ -98,6 +118,8 @@ struct Member {
     client: Client,
     channel: Channel,
     described: RwLock<Option<Arc<DescribeResponse>>>,
+    /// Why the last Describe failed, for "no denoiser" messages.
+    last_error: Mutex<Option<String>>,
     in_flight: AtomicUsize,
     health: AtomicU8,
     ejected_until: Mutex<Option<Instant>>,
@@ -149,7 +171,7 @@ impl Member {
         self.health() != Health::NotServing && !self.ejected()
     }
 
-    async fn describe(&self, timeout: Duration) -> Result<Arc<DescribeResponse>, String> {
+    async fn describe_once(&self, timeout: Duration) -> Result<Arc<DescribeResponse>, String> {
         let mut client = self.client.clone();
         match tokio::time::timeout(timeout, client.describe(DescribeRequest {})).await {
             Ok(Ok(resp)) => {
@@ -174,6 +196,14 @@ impl Member {
             )),
             Err(_) => Err("Describe timed out".into()),
         }
+    }
+
+    async fn describe(&self, timeout: Duration) -> Result<Arc<DescribeResponse>, String> {
+        let result = self.describe_once(timeout).await;
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = result.as_ref().err().cloned();
+        }
+        result
     }
 }
 
@@ -211,6 +241,8 @@ pub struct EndpointState {
     pub usable: bool,
     /// Calls to it in flight.
     pub in_flight: usize,
+    /// Why it could not be described, when it could not.
+    pub last_error: Option<String>,
 }
 
 /// The pipeline component a denoiser must have loaded to answer `method` (Describe's
@@ -314,8 +346,19 @@ impl DenoiserPool {
         from: Option<String>,
         opts: &PoolOptions,
     ) -> Result<Member, ControllerError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| ControllerError::InvalidArgument(format!("--denoiser {url}: {e}")))?
+        // With TLS configured every denoiser is dialled over TLS, whatever scheme was given.
+        let dial = match (&opts.security.tls, url.strip_prefix("http://")) {
+            (Some(_), Some(rest)) => format!("https://{rest}"),
+            _ => url.to_string(),
+        };
+        let mut endpoint = Endpoint::from_shared(dial)
+            .map_err(|e| ControllerError::InvalidArgument(format!("--denoiser {url}: {e}")))?;
+        if let Some(tls) = &opts.security.tls {
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| {
+                ControllerError::InvalidArgument(format!("--denoiser {url}: TLS: {e}"))
+            })?;
+        }
+        let endpoint = endpoint
             .tcp_nodelay(true)
             .connect_timeout(opts.connect_timeout)
             .http2_keep_alive_interval(opts.keepalive_interval)
@@ -324,7 +367,10 @@ impl DenoiserPool {
             .initial_stream_window_size(Some(16 << 20))
             .initial_connection_window_size(Some(64 << 20));
         let channel = endpoint.connect_lazy();
-        let client = DenoiserClient::with_interceptor(channel.clone(), InjectTraceContext)
+        let metadata = DenoiserMetadata {
+            authorization: opts.security.authorization.clone(),
+        };
+        let client = DenoiserClient::with_interceptor(channel.clone(), metadata)
             .max_decoding_message_size(opts.max_message_bytes)
             .max_encoding_message_size(opts.max_message_bytes);
         Ok(Member {
@@ -333,6 +379,7 @@ impl DenoiserPool {
             client,
             channel,
             described: RwLock::new(None),
+            last_error: Mutex::new(None),
             in_flight: AtomicUsize::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
             ejected_until: Mutex::new(None),
@@ -433,6 +480,7 @@ impl DenoiserPool {
                 model_type: m.described().map(|d| d.model_type.clone()),
                 usable: m.usable(),
                 in_flight: m.in_flight.load(Ordering::Relaxed),
+                last_error: m.last_error.lock().ok().and_then(|e| e.clone()),
             })
             .collect()
     }
@@ -467,12 +515,12 @@ impl DenoiserPool {
         let seen: Vec<String> = self
             .endpoints()
             .into_iter()
-            .map(|e| {
-                format!(
-                    "{} ({})",
-                    e.url,
-                    e.model_type.as_deref().unwrap_or("unreachable")
-                )
+            .map(|e| match (&e.model_type, &e.last_error) {
+                (Some(t), _) => format!("{} ({t})", e.url),
+                (None, Some(err)) => {
+                    format!("{} (unreachable: {})", e.url, teaserve_proto::quote(err))
+                }
+                (None, None) => format!("{} (unreachable)", e.url),
             })
             .collect();
         let sources: Vec<&str> = self

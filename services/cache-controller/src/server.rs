@@ -542,6 +542,8 @@ pub struct ServeOptions {
     pub metrics: Metrics,
     /// Background calls (health, reflection, Describe outside a trace) get spans too.
     pub trace_background_calls: bool,
+    /// TLS, mutual TLS and bearer tokens of the public API (all off by default).
+    pub security: teaserve_proto::security::ServerSecurityArgs,
 }
 
 /// Serves the controller on `listener` until `shutdown` resolves.
@@ -550,6 +552,11 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
+    let security = |e: teaserve_proto::security::SecurityError| {
+        ControllerError::InvalidArgument(e.to_string())
+    };
+    let tls = opts.security.tls().map_err(security)?;
+    let tokens = opts.security.tokens().map_err(security)?;
     let pool = DenoiserPool::new(&opts.denoisers, opts.pool.clone())?;
     let discovery = pool.spawn_upkeep();
     {
@@ -582,7 +589,15 @@ pub async fn serve(
     )
     .map_err(|e| ControllerError::Internal(format!("building reflection service: {e}")))?;
     let max = opts.max_message_bytes;
-    tracing::info!(addr = ?listener.local_addr().ok(), denoisers = ?opts.denoisers, "cache-controller listening");
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        denoisers = ?opts.denoisers,
+        tls = tls.is_some(),
+        mutual_tls = opts.security.tls_client_ca.is_some(),
+        tokens = tokens.is_some(),
+        denoiser_tls = opts.pool.security.tls.is_some(),
+        "cache-controller listening"
+    );
     // SIGTERM: NOT_SERVING at once, new calls UNAVAILABLE, Generate / Calibrate streams and
     // session calls in flight finish (within the grace), then exit.
     let health = health_reporter.clone();
@@ -599,11 +614,18 @@ pub async fn serve(
                 .await;
         },
     );
-    let server = grpc_server(max)
+    let mut builder = grpc_server(max);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| ControllerError::InvalidArgument(format!("TLS configuration: {e}")))?;
+    }
+    let server = builder
         .layer(
             ServerLayer::new(Some(opts.metrics.rpc.clone()))
                 .trace_background(opts.trace_background_calls),
         )
+        .layer(teaserve_proto::security::BearerAuth::new(tokens))
         .layer(OversizeToResourceExhausted::new(max))
         .add_service(health_service)
         .add_service(reflection)

@@ -112,6 +112,9 @@ pub struct Args {
     /// Log format (filter with RUST_LOG, default info).
     #[arg(long, env = "TEASERVE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// TLS, mutual TLS and bearer tokens.
+    #[command(flatten)]
+    pub security: teaserve_proto::security::ServerSecurityArgs,
 }
 
 /// Parses the truthy spellings environment flags use.
@@ -202,6 +205,7 @@ impl Args {
             metrics_listen: self.metrics_listen,
             trace_background_calls: self.trace_background_calls,
             metrics: teaserve_telemetry::Metrics::new(),
+            security: self.security.clone(),
         }
     }
 

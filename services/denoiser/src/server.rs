@@ -17,6 +17,7 @@ use teaserve_proto::TensorMap;
 use teaserve_proto::batch::{split_map, stack_run_blocks};
 use teaserve_proto::codec::map_bytes;
 use teaserve_proto::codec::{self, encode_tensor};
+use teaserve_proto::security::{BearerAuth, ServerSecurityArgs};
 use teaserve_proto::serving::{
     Drain, OversizeToResourceExhausted, drain_on_shutdown, grpc_server, nodelay_incoming,
     reflection_services,
@@ -713,6 +714,8 @@ pub struct ServeOptions {
     pub metrics: Metrics,
     /// Background calls (health, reflection, Describe outside a trace) get spans too.
     pub trace_background_calls: bool,
+    /// TLS, mutual TLS and bearer tokens (all off by default).
+    pub security: ServerSecurityArgs,
 }
 
 /// Serves the denoiser on `listener` until `shutdown` resolves. The listener accepts
@@ -729,6 +732,10 @@ where
     F: FnOnce() -> Result<Box<dyn ModelAdapter>, DenoiserError> + Send + 'static,
 {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let security =
+        |e: teaserve_proto::security::SecurityError| DenoiserError::Config(e.to_string());
+    let tls = opts.security.tls().map_err(security)?;
+    let tokens = opts.security.tokens().map_err(security)?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_not_serving::<DenoiserServer<DenoiserService>>()
@@ -814,7 +821,14 @@ where
         },
     );
 
-    tracing::info!(addr = ?addr, max_message_bytes = max, "denoiser listening");
+    tracing::info!(
+        addr = ?addr,
+        max_message_bytes = max,
+        tls = tls.is_some(),
+        mutual_tls = opts.security.tls_client_ca.is_some(),
+        tokens = tokens.is_some(),
+        "denoiser listening"
+    );
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = opts.metrics_listen {
         serve_metrics(addr, opts.metrics.clone(), async move {
@@ -823,11 +837,18 @@ where
         .await
         .map_err(|e| DenoiserError::Config(format!("--metrics-listen {addr}: {e}")))?;
     }
-    let server = grpc_server(max)
+    let mut builder = grpc_server(max);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| DenoiserError::Config(format!("TLS configuration: {e}")))?;
+    }
+    let server = builder
         .layer(
             ServerLayer::new(Some(opts.metrics.rpc.clone()))
                 .trace_background(opts.trace_background_calls),
         )
+        .layer(BearerAuth::new(tokens))
         .layer(OversizeToResourceExhausted::new(max))
         .add_service(health_service)
         .add_service(reflection)
