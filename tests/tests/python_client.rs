@@ -39,6 +39,10 @@ async fn python_client_tests_pass_against_real_services() {
     let denoiser = TestDenoiser::start(&[]).await;
     let ctl = TestController::start(&["--denoiser", &denoiser.url()]).await;
     let address = format!("127.0.0.1:{}", ctl.addr.port());
+    // A second controller requiring a bearer token, for the client's token test.
+    let secured =
+        TestController::start(&["--denoiser", &denoiser.url(), "--auth-tokens", "py-secret"]).await;
+    let secured_address = format!("127.0.0.1:{}", secured.addr.port());
     let suite = std::fs::read_to_string(root.join("clients/python/tests/test_client.py")).unwrap();
     let out = tokio::task::spawn_blocking(move || {
         run(
@@ -53,6 +57,10 @@ async fn python_client_tests_pass_against_real_services() {
                 ])
                 .current_dir(&root)
                 .env("TEASERVE_CONTROLLER", &address)
+                .env("TEASERVE_SECURED_CONTROLLER", &secured_address)
+                .env("TEASERVE_SECURED_TOKEN", "py-secret")
+                .env_remove("TEASERVE_TOKEN")
+                .env_remove("TEASERVE_TLS_CA")
                 .env("PYTHONDONTWRITEBYTECODE", "1"),
             "pytest clients/python/tests",
         )

@@ -2,12 +2,13 @@
 //! `http://`), connecting, and turning gRPC statuses into messages that name the status code,
 //! the server's message and, where the server is not a controller at all, what it is instead.
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::Args as ClapArgs;
 use teaserve_proto::v1::DescribeRequest;
 use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
 use teaserve_proto::v1::denoiser_client::DenoiserClient;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::{Code, Status};
 
 /// Where the cache-controller listens unless told otherwise.
@@ -27,7 +28,29 @@ pub struct ControllerArgs {
     /// Largest gRPC message sent or received, in bytes.
     #[arg(long, env = "TEASERVE_MAX_MESSAGE_BYTES", default_value_t = 512 << 20)]
     pub max_message_bytes: usize,
+    /// Bearer token for a controller started with --auth-tokens(-file).
+    #[arg(long, env = "TEASERVE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM CA that signed the controller's certificate (needed for https:// controllers).
+    #[arg(long, env = "TEASERVE_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
+
+/// Adds the bearer token, when one is set, to every call.
+#[derive(Clone)]
+pub struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The controller client type: a channel with the token interceptor.
+pub type Client = CacheControllerClient<InterceptedService<Channel, Token>>;
 
 /// Normalises a controller address: trims it, prefixes `http://` when it has no scheme
 /// (`127.0.0.1:50050`, `localhost:50050`), and refuses schemes other than http / https and
@@ -59,8 +82,8 @@ pub fn controller_url(s: &str) -> Result<String, String> {
 /// A connected controller client, and the address it talks to (for error messages).
 #[derive(Clone)]
 pub struct Controller {
-    /// The generated client, with the message limits applied.
-    pub client: CacheControllerClient<Channel>,
+    /// The generated client, with the message limits and the token applied.
+    pub client: Client,
     channel: Channel,
     /// The normalised address.
     pub url: String,
@@ -69,12 +92,37 @@ pub struct Controller {
 impl Controller {
     /// Connects to the controller named by `args`.
     pub async fn connect(args: &ControllerArgs) -> anyhow::Result<Self> {
-        let channel = Channel::from_shared(args.controller.clone())
-            .with_context(|| format!("--controller '{}' is not a valid URL", args.controller))?
+        let mut endpoint = Channel::from_shared(args.controller.clone())
+            .with_context(|| format!("--controller '{}' is not a valid URL", args.controller))?;
+        let https = args.controller.starts_with("https://");
+        match (&args.tls_ca, https) {
+            (Some(ca), _) => {
+                let pem = std::fs::read(ca)
+                    .with_context(|| format!("reading --tls-ca {}", ca.display()))?;
+                endpoint = endpoint
+                    .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                    .context("--tls-ca")?;
+            }
+            (None, true) => bail!(
+                "--controller {} is https: give the CA that signed its certificate with \
+                 --tls-ca (or TEASERVE_TLS_CA)",
+                args.controller
+            ),
+            (None, false) => {}
+        }
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("connecting to the controller at {}", args.controller))?;
-        let client = CacheControllerClient::new(channel.clone())
+        let token = match args.token.as_deref().map(str::trim) {
+            Some(t) if !t.is_empty() => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .context("--token must be printable ASCII")?,
+            ),
+            _ => None,
+        };
+        let client = CacheControllerClient::with_interceptor(channel.clone(), Token(token))
             .max_decoding_message_size(args.max_message_bytes)
             .max_encoding_message_size(args.max_message_bytes);
         Ok(Self {

@@ -454,3 +454,34 @@ fn unreachable_controller_is_a_clear_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("connecting to the controller"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_with_tokens_needs_the_token_flag() {
+    let denoiser = TestDenoiser::start(&[]).await;
+    let controller =
+        TestController::start(&["--denoiser", &denoiser.url(), "--auth-tokens", "cli-secret"])
+            .await;
+    let addr = controller.addr.to_string();
+    let out = teaserve(args(&["models", "--controller", &addr])).await;
+    let stderr = assert_clean_error(&out);
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+    assert!(stderr.contains("Bearer"), "{stderr}");
+    let out = teaserve(args(&["models", "--controller", &addr, "--token", "wrong"])).await;
+    let stderr = assert_clean_error(&out);
+    assert!(stderr.contains("PERMISSION_DENIED"), "{stderr}");
+    let out = teaserve(args(&[
+        "models",
+        "--controller",
+        &addr,
+        "--token",
+        "cli-secret",
+    ]))
+    .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("TinyFluxPipeline"), "{stdout}");
+    // An https controller needs the CA that signed it.
+    let out = teaserve(args(&["models", "--controller", "https://localhost:1"])).await;
+    let stderr = assert_clean_error(&out);
+    assert!(stderr.contains("--tls-ca"), "{stderr}");
+}

@@ -132,3 +132,20 @@ def test_bad_requests_get_clear_errors():
         # Wire dtypes by name.
         r = c.generate(PROMPT, model=MODEL, steps=2, wire_dtype="bf16")
         assert r.latents.dtype == np.float32 and np.isfinite(r.latents).all()
+
+
+def test_a_controller_with_tokens_needs_the_token():
+    address = os.environ["TEASERVE_SECURED_CONTROLLER"]
+    with teaserve.Client(address) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.list_models()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "Bearer" in e.value.details()
+    with teaserve.Client(address, token="wrong") as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.list_models()
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with teaserve.Client(address, token=os.environ["TEASERVE_SECURED_TOKEN"]) as c:
+        assert any(m.model_type == MODEL for m in c.list_models())
+        r = c.generate(PROMPT, model=MODEL, steps=2)
+        assert png_size(r.image_png) == (32, 32)

@@ -124,8 +124,11 @@ def _cache_adapter(cache_adapter: Optional[str], tea_cache_settings: List[str]) 
 class Client:
     """A connection to a cache-controller, e.g. ``Client("127.0.0.1:50050")``.
 
-    ``address`` is ``host:port`` or ``http://host:port``; unset, ``$TEASERVE_CONTROLLER`` or
-    127.0.0.1:50050 (as the ``teaserve`` CLI).
+    ``address`` is ``host:port``, ``http://host:port`` or ``https://host:port``; unset,
+    ``$TEASERVE_CONTROLLER`` or 127.0.0.1:50050 (as the ``teaserve`` CLI). ``token`` (default
+    ``$TEASERVE_TOKEN``) is sent as ``authorization: Bearer <token>`` to controllers started
+    with ``--auth-tokens``; ``root_certificates`` (PEM bytes, default the file named by
+    ``$TEASERVE_TLS_CA``) verifies an ``https://`` controller.
     """
 
     def __init__(
@@ -133,6 +136,8 @@ class Client:
         address: Optional[str] = None,
         max_message_bytes: int = 512 << 20,
         timeout: Optional[float] = None,
+        token: Optional[str] = None,
+        root_certificates: Optional[bytes] = None,
     ):
         address = address or os.environ.get("TEASERVE_CONTROLLER") or DEFAULT_CONTROLLER
         self.address = address.strip()
@@ -141,7 +146,17 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._channel = grpc.insecure_channel(target, options=options)
+        token = token if token is not None else os.environ.get("TEASERVE_TOKEN")
+        self._metadata = [("authorization", f"Bearer {token.strip()}")] if token else None
+        ca_file = os.environ.get("TEASERVE_TLS_CA")
+        if root_certificates is None and ca_file:
+            with open(ca_file, "rb") as f:
+                root_certificates = f.read()
+        if self.address.startswith("https://") or root_certificates is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = controller_pb2_grpc.CacheControllerStub(self._channel)
         self._timeout = timeout
 
@@ -176,7 +191,9 @@ class Client:
         """Model types the controller knows, with their defaults (steps, image size, CFG and
         guidance scale, TeaCache threshold and coefficients) and serving endpoints."""
         try:
-            resp = self._stub.ListModels(controller_pb2.ListModelsRequest(), timeout=self._timeout)
+            resp = self._stub.ListModels(
+                controller_pb2.ListModelsRequest(), timeout=self._timeout, metadata=self._metadata
+            )
         except grpc.RpcError as e:
             if _is_unimplemented_service(e):
                 raise self._not_a_controller("ListModels") from e
@@ -288,7 +305,7 @@ class Client:
         for name, a in (negative_inputs or {}).items():
             req.negative_inputs[name].CopyFrom(from_numpy(a))
         decisions: List[StepDecision] = []
-        call = self._stub.Generate(req, timeout=self._timeout)
+        call = self._stub.Generate(req, timeout=self._timeout, metadata=self._metadata)
         try:
             for event in call:
                 kind = event.WhichOneof("event")
