@@ -480,3 +480,60 @@ mod tests {
         assert!(check_finite(&ints).is_ok());
     }
 }
+
+/// Random wire tensors (any dtype number, shape, payload) never panic the codec: every path
+/// ends in a value or a typed error.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_tensor() -> impl Strategy<Value = v1::Tensor> {
+        (
+            -2i32..16,
+            proptest::collection::vec(
+                prop_oneof![-3i64..5, 0i64..70, Just(i64::MAX), Just(1 << 40)],
+                0..6,
+            ),
+            proptest::collection::vec(any::<u8>(), 0..300),
+        )
+            .prop_map(|(dtype, shape, data)| v1::Tensor {
+                dtype,
+                shape,
+                data: data.into(),
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_wire_tensor_gets_a_value_or_a_typed_error(t in any_tensor()) {
+            let device = candle_core::Device::Cpu;
+            match validate(&t, 1 << 16) {
+                Ok((_, shape)) => {
+                    let _ = check_finite(&t);
+                    let decoded = decode_tensor(&t, &device, 1 << 16);
+                    if let Ok(d) = decoded {
+                        prop_assert_eq!(d.dims(), shape.as_slice());
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!e.to_string().is_empty());
+                    prop_assert!(decode_tensor(&t, &device, 1 << 16).is_err());
+                }
+            }
+        }
+
+        #[test]
+        fn batch_concat_and_split_never_panic(
+            parts in proptest::collection::vec(any_tensor(), 1..4),
+            sizes in proptest::collection::vec(-2i64..5, 0..5),
+        ) {
+            let refs: Vec<&v1::Tensor> = parts.iter().collect();
+            if let Ok(joined) = concat_batch(&refs) {
+                let _ = split_batch(&joined, &sizes);
+            }
+            let _ = split_batch(&parts[0], &sizes);
+        }
+    }
+}

@@ -67,3 +67,23 @@ mod tests {
         assert_eq!(bounded("short", 10), "short");
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn quotes_and_bounded_messages_stay_short(s in any::<String>(), n in 0usize..5000) {
+            let long = s.repeat(n % 50 + 1);
+            let q = quote(&long);
+            // 200 characters, each escaped to at most 10 bytes, plus the suffix.
+            prop_assert!(q.len() <= QUOTE_CHARS * 10 + 32, "{}", q.len());
+            prop_assert!(!q.contains('\n'));
+            let b = bounded(&long, MAX_STATUS_BYTES);
+            prop_assert!(b.len() <= MAX_STATUS_BYTES);
+        }
+    }
+}

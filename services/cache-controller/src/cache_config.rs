@@ -120,8 +120,13 @@ impl StageConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("reading --config {}: {e}", path.display())))?;
-        let cfg: Self = yaml_serde::from_str(&text)
-            .map_err(|e| ConfigError(format!("--config {} is not valid: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| ConfigError(format!("--config {}: {}", path.display(), e.0)))
+    }
+
+    /// Parses and validates stage YAML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self =
+            yaml_serde::from_str(text).map_err(|e| ConfigError(format!("not valid: {e}")))?;
         if let Some(a) = &cfg.cache_adapter {
             check_adapter(a)?;
         }
@@ -470,5 +475,85 @@ mod tests {
                 .0
                 .contains("Unknown cache adapter 'teacache'")
         );
+    }
+}
+
+/// Every cache configuration surface a client or operator writes (request fields, JSON,
+/// stage YAML) gives a plan or a typed error for any input, never a panic, and its errors
+/// quote client strings boundedly.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn number() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            any::<f64>(),
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            -2.0f64..2.0,
+            Just(0.0)
+        ]
+    }
+
+    fn word() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just("tea_cache".to_string()),
+            Just("none".to_string()),
+            Just("FluxPipeline".to_string()),
+            Just("TinyFluxPipeline".to_string()),
+            ".{0,400}",
+        ]
+    }
+
+    fn request_config() -> impl Strategy<Value = Option<v1::CacheConfig>> {
+        proptest::option::of(
+            (
+                proptest::option::of(number()),
+                word(),
+                proptest::collection::vec(number(), 0..7),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<u32>()),
+                proptest::option::of(any::<bool>()),
+            )
+                .prop_map(|(t, model_type, coefficients, w, c, m, shared)| {
+                    v1::CacheConfig {
+                        rel_l1_thresh: t,
+                        model_type,
+                        coefficients,
+                        warmup_steps: w,
+                        cooldown_steps: c,
+                        max_consecutive_reuses: m,
+                        shared_cfg_decision: shared,
+                    }
+                }),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn any_request_gets_a_plan_or_a_bounded_error(
+            adapter in word(),
+            config in request_config(),
+            model in word(),
+        ) {
+            let defaults = CacheDefaults::default();
+            if let Err(e) = resolve(&defaults, &adapter, config.as_ref(), &model) {
+                prop_assert!(e.to_string().len() < 1024, "{} bytes", e.to_string().len());
+            }
+        }
+
+        #[test]
+        fn any_json_or_yaml_text_parses_or_is_refused(text in ".{0,200}", key in word(), value in number()) {
+            let _ = CacheConfigSpec::from_json(&text);
+            let _ = StageConfig::parse(&text);
+            let json = format!("{{\"{}\": {value}}}", key.replace(['"', '\\'], ""));
+            let _ = CacheConfigSpec::from_json(&json);
+            let yaml = format!("cache_config:\n  {}: {value}\ncache_adapter: {}\n", key.replace([':', '\n', '#'], ""), key.replace([':', '\n', '#'], ""));
+            let _ = StageConfig::parse(&yaml);
+        }
     }
 }

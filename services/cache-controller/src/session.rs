@@ -633,3 +633,53 @@ impl SessionStore {
         })
     }
 }
+
+/// Any session id a client sends (random bytes of any length) is NOT_FOUND with a bounded
+/// message, and Generate-shaped requests with random steps and sigmas are accepted or refused
+/// with a typed error, never a panic.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_session_id_is_not_found_with_a_bounded_message(id in ".{0,300}", n in 1usize..40) {
+            let store = SessionStore::new(
+                SessionLimits {
+                    max_sessions: 4,
+                    max_memory_bytes: 1 << 20,
+                    ttl: Duration::from_secs(60),
+                },
+                ControllerMetrics::default(),
+            );
+            let id = id.repeat(n);
+            match store.checkout(&id) {
+                Err(ControllerError::NotFound(m)) => prop_assert!(m.len() < 1024, "{}", m.len()),
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+                Ok(_) => prop_assert!(false, "found a session that was never created"),
+            }
+            prop_assert!(!store.remove(&id));
+        }
+
+        #[test]
+        fn any_steps_and_sigmas_are_counted_or_refused(
+            steps in prop_oneof![Just(0u32), 1u32..30, any::<u32>()],
+            sigmas in proptest::collection::vec(
+                prop_oneof![any::<f64>(), 0.0f64..1.0, Just(f64::NAN)],
+                0..12,
+            ),
+        ) {
+            let req = v1::GenerateRequest {
+                num_inference_steps: steps,
+                sigmas,
+                ..Default::default()
+            };
+            if let Err(e) = step_count(&req, "FluxPipeline") {
+                prop_assert!(matches!(e, ControllerError::InvalidArgument(_)));
+                prop_assert!(e.to_string().len() < 1024);
+            }
+        }
+    }
+}

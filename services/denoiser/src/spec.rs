@@ -487,3 +487,85 @@ mod tests {
         assert!(err.contains("(N) is 6 but 'x' set N = 5"), "{err}");
     }
 }
+
+/// Random request maps against a real model's contract never panic the checks: every map is
+/// accepted or refused with a typed error whose message quotes client names boundedly.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use teaserve_proto::v1::DType as W;
+
+    fn flux_specs() -> Vec<TensorSpec> {
+        let json = include_str!("../../../tests/fixtures/flux-tiny-guidance/config.json");
+        let config: crate::models::flux::Config = serde_json::from_str(json).unwrap_or_else(|e| {
+            panic!("fixture config: {e}");
+        });
+        let info = crate::adapters::flux::FluxAdapter::contract(
+            &config,
+            json.to_string(),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        );
+        info.preprocess.inputs
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("hidden_states".to_string()),
+            Just("encoder_hidden_states".to_string()),
+            Just("pooled_projections".to_string()),
+            Just("timestep".to_string()),
+            Just("img_ids".to_string()),
+            Just("txt_ids".to_string()),
+            Just("guidance".to_string()),
+            ".{0,300}",
+        ]
+    }
+
+    fn tensor() -> impl Strategy<Value = v1::Tensor> {
+        (
+            prop_oneof![
+                Just(W::F32 as i32),
+                Just(W::Bf16 as i32),
+                Just(W::I64 as i32),
+                -1i32..14
+            ],
+            proptest::collection::vec(prop_oneof![0i64..70, Just(-1), Just(1 << 33)], 0..4),
+            0usize..4,
+        )
+            .prop_map(|(dtype, shape, fill)| {
+                // Payloads that fit the header about half the time.
+                let n: usize = shape
+                    .iter()
+                    .map(|&d| d.clamp(0, 70) as usize)
+                    .product::<usize>()
+                    * 4;
+                let len = if fill == 0 { n / 2 } else { n.min(1 << 16) };
+                v1::Tensor {
+                    dtype,
+                    shape,
+                    data: vec![0u8; len].into(),
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn any_request_map_is_accepted_or_refused_with_a_typed_error(
+            entries in proptest::collection::vec((name(), tensor()), 0..8)
+        ) {
+            let specs = flux_specs();
+            let map: TensorMap = entries.into_iter().collect();
+            let mut bindings = Bindings::default();
+            if let Err(e) = check_map("Preprocess", "inputs", &specs, &map, 1 << 20, &mut bindings) {
+                let msg = e.to_string();
+                prop_assert!(!msg.is_empty());
+                // Client names are quoted by a bounded prefix.
+                prop_assert!(msg.len() < 4096, "{} bytes", msg.len());
+            }
+        }
+    }
+}

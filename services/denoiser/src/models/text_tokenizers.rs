@@ -324,3 +324,38 @@ mod tests {
         }
     }
 }
+
+/// Any prompt (random unicode, control characters, special-token text) is tokenized to the
+/// encoders' fixed lengths without panicking.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod properties {
+    use super::*;
+    use crate::test_util::flux_pipeline_dir;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_prompt_tokenizes_to_the_encoders_lengths(
+            prompt in prop_oneof![any::<String>(), "(<\\|endoftext\\|>| |a|\u{1f98a}|\t){0,40}"],
+            max in 1usize..40,
+        ) {
+            let d = flux_pipeline_dir();
+            let clip = ClipTokenizer::from_files(
+                &d.join("tokenizer/vocab.json"),
+                &d.join("tokenizer/merges.txt"),
+                77,
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let t5 = T5Tokenizer::from_file(&d.join("tokenizer_2/tokenizer.json"))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let c = clip.encode(&prompt).unwrap_or_else(|e| panic!("{e}"));
+            prop_assert_eq!(c.ids.len(), 77);
+            prop_assert_eq!(c.ids[0], 727);
+            let t = t5.encode(&prompt, max).unwrap_or_else(|e| panic!("{e}"));
+            prop_assert_eq!(t.ids.len(), max);
+            prop_assert!(t.ids.contains(&1));
+        }
+    }
+}

@@ -207,3 +207,21 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_prompt_gets_tokens_or_a_bounded_error(prompt in any::<String>(), n in 1usize..2000) {
+            let long = prompt.repeat(n % 7 + 1);
+            match tokenize(&long) {
+                Ok(ids) => prop_assert!(ids.len() <= MAX_TOKENS),
+                Err(e) => prop_assert!(e.to_string().len() < 1024, "{}", e.to_string().len()),
+            }
+        }
+    }
+}
