@@ -391,3 +391,59 @@ async fn a_full_queue_on_one_replica_sends_the_call_to_another() {
     );
     assert!(err.message().contains("queue full"), "{}", err.message());
 }
+
+/// Health of `service` on the controller at `addr`.
+async fn controller_health(addr: std::net::SocketAddr, service: &str) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_reports_whether_it_can_reach_a_denoiser() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let name = teaserve_controller::server::DENOISERS_HEALTH;
+    let d = TestDenoiser::start(&[]).await;
+    let up = TestController::start(&["--denoiser", &d.url()]).await;
+    let down = TestController::start(&["--denoiser", "http://127.0.0.1:9"]).await;
+    let mut seen = (0, 0);
+    for _ in 0..100 {
+        seen = (
+            controller_health(up.addr, name).await,
+            controller_health(down.addr, name).await,
+        );
+        if seen
+            == (
+                ServingStatus::Serving as i32,
+                ServingStatus::NotServing as i32,
+            )
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        seen,
+        (
+            ServingStatus::Serving as i32,
+            ServingStatus::NotServing as i32
+        )
+    );
+    // The controller itself accepts calls either way.
+    for ctl in [&up, &down] {
+        assert_eq!(
+            controller_health(ctl.addr, "teaserve.v1.CacheController").await,
+            ServingStatus::Serving as i32
+        );
+    }
+}

@@ -546,6 +546,39 @@ pub struct ServeOptions {
     pub security: teaserve_proto::security::ServerSecurityArgs,
 }
 
+/// The health service name that reports whether this controller can reach a denoiser.
+pub const DENOISERS_HEALTH: &str = "teaserve.v1.CacheController/denoisers";
+
+/// Keeps [`DENOISERS_HEALTH`] SERVING while at least one denoiser is reachable (described
+/// and healthy), NOT_SERVING otherwise. `teaserve.v1.CacheController` itself stays SERVING
+/// while the controller accepts calls: denoisers restarting must not take the controller out
+/// of its load balancer (calls retry and wait for them), but an operator or a readiness probe
+/// that wants "can do work now" asks for this name.
+fn spawn_denoiser_health(
+    pool: DenoiserPool,
+    health: tonic_health::server::HealthReporter,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let reachable = pool
+                .endpoints()
+                .iter()
+                .any(|e| e.usable && e.model_type.is_some());
+            if last != Some(reachable) {
+                let status = if reachable {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                health.set_service_status(DENOISERS_HEALTH, status).await;
+                last = Some(reachable);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
 /// Serves the controller on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
@@ -584,6 +617,7 @@ pub async fn serve(
     health_reporter
         .set_serving::<CacheControllerServer<ControllerService>>()
         .await;
+    let denoiser_health = spawn_denoiser_health(service.pool.clone(), health_reporter.clone());
     let (reflection, reflection_v1alpha) = reflection_services(
         <CacheControllerServer<ControllerService> as tonic::server::NamedService>::NAME,
     )
@@ -642,6 +676,7 @@ pub async fn serve(
     };
     discovery.abort();
     reaper.abort();
+    denoiser_health.abort();
     let _ = stop_metrics.send(());
     result.map_err(|e| ControllerError::Unavailable(format!("gRPC server failed: {e}")))
 }
