@@ -276,12 +276,21 @@ pub fn concat_batch(parts: &[&v1::Tensor]) -> Result<v1::Tensor, CodecError> {
             )));
         }
     }
+    let rows = parts
+        .iter()
+        .try_fold(0i64, |acc, p| {
+            p.shape
+                .first()
+                .filter(|&&r| r >= 0)
+                .and_then(|&r| acc.checked_add(r))
+        })
+        .ok_or_else(|| CodecError::BatchMismatch("batch sizes overflow or are negative".into()))?;
     let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
     for p in parts {
         data.extend_from_slice(&p.data);
     }
     let mut shape = first.shape.clone();
-    shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+    shape[0] = rows;
     Ok(v1::Tensor {
         dtype: first.dtype,
         shape,
@@ -296,12 +305,22 @@ pub fn split_batch(t: &v1::Tensor, sizes: &[i64]) -> Result<Vec<v1::Tensor>, Cod
         .shape
         .first()
         .ok_or(CodecError::BatchMismatch("cannot split a scalar".into()))?;
-    if sizes.iter().sum::<i64>() != rows || sizes.iter().any(|&s| s < 0) || rows <= 0 {
+    let total = sizes.iter().try_fold(
+        0i64,
+        |acc, &n| if n < 0 { None } else { acc.checked_add(n) },
+    );
+    if total != Some(rows) || rows <= 0 {
         return Err(CodecError::BatchMismatch(format!(
             "cannot split {rows} rows into {sizes:?}"
         )));
     }
     let row_bytes = t.data.len() / rows as usize;
+    if row_bytes * rows as usize != t.data.len() {
+        return Err(CodecError::BatchMismatch(format!(
+            "{} bytes do not divide into {rows} rows",
+            t.data.len()
+        )));
+    }
     let mut start = 0usize;
     Ok(sizes
         .iter()

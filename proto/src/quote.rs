@@ -7,18 +7,21 @@
 
 /// Characters of client input a message quotes before cutting.
 pub const QUOTE_CHARS: usize = 200;
+/// Bytes a quote may take once escaped (escapes of odd characters are up to 10 bytes each).
+pub const QUOTE_BYTES: usize = 400;
 
 /// `s` as an error message quotes it: whole when short, else its first [`QUOTE_CHARS`]
-/// characters then `... (N bytes)`. Control characters are escaped, so a quote stays on
-/// one line.
+/// characters (at most [`QUOTE_BYTES`] bytes once escaped) then `... (N bytes)`. Control
+/// and other unprintable characters are escaped, so a quote stays on one line.
 pub fn quote(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(QUOTE_CHARS)
-        .flat_map(char::escape_debug)
-        .collect();
-    if s.chars().nth(QUOTE_CHARS).is_some() {
-        out.push_str(&format!("... ({} bytes)", s.len()));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        let escaped: String = c.escape_debug().collect();
+        if i >= QUOTE_CHARS || out.len() + escaped.len() > QUOTE_BYTES {
+            out.push_str(&format!("... ({} bytes)", s.len()));
+            return out;
+        }
+        out.push_str(&escaped);
     }
     out
 }
@@ -79,8 +82,7 @@ mod properties {
         fn quotes_and_bounded_messages_stay_short(s in any::<String>(), n in 0usize..5000) {
             let long = s.repeat(n % 50 + 1);
             let q = quote(&long);
-            // 200 characters, each escaped to at most 10 bytes, plus the suffix.
-            prop_assert!(q.len() <= QUOTE_CHARS * 10 + 32, "{}", q.len());
+            prop_assert!(q.len() <= QUOTE_BYTES + 32, "{}", q.len());
             prop_assert!(!q.contains('\n'));
             let b = bounded(&long, MAX_STATUS_BYTES);
             prop_assert!(b.len() <= MAX_STATUS_BYTES);
