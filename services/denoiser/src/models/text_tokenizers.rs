@@ -199,6 +199,71 @@ impl T5Tokenizer {
     }
 }
 
+/// Qwen2's byte-level BPE pre-tokenizer pattern (transformers' `Qwen2Converter`).
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Qwen2's byte-level BPE tokenizer (the Qwen-Image pipeline's `tokenizer/`: `vocab.json` +
+/// `merges.txt` + `added_tokens.json`), assembled as transformers converts it: NFC, Qwen2's
+/// split regex (isolated), byte-level without a prefix space, BPE without unknown token or
+/// word suffix; added tokens (`<|im_start|>`, ...) are matched before the BPE. Nothing is
+/// added around the text and nothing is padded.
+pub struct Qwen2Tokenizer {
+    tokenizer: Tokenizer,
+}
+
+impl Qwen2Tokenizer {
+    /// Builds the tokenizer; `added_tokens` is `added_tokens.json` (content -> id), whose ids
+    /// must follow the vocabulary as the checkpoint's do.
+    pub fn from_files(
+        vocab: &Path,
+        merges: &Path,
+        added_tokens: &Path,
+    ) -> Result<Self, TokenizerError> {
+        let bpe = BPE::from_file(&vocab.to_string_lossy(), &merges.to_string_lossy())
+            .build()
+            .map_err(err("Qwen2 tokenizer (vocab.json, merges.txt)"))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        tokenizer
+            .with_normalizer(Some(NFC))
+            .map_err(err("Qwen2 normalizer"))?;
+        let split = Split::new(
+            SplitPattern::Regex(QWEN2_SPLIT.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(err("Qwen2 pre-tokenizer"))?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])));
+        let text = std::fs::read_to_string(added_tokens)
+            .map_err(|e| TokenizerError(format!("{}: {e}", added_tokens.display())))?;
+        let map: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text)
+            .map_err(|e| TokenizerError(format!("{}: {e}", added_tokens.display())))?;
+        let mut by_id: Vec<(u32, String)> = map.into_iter().map(|(t, id)| (id, t)).collect();
+        by_id.sort();
+        for (id, token) in by_id {
+            tokenizer
+                .add_special_tokens([AddedToken::from(token.as_str(), true)])
+                .map_err(err("Qwen2 added tokens"))?;
+            if tokenizer.token_to_id(&token) != Some(id) {
+                return Err(TokenizerError(format!(
+                    "{}: '{token}' should have id {id} but gets {:?}; the added tokens must follow \
+                     the vocabulary",
+                    added_tokens.display(),
+                    tokenizer.token_to_id(&token)
+                )));
+            }
+        }
+        Ok(Self { tokenizer })
+    }
+
+    /// The ids of `text` (added tokens written in it are those tokens).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        pieces(&self.tokenizer, text)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -295,6 +360,45 @@ mod tests {
         assert_eq!(t5.encode("", 4).unwrap().ids, [1, 0, 0, 0]);
         // A special token written in the prompt is that token.
         assert_eq!(clip.encode("<|endoftext|> inside").unwrap().ids[1], 728);
+    }
+
+    #[test]
+    fn qwen2_ids_of_the_templated_prompts_equal_the_pipelines() {
+        let dir = fixture().join("../qwen-image-pipeline-tiny");
+        let t = dir.join("tokenizer");
+        let tok = Qwen2Tokenizer::from_files(
+            &t.join("vocab.json"),
+            &t.join("merges.txt"),
+            &t.join("added_tokens.json"),
+        )
+        .unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+        let template = meta["tokenizers"]["tokenizer"]["template"]
+            .as_str()
+            .unwrap();
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let tensors = candle_core::safetensors::load(
+            dir.join("reference.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let ids = |key: &str| -> Vec<u32> {
+            let v: Vec<i64> = tensors[key].flatten_all().unwrap().to_vec1().unwrap();
+            v.into_iter().map(|i| i as u32).collect()
+        };
+        for (case, c) in reference["cases"].as_object().unwrap() {
+            for (field, key) in [
+                ("prompt", "input_ids"),
+                ("negative_prompt", "negative_input_ids"),
+            ] {
+                let text = template.replace("{}", c[field].as_str().unwrap());
+                let got = tok.encode(&text).unwrap();
+                assert_eq!(got, ids(&format!("{case}.{key}")), "{case} {field}");
+            }
+        }
     }
 
     /// Odd prompts (unicode, emoji, whitespace runs, a special token in the text, long
