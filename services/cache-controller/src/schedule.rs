@@ -251,9 +251,19 @@ mod tests {
 
     #[test]
     fn flux_pipeline_sigmas_and_timesteps_are_the_fixtures_bit_for_bit() {
-        let dir = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fixtures/flux-pipeline-tiny"
+        pipeline_sigmas_match("flux-pipeline-tiny");
+    }
+
+    #[test]
+    fn qwen_image_pipeline_sigmas_and_timesteps_are_the_fixtures_bit_for_bit() {
+        // Exponential time shift plus the shift_terminal stretch, in float32.
+        pipeline_sigmas_match("qwen-image-pipeline-tiny");
+    }
+
+    fn pipeline_sigmas_match(fixture: &str) {
+        let dir = format!(
+            "{}/../../tests/fixtures/{fixture}",
+            env!("CARGO_MANIFEST_DIR")
         );
         let config = SchedulerConfig::parse(
             &std::fs::read_to_string(format!("{dir}/scheduler/scheduler_config.json")).unwrap(),
