@@ -7,6 +7,7 @@ pub mod clip_text;
 pub mod flux;
 pub mod layers;
 pub mod qwen_image;
+pub mod qwen_vae;
 pub mod t5_encoder;
 pub mod text_tokenizers;
 pub mod tiny_text;
