@@ -1,5 +1,5 @@
-//! Helpers the unit tests of the pipeline components share: the FLUX pipeline fixture
-//! (`tests/fixtures/flux-pipeline-tiny`, diffusers' own run) and tensor comparison.
+//! Helpers the unit tests of the pipeline components share: the FLUX and Qwen-Image pipeline
+//! fixtures (`tests/fixtures/*-pipeline-tiny`, diffusers' own runs) and tensor comparison.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -19,6 +19,23 @@ pub(crate) fn flux_pipeline_dir() -> PathBuf {
 pub(crate) fn flux_pipeline_reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
         flux_pipeline_dir().join("reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// The Qwen-Image pipeline fixture folder.
+pub(crate) fn qwen_pipeline_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/qwen-image-pipeline-tiny"
+    ))
+}
+
+/// Its `reference.safetensors` (keys `<case>.<name>`).
+pub(crate) fn qwen_pipeline_reference() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        qwen_pipeline_dir().join("reference.safetensors"),
         &Device::Cpu,
     )
     .unwrap()

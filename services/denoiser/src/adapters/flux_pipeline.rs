@@ -11,6 +11,10 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::flux::{FluxAdapter, load_transformer};
+use crate::adapters::pipeline::{
+    SizeRule, component_config, component_vb, invalid, load_err, loaded_components, missing,
+    scheduler_config, wants,
+};
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, PipelineSource, parse_config};
 use crate::models::autoencoder_kl::{self, Decoder};
@@ -22,7 +26,6 @@ use crate::registry::{
     Component, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, PromptInputs, PromptLength,
     Tensors, TextMode,
 };
-use crate::spec::InputError;
 
 /// `FluxPipeline.__call__`'s default size: `default_sample_size` 128 x VAE factor 8.
 const DEFAULT_SIDE: usize = 1024;
@@ -58,17 +61,13 @@ pub struct FluxPipelineAdapter {
     info: ModelInfo,
 }
 
-fn load_err(what: &str, e: impl std::fmt::Display) -> DenoiserError {
-    DenoiserError::Load(format!("{what}: {e}"))
-}
-
 /// Loads the components of a FLUX pipeline folder named by `opts.components`.
 pub fn load(
     files: &ModelFiles,
     pipeline: &PipelineSource,
     opts: &LoadOptions,
 ) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
-    let wants = |c| opts.components.is_empty() || opts.components.contains(&c);
+    let wants = |c| wants(opts, c);
     let config: Config = parse_config(files, Config::validate)?;
     let transformer = if wants(Component::Transformer) {
         Some(load_transformer(files, opts)?)
@@ -89,11 +88,8 @@ pub fn load(
         FluxAdapter::contract(&config, files.config_json.clone(), opts.dtype, &opts.device);
     info.text_mode = Some((DEFAULT_SIDE, DEFAULT_SIDE));
     info.max_sequence_length = MAX_SEQUENCE_LENGTH;
-    info.components = Component::ALL.into_iter().filter(|c| wants(*c)).collect();
-    info.scheduler_config_json = match pipeline.file("scheduler/scheduler_config.json") {
-        Ok(p) => std::fs::read_to_string(&p).map_err(|e| load_err(&p.display().to_string(), e))?,
-        Err(_) => String::new(),
-    };
+    info.components = loaded_components(opts);
+    info.scheduler_config_json = scheduler_config(pipeline)?;
     Ok(Box::new(FluxPipelineAdapter {
         transformer,
         text,
@@ -101,31 +97,6 @@ pub fn load(
         in_channels: config.in_channels,
         info,
     }))
-}
-
-/// Memory-maps a component's weights at the load dtype.
-#[allow(unsafe_code)]
-fn component_vb(
-    pipeline: &PipelineSource,
-    sub: &str,
-    opts: &LoadOptions,
-) -> Result<candle_nn::VarBuilder<'static>, DenoiserError> {
-    let weights = pipeline.weights(sub)?;
-    // SAFETY: as in `loader::var_builder`: the files are mapped read-only for the life of
-    // the process.
-    unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&weights, opts.dtype, &opts.device) }
-        .map_err(|e| load_err(&format!("reading {sub} weights {weights:?}"), e))
-}
-
-/// Parses a component's `config.json`.
-fn component_config<C: serde::de::DeserializeOwned>(
-    pipeline: &PipelineSource,
-    sub: &str,
-) -> Result<C, DenoiserError> {
-    let value = pipeline.json(&format!("{sub}/config.json"))?;
-    serde_json::from_value(value).map_err(|e| {
-        DenoiserError::Config(format!("{}/{sub}/config.json: {e}", pipeline.describe()))
-    })
 }
 
 fn load_text_encoders(
@@ -174,24 +145,11 @@ fn load_vae(pipeline: &PipelineSource, opts: &LoadOptions) -> Result<Vae, Denois
     })
 }
 
-fn invalid(msg: String) -> DenoiserError {
-    InputError::Invalid(msg).into()
-}
-
 impl FluxPipelineAdapter {
-    fn missing(&self, component: Component, rpc: &str) -> DenoiserError {
-        let loaded: Vec<&str> = self.info.components.iter().map(|c| c.name()).collect();
-        DenoiserError::Config(format!(
-            "{rpc} needs the pipeline's {}, which this denoiser did not load (--components {})",
-            component.name(),
-            loaded.join(",")
-        ))
-    }
-
     fn transformer(&self, rpc: &str) -> Result<&FluxAdapter, DenoiserError> {
         self.transformer
             .as_ref()
-            .ok_or_else(|| self.missing(Component::Transformer, rpc))
+            .ok_or_else(|| missing(&self.info, Component::Transformer, rpc))
     }
 
     /// Pixels per packed latent token side: 2 x the VAE factor (16 for FLUX).
@@ -201,17 +159,13 @@ impl FluxPipelineAdapter {
 
     /// The image size for a request (0 = default), refused unless a multiple of 16.
     fn size(&self, height: usize, width: usize) -> Result<(usize, usize), DenoiserError> {
-        let pick = |v: usize| if v == 0 { DEFAULT_SIDE } else { v };
-        let (h, w) = (pick(height), pick(width));
-        let m = self.multiple();
-        if h % m != 0 || w % m != 0 || h > MAX_SIDE || w > MAX_SIDE {
-            return Err(invalid(format!(
-                "height {h} x width {w}: FluxPipeline needs each side a multiple of {m} pixels \
-                 (2 x the VAE's factor) and at most {MAX_SIDE} (default {DEFAULT_SIDE} x \
-                 {DEFAULT_SIDE})"
-            )));
+        SizeRule {
+            model_type: "FluxPipeline",
+            default: (DEFAULT_SIDE, DEFAULT_SIDE),
+            multiple: self.multiple(),
+            max_side: MAX_SIDE,
         }
-        Ok((h, w))
+        .resolve(height, width)
     }
 }
 
@@ -314,7 +268,7 @@ impl TextMode for FluxPipelineAdapter {
         let text = self
             .text
             .as_ref()
-            .ok_or_else(|| self.missing(Component::TextEncoders, "EncodePrompt"))?;
+            .ok_or_else(|| missing(&self.info, Component::TextEncoders, "EncodePrompt"))?;
         if prompts.is_empty() {
             return Err(invalid("EncodePrompt needs at least one prompt".into()));
         }
@@ -359,7 +313,7 @@ impl TextMode for FluxPipelineAdapter {
         let vae = self
             .vae
             .as_ref()
-            .ok_or_else(|| self.missing(Component::Vae, "Decode"))?;
+            .ok_or_else(|| missing(&self.info, Component::Vae, "Decode"))?;
         let (h, w) = self.size(height, width)?;
         let m = self.multiple();
         let (b, n, c) = latents.dims3()?;

@@ -5,7 +5,7 @@
 //! Context carried between stages: `temb`, `img_shapes`, and `encoder_hidden_states_mask`
 //! when given; RunBlocks rebuilds the rotary tables and the attention mask from them.
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, parse_config, var_builder};
@@ -21,19 +21,29 @@ pub struct QwenImageAdapter {
     info: ModelInfo,
 }
 
-/// Loads a Qwen-Image checkpoint (registry entry point).
+/// Loads a Qwen-Image checkpoint (registry entry point): a whole diffusers pipeline folder
+/// serves text mode too ([`qwen_image_pipeline`](crate::adapters::qwen_image_pipeline)), a
+/// bare transformer serves model-native inputs.
 pub fn load(
     files: &ModelFiles,
     opts: &LoadOptions,
 ) -> Result<Box<dyn ModelAdapter>, DenoiserError> {
+    if let Some(pipeline) = &files.pipeline {
+        return crate::adapters::qwen_image_pipeline::load(files, pipeline, opts);
+    }
+    Ok(Box::new(load_transformer(files, opts)?))
+}
+
+/// Builds the transformer alone.
+pub fn load_transformer(
+    files: &ModelFiles,
+    opts: &LoadOptions,
+) -> Result<QwenImageAdapter, DenoiserError> {
     let config: Config = parse_config(files, Config::validate)?;
     let vb = var_builder(files, opts)?;
     let model = QwenImage::new(&config, vb)
         .map_err(|e| DenoiserError::Load(format!("building QwenImageTransformer2DModel: {e}")))?;
-    Ok(Box::new(QwenImageAdapter::new(
-        model,
-        files.config_json.clone(),
-    )))
+    Ok(QwenImageAdapter::new(model, files.config_json.clone()))
 }
 
 fn sym(s: &'static str) -> Dim {
@@ -43,7 +53,13 @@ fn sym(s: &'static str) -> Dim {
 impl QwenImageAdapter {
     /// Wraps a built model; `config_json` is reported by Describe.
     pub fn new(model: QwenImage, config_json: String) -> Self {
-        let c = model.config();
+        let info = Self::contract(model.config(), config_json, model.dtype(), model.device());
+        Self { model, info }
+    }
+
+    /// The tensor contracts of a Qwen-Image transformer with this config (also for a
+    /// denoiser that serves only the pipeline's other components).
+    pub fn contract(c: &Config, config_json: String, dtype: DType, device: &Device) -> ModelInfo {
         let img_shapes = TensorSpec::new(
             "img_shapes",
             vec![sym("B"), Dim::Fixed(3, "")],
@@ -83,7 +99,7 @@ impl QwenImageAdapter {
             ),
             img_shapes.clone(),
         ];
-        let info = DualStreamContract {
+        DualStreamContract {
             model_type: "QwenImagePipeline",
             architecture: "QwenImageTransformer2DModel",
             inner_dim: c.inner_dim(),
@@ -94,8 +110,7 @@ impl QwenImageAdapter {
             indicator_description:
                 "TeaCache indicator: img_norm1(hidden) modulated by img_mod(temb) chunk 0 of block 0",
         }
-        .info(config_json, model.dtype(), model.device().clone());
-        Self { model, info }
+        .info(config_json, dtype, device.clone())
     }
 }
 

@@ -6,6 +6,7 @@ pub mod autoencoder_kl;
 pub mod clip_text;
 pub mod flux;
 pub mod layers;
+pub mod qwen2_5_vl_text;
 pub mod qwen_image;
 pub mod qwen_vae;
 pub mod t5_encoder;
