@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::clap_free_args::denoiser_args;
 use candle_core::{DType, Device, Tensor};
 use std::sync::{Arc, Mutex};
+use teaserve_controller::policy::{BranchState, TeaCacheParams};
 use teaserve_denoiser::loader::{HubOptions, resolve, var_builder};
 use teaserve_denoiser::models::flux::{Config, Flux, Inputs};
 use teaserve_denoiser::models::qwen_image::{
@@ -118,6 +119,114 @@ pub fn qwen_inputs(fx: &Fixture, prefix: &str) -> QwenInputs {
         timestep: g("timestep"),
         img_shape: (1, 8, 8),
     }
+}
+
+/// How [`qwen_cfg_reference`] treats residuals.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Residuals {
+    /// Each branch keeps its own (what teaserve must do).
+    PerBranch,
+    /// The counterfactual bug: the negative branch reuses the positive branch's residual.
+    Shared,
+}
+
+/// How [`qwen_cfg_reference`] combines the branches: `neg + scale * (pos - neg)`, then
+/// optionally rescaled per token to `|pos|`.
+#[derive(Clone, Copy, Debug)]
+pub struct CfgCombine {
+    /// `true_cfg_scale`.
+    pub scale: f64,
+    /// Qwen-Image's per-token norm rescale.
+    pub renorm: bool,
+}
+
+/// In-process true-CFG reference loop over the candle Qwen-Image model: per step, per branch
+/// (positive, negative), the model's stages with TeaCache (or every step computed when
+/// `params` is None), CFG combine, Euler step. The latents start from the positive branch's
+/// `hidden_states`; returns the final latents (f32) and each step's two decisions.
+pub fn qwen_cfg_reference(
+    model: &QwenImage,
+    [pos, neg]: [&QwenInputs; 2],
+    sigmas: &[f64],
+    params: Option<&TeaCacheParams>,
+    cfg: CfgCombine,
+    residuals: Residuals,
+) -> (Tensor, Vec<[bool; 2]>) {
+    let (scale, renorm) = (cfg.scale, cfg.renorm);
+    let mut latents = pos.hidden_states.clone();
+    let mut states = [BranchState::new(), BranchState::new()];
+    let mut cached: [Option<Tensor>; 2] = [None, None];
+    let mut decisions = Vec::new();
+    let n = sigmas.len() - 1;
+    for (i, w) in sigmas.windows(2).enumerate() {
+        let mut preds = Vec::new();
+        let mut step = [true; 2];
+        for (k, base) in [pos, neg].into_iter().enumerate() {
+            let inputs = QwenInputs {
+                hidden_states: latents.clone(),
+                timestep: Tensor::full(
+                    teaserve_controller::schedule::transformer_timestep(w[0]),
+                    1,
+                    &Device::Cpu,
+                )
+                .unwrap(),
+                ..base.clone()
+            };
+            let pre = model.preprocess(&inputs).unwrap();
+            let compute = match params {
+                None => true,
+                Some(p) => {
+                    let m = &pre.modulated_input;
+                    let values: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
+                    states[k].decide(p, i, n, m.dims(), &values).compute
+                }
+            };
+            step[k] = compute;
+            let slot = if residuals == Residuals::Shared { 0 } else { k };
+            let img = if compute {
+                let rope = model
+                    .rope(
+                        inputs.img_shape,
+                        inputs.encoder_hidden_states.dim(1).unwrap(),
+                    )
+                    .unwrap();
+                let (img, _) = model
+                    .run_blocks(
+                        &pre.hidden_states,
+                        &pre.encoder_hidden_states,
+                        &pre.temb,
+                        &rope,
+                        inputs.encoder_hidden_states_mask.as_ref(),
+                    )
+                    .unwrap();
+                if residuals == Residuals::PerBranch || k == 0 {
+                    cached[slot] = Some((&img - &pre.hidden_states).unwrap());
+                }
+                img
+            } else {
+                (&pre.hidden_states + cached[slot].as_ref().unwrap()).unwrap()
+            };
+            preds.push(model.postprocess(&img, &pre.temb).unwrap());
+        }
+        decisions.push(step);
+        let (p, ng) = (&preds[0], &preds[1]);
+        let mut comb = (ng + ((p - ng).unwrap() * scale).unwrap()).unwrap();
+        if renorm {
+            let norm = |t: &Tensor| {
+                t.sqr()
+                    .unwrap()
+                    .sum_keepdim(candle_core::D::Minus1)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+            };
+            comb = comb
+                .broadcast_mul(&(norm(p) / norm(&comb)).unwrap())
+                .unwrap();
+        }
+        latents = (&latents + (comb * (w[1] - w[0])).unwrap()).unwrap();
+    }
+    (latents.to_dtype(DType::F32).unwrap(), decisions)
 }
 
 /// Builds the fixture's FLUX model in-process through the real loading code (f32, CPU).

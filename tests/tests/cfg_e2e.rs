@@ -3,15 +3,15 @@
 //! in-process reference loop over the candle model.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use candle_core::{D, DType as CDType, Device, Tensor};
+use candle_core::Tensor;
 use teaserve_controller::models;
 use teaserve_controller::policy::{BranchState, TeaCacheParams};
 use teaserve_denoiser::models::qwen_image::{Inputs, QwenImage};
 use teaserve_proto::v1::{self, DType, generate_event};
 use teaserve_proto::{TensorMap, encode_tensor};
 use teaserve_tests::{
-    Fixture, RecordingProxy, TestController, TestDenoiser, decode, load_qwen, max_abs_diff,
-    qwen_inputs,
+    CfgCombine, Fixture, RecordingProxy, Residuals, TestController, TestDenoiser, decode,
+    load_qwen, max_abs_diff, qwen_cfg_reference, qwen_inputs,
 };
 use tokio_stream::StreamExt as _;
 
@@ -60,7 +60,7 @@ fn request(fx: &Fixture, adapter: &str, thresh: f64, renorm: bool) -> v1::Genera
         inputs,
         negative_inputs,
         true_cfg_scale: Some(SCALE),
-        cfg_renorm: renorm,
+        cfg_renorm: Some(renorm),
         ..Default::default()
     }
 }
@@ -86,17 +86,7 @@ fn sigmas(run: &Run) -> Vec<f64> {
     run.steps.iter().map(|s| s.sigma).chain([0.0]).collect()
 }
 
-/// How the reference loop treats residuals.
-#[derive(Clone, Copy, PartialEq)]
-enum Residuals {
-    /// Each branch keeps its own (what teaserve must do).
-    PerBranch,
-    /// The counterfactual bug: the negative branch reuses the positive branch's residual.
-    Shared,
-}
-
-/// In-process reference: per step, per branch, the candle model's stages with TeaCache (or
-/// every step computed when `params` is None), CFG combine (and renorm), Euler step.
+/// In-process reference over this fixture's two branches.
 fn reference(
     model: &QwenImage,
     fx: &Fixture,
@@ -106,80 +96,17 @@ fn reference(
     residuals: Residuals,
 ) -> (Tensor, Vec<[bool; 2]>) {
     let (pos, neg) = branches(fx);
-    let mut latents = pos.hidden_states.clone();
-    let mut states = [BranchState::new(), BranchState::new()];
-    let mut cached: [Option<Tensor>; 2] = [None, None];
-    let mut decisions = Vec::new();
-    let n = sigmas.len() - 1;
-    for (i, w) in sigmas.windows(2).enumerate() {
-        let mut preds = Vec::new();
-        let mut step = [true; 2];
-        for (k, base) in [&pos, &neg].into_iter().enumerate() {
-            let inputs = Inputs {
-                hidden_states: latents.clone(),
-                timestep: Tensor::full(
-                    teaserve_controller::schedule::transformer_timestep(w[0]),
-                    1,
-                    &Device::Cpu,
-                )
-                .unwrap(),
-                ..base.clone()
-            };
-            let pre = model.preprocess(&inputs).unwrap();
-            let compute = match params {
-                None => true,
-                Some(p) => {
-                    let m = &pre.modulated_input;
-                    let values: Vec<f32> = m.flatten_all().unwrap().to_vec1().unwrap();
-                    states[k].decide(p, i, n, m.dims(), &values).compute
-                }
-            };
-            step[k] = compute;
-            let slot = if residuals == Residuals::Shared { 0 } else { k };
-            let img = if compute {
-                let rope = model
-                    .rope(
-                        inputs.img_shape,
-                        inputs.encoder_hidden_states.dim(1).unwrap(),
-                    )
-                    .unwrap();
-                let (img, _) = model
-                    .run_blocks(
-                        &pre.hidden_states,
-                        &pre.encoder_hidden_states,
-                        &pre.temb,
-                        &rope,
-                        inputs.encoder_hidden_states_mask.as_ref(),
-                    )
-                    .unwrap();
-                if residuals == Residuals::PerBranch || k == 0 {
-                    cached[slot] = Some((&img - &pre.hidden_states).unwrap());
-                }
-                img
-            } else {
-                (&pre.hidden_states + cached[slot].as_ref().unwrap()).unwrap()
-            };
-            preds.push(model.postprocess(&img, &pre.temb).unwrap());
-        }
-        decisions.push(step);
-        let (p, ng) = (&preds[0], &preds[1]);
-        let mut comb = (ng + ((p - ng).unwrap() * SCALE).unwrap()).unwrap();
-        if renorm {
-            let norm = |t: &Tensor| {
-                t.sqr()
-                    .unwrap()
-                    .sum_keepdim(D::Minus1)
-                    .unwrap()
-                    .sqrt()
-                    .unwrap()
-            };
-            comb = comb
-                .broadcast_mul(&(norm(p) / norm(&comb)).unwrap())
-                .unwrap();
-        }
-        latents = (&latents + (comb * (w[1] - w[0])).unwrap()).unwrap();
-    }
-    (latents.to_dtype(CDType::F32).unwrap(), decisions)
+    qwen_cfg_reference(
+        model,
+        [&pos, &neg],
+        sigmas,
+        params,
+        CfgCombine {
+            scale: SCALE,
+            renorm,
+        },
+        residuals,
+    )
 }
 
 struct Rig {

@@ -20,7 +20,7 @@ fn request(adapter: &str) -> v1::GenerateRequest {
     v1::GenerateRequest {
         model_class_name: "TinyFluxPipeline".into(),
         prompt: "a yellow triangle on the right on a blue background".into(),
-        negative_prompt: "a red square on a green background".into(),
+        negative_prompt: Some("a red square on a green background".into()),
         true_cfg_scale: Some(2.0),
         seed: 7,
         num_inference_steps: STEPS,

@@ -101,7 +101,8 @@ struct GenerateArgs {
     /// Text mode: what to draw (models that ship a text encoder, e.g. TinyFluxPipeline).
     #[arg(long, env = "TEASERVE_PROMPT")]
     prompt: Option<String>,
-    /// Text mode: the negative prompt (true CFG).
+    /// Text mode: the negative prompt; given (even empty), true CFG runs when the CFG scale is
+    /// above 1, as in diffusers.
     #[arg(long, env = "TEASERVE_NEGATIVE_PROMPT", requires = "prompt")]
     negative_prompt: Option<String>,
     /// Text mode: noise seed.
@@ -155,9 +156,16 @@ struct GenerateArgs {
     /// CFG scale: neg + scale * (pos - neg); default: the model's (ListModels).
     #[arg(long, env = "TEASERVE_TRUE_CFG_SCALE", allow_negative_numbers = true)]
     true_cfg_scale: Option<f64>,
-    /// Rescale the CFG result to the positive prediction's norm (Qwen-Image).
-    #[arg(long, env = "TEASERVE_CFG_RENORM")]
-    cfg_renorm: bool,
+    /// Rescale the CFG result to the positive prediction's norm per token (`--cfg-renorm` or
+    /// `--cfg-renorm true`; `false` turns it off); default: the model's pipeline behaviour
+    /// (on for QwenImagePipeline, off for FluxPipeline).
+    #[arg(
+        long,
+        env = "TEASERVE_CFG_RENORM",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    cfg_renorm: Option<bool>,
     /// Pipeline class name; default: the controller's.
     #[arg(long, env = "TEASERVE_MODEL_CLASS_NAME", default_value = "")]
     model_class_name: String,
@@ -470,7 +478,7 @@ async fn generate(a: &GenerateArgs, ctl: &ControllerArgs, mut ctrl_c: CtrlC) -> 
         } as i32,
         cfg_renorm: a.cfg_renorm,
         prompt: a.prompt.clone().unwrap_or_default(),
-        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+        negative_prompt: a.negative_prompt.clone(),
         seed: a.seed,
         height: a.height,
         width: a.width,

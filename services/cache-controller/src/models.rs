@@ -42,8 +42,11 @@ pub struct ModelDefaults {
     pub true_cfg_scale: f64,
     /// Embedded guidance of guidance-distilled checkpoints; `None` where the model takes none.
     pub guidance_scale: Option<f64>,
-    /// Text mode: default (and largest) `max_sequence_length`; 0 where there is none.
+    /// Text mode: default `max_sequence_length`; 0 where there is none.
     pub max_sequence_length: u32,
+    /// Whether the pipeline rescales the CFG result to the positive prediction's norm per
+    /// token (`cfg_renorm` when a request leaves it unset).
+    pub cfg_renorm: bool,
 }
 
 /// TeaCache coefficients of the embedded TinyFluxPipeline, highest power first.
@@ -82,6 +85,8 @@ pub static MODELS: &[ModelDefaults] = &[
         guidance_scale: Some(3.5),
         // FluxPipeline.__call__: max_sequence_length 512 (T5's positions).
         max_sequence_length: 512,
+        // FluxPipeline's true CFG is the plain combination.
+        cfg_renorm: false,
     },
     ModelDefaults {
         model_type: "TinyFluxPipeline",
@@ -103,6 +108,7 @@ pub static MODELS: &[ModelDefaults] = &[
         guidance_scale: None,
         // Its word-embedding encoder has a fixed length.
         max_sequence_length: 0,
+        cfg_renorm: false,
     },
     ModelDefaults {
         model_type: "QwenImagePipeline",
@@ -120,8 +126,10 @@ pub static MODELS: &[ModelDefaults] = &[
         image_size: (1024, 1024),
         true_cfg_scale: 4.0,
         guidance_scale: None,
-        // QwenImagePipeline.__call__: max_sequence_length 512.
+        // QwenImagePipeline.__call__: max_sequence_length 512 (check_inputs allows 1024).
         max_sequence_length: 512,
+        // QwenImagePipeline.__call__: comb * (||pos|| / ||comb||) per token.
+        cfg_renorm: true,
     },
 ];
 

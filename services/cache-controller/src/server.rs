@@ -310,6 +310,7 @@ impl CacheController for ControllerService {
                 default_true_cfg_scale: m.true_cfg_scale,
                 default_guidance_scale: m.guidance_scale,
                 default_max_sequence_length: m.max_sequence_length,
+                default_cfg_renorm: m.cfg_renorm,
             })
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))

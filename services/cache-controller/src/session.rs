@@ -176,7 +176,7 @@ pub fn precheck(
     )?;
     wire_dtype(req)?;
     step_count(req, model_class_name)?;
-    if !req.negative_prompt.trim().is_empty() {
+    if req.negative_prompt.is_some() {
         cfg_scale(req, model_class_name)?;
     }
     Ok(())
@@ -200,8 +200,11 @@ fn guidance(scale: f64, batch: usize, inputs: &TensorMap) -> Result<v1::Tensor, 
 }
 
 /// The CFG scale of a request with a NEGATIVE branch: its `true_cfg_scale`, or the model's
-/// default when unset; it must be finite.
-fn cfg_scale(req: &v1::GenerateRequest, model_type: &str) -> Result<f64, ControllerError> {
+/// default when unset; it must be finite and not negative.
+pub(crate) fn cfg_scale(
+    req: &v1::GenerateRequest,
+    model_type: &str,
+) -> Result<f64, ControllerError> {
     let scale = match (req.true_cfg_scale, models::lookup(model_type)) {
         (Some(s), _) => s,
         (None, Some(m)) => m.true_cfg_scale,
@@ -211,9 +214,10 @@ fn cfg_scale(req: &v1::GenerateRequest, model_type: &str) -> Result<f64, Control
             )));
         }
     };
-    if !scale.is_finite() {
+    if !(scale.is_finite() && scale >= 0.0) {
         return Err(invalid(format!(
-            "true_cfg_scale must be a finite number, got {scale}"
+            "true_cfg_scale must be a finite number >= 0 (CFG runs above 1; unset: the \
+             model's default), got {scale}"
         )));
     }
     Ok(scale)
@@ -246,7 +250,7 @@ impl Session {
         }
         let model_type = model_class_name.to_string();
         if !req.prompt.is_empty()
-            || !req.negative_prompt.is_empty()
+            || req.negative_prompt.is_some()
             || req.height != 0
             || req.width != 0
             || req.seed != 0
@@ -335,7 +339,9 @@ impl Session {
             latents,
             branches,
             true_cfg_scale,
-            cfg_renorm: req.cfg_renorm,
+            cfg_renorm: req
+                .cfg_renorm
+                .unwrap_or_else(|| models::lookup(model_class_name).is_some_and(|m| m.cfg_renorm)),
             wire_dtype,
             batch_branches: defaults.batch_cfg_branches,
             created: Instant::now(),

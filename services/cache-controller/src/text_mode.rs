@@ -15,7 +15,7 @@ use crate::session::step_count;
 /// Whether a request asks for text mode.
 pub fn requested(req: &v1::GenerateRequest) -> bool {
     !req.prompt.is_empty()
-        || !req.negative_prompt.is_empty()
+        || req.negative_prompt.is_some()
         || req.seed != 0
         || req.height != 0
         || req.width != 0
@@ -135,10 +135,11 @@ fn initial_latents(
     Ok(encode_tensor(&noise, DType::F32)?)
 }
 
-/// Asks a denoiser with the text encoders to encode one prompt.
+/// Asks a denoiser with the text encoders to encode one prompt; `field` (`prompt` or
+/// `negative_prompt`) names it in a refusal.
 async fn encode(
     req: &v1::GenerateRequest,
-    prompt: &str,
+    (field, prompt): (&str, &str),
     model_type: &str,
     pool: &DenoiserPool,
 ) -> Result<v1::EncodePromptResponse, ControllerError> {
@@ -157,7 +158,21 @@ async fn encode(
             call,
             |mut c, r| async move { c.encode_prompt(r).await },
         )
-        .await?
+        .await
+        .map_err(|e| match e {
+            ControllerError::Denoiser {
+                endpoint,
+                method,
+                code: code @ tonic::Code::InvalidArgument,
+                message,
+            } => ControllerError::Denoiser {
+                endpoint,
+                method,
+                code,
+                message: format!("{field}: {message}"),
+            },
+            other => other,
+        })?
         .response;
     for (encoder, &n) in resp.prompt_tokens.iter().flat_map(|t| &t.untruncated) {
         let kept = resp.prompt_tokens.first().and_then(|t| t.kept.get(encoder));
@@ -173,6 +188,28 @@ async fn encode(
         }
     }
     Ok(resp)
+}
+
+/// The negative prompt when true CFG runs: as diffusers' `do_true_cfg = true_cfg_scale > 1 and
+/// negative_prompt is not None` (an empty or blank negative prompt counts); with a scale of 1
+/// or less the negative prompt is ignored, with a warning, as the pipelines do.
+fn cfg_negative_prompt<'r>(
+    req: &'r v1::GenerateRequest,
+    model_type: &str,
+) -> Result<Option<&'r str>, ControllerError> {
+    let Some(negative) = req.negative_prompt.as_deref() else {
+        return Ok(None);
+    };
+    let scale = crate::session::cfg_scale(req, model_type)?;
+    if scale <= 1.0 {
+        tracing::warn!(
+            true_cfg_scale = scale,
+            "negative_prompt is given but classifier-free guidance is not enabled since \
+             true_cfg_scale <= 1"
+        );
+        return Ok(None);
+    }
+    Ok(Some(negative))
 }
 
 /// Turns a text-mode request into a model-native one; returns it with the image size to
@@ -191,7 +228,7 @@ pub async fn prepare(
         )));
     }
     let guidance_scale = guidance_scale(req, &describe, model_type)?;
-    let positive = encode(req, &req.prompt, model_type, pool).await?;
+    let positive = encode(req, ("prompt", &req.prompt), model_type, pool).await?;
     let shape: Vec<usize> = positive
         .latent_shape
         .iter()
@@ -202,8 +239,8 @@ pub async fn prepare(
     let mut inputs = positive.inputs;
     inputs.insert("hidden_states".into(), initial_latents(req, &shape)?);
     let mut negative_inputs = TensorMap::new();
-    if !req.negative_prompt.trim().is_empty() {
-        let negative = encode(req, &req.negative_prompt, model_type, pool).await?;
+    if let Some(negative_prompt) = cfg_negative_prompt(req, model_type)? {
+        let negative = encode(req, ("negative_prompt", negative_prompt), model_type, pool).await?;
         for name in [
             "encoder_hidden_states",
             "pooled_projections",
@@ -222,7 +259,7 @@ pub async fn prepare(
             sigmas,
             guidance_scale,
             prompt: String::new(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
             seed: 0,
             height: 0,
             width: 0,

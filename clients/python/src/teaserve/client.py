@@ -216,9 +216,9 @@ class Client:
         cooldown_steps: Optional[int] = None,
         max_consecutive_reuses: Optional[int] = None,
         shared_cfg_decision: Optional[bool] = None,
-        negative_prompt: str = "",
+        negative_prompt: Optional[str] = None,
         true_cfg_scale: Optional[float] = None,
-        cfg_renorm: bool = False,
+        cfg_renorm: Optional[bool] = None,
         seed: int = 0,
         height: int = 0,
         width: int = 0,
@@ -233,7 +233,8 @@ class Client:
         """Runs one generation, streaming progress to ``on_step``.
 
         Text mode (``prompt``) needs a model that ships a text encoder (the embedded
-        TinyFluxPipeline does, and FluxPipeline served from a diffusers pipeline folder);
+        TinyFluxPipeline does, and FluxPipeline / QwenImagePipeline served from a diffusers
+        pipeline folder);
         otherwise pass model-native ``inputs`` as numpy arrays (``hidden_states`` = the
         initial packed latents, ``encoder_hidden_states``, ...). With a prompt, ``inputs`` may
         hold ``hidden_states`` alone: initial noise made elsewhere, used instead of ``seed``.
@@ -242,7 +243,9 @@ class Client:
 
         Unset means the server's default: ``model_class_name`` (alias ``model``) the
         controller's default model, ``steps`` the model's default (``len(sigmas)`` with
-        sigmas), ``true_cfg_scale`` the model's. ``rel_l1_thresh`` (alias ``threshold``) or any
+        sigmas), ``true_cfg_scale`` the model's, ``cfg_renorm`` the model pipeline's (on for
+        QwenImagePipeline). ``negative_prompt`` given, even ``""``, turns true CFG on when the
+        CFG scale is above 1, as in diffusers. ``rel_l1_thresh`` (alias ``threshold``) or any
         other TeaCache setting without ``cache_adapter`` turns TeaCache on; with
         ``cache_adapter="none"`` it is a ValueError.
 
@@ -288,14 +291,16 @@ class Client:
             num_inference_steps=0 if steps is None else steps,
             sigmas=list(sigmas),
             prompt=prompt,
-            negative_prompt=negative_prompt,
             seed=seed,
             height=height,
             width=width,
             wire_dtype=wire_dtype,
-            cfg_renorm=cfg_renorm,
             max_sequence_length=max_sequence_length,
         )
+        if negative_prompt is not None:
+            req.negative_prompt = negative_prompt
+        if cfg_renorm is not None:
+            req.cfg_renorm = cfg_renorm
         if true_cfg_scale is not None:
             req.true_cfg_scale = true_cfg_scale
         if guidance_scale is not None:

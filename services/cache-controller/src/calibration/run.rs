@@ -113,7 +113,7 @@ pub fn plan(
                 teaserve_proto::quote(&model_type)
             )));
         }
-        if !r.negative_inputs.is_empty() || !r.negative_prompt.is_empty() {
+        if !r.negative_inputs.is_empty() || r.negative_prompt.is_some() {
             return Err(invalid(format!(
                 "requests[{i}]: calibration runs without CFG; drop negative_inputs / negative_prompt"
             )));

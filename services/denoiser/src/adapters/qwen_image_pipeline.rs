@@ -46,6 +46,10 @@ const DEFAULT_MAX_SEQUENCE_LENGTH: usize = 512;
 /// Tokens of the template after the prompt (`<|im_end|>\n<|im_start|>assistant\n`).
 const TEMPLATE_SUFFIX_TOKENS: usize = 5;
 
+/// Encoded prompts: embeddings `[B, T, D]`, the mask `[B, T]` when some token is padding,
+/// and each prompt's lengths.
+type Encoded = (Tensor, Option<Tensor>, Vec<Vec<PromptLength>>);
+
 /// The pipeline's tokenizer and text encoder.
 struct TextEncoder {
     tokenizer: Qwen2Tokenizer,
@@ -174,7 +178,7 @@ impl TextEncoder {
         let limit = DROP_IDX + TOKENIZER_MAX_LENGTH;
         if ids.len() > limit {
             return Err(invalid(format!(
-                "prompt {} is {} tokens in QwenImagePipeline's chat template, more than the \
+                "the prompt '{}' is {} tokens in QwenImagePipeline's chat template, more than the \
                  {limit} its tokenizer keeps ({TOKENIZER_MAX_LENGTH} after the {DROP_IDX}-token \
                  system prefix); shorten the prompt to at most {} tokens",
                 teaserve_proto::quote(prompt),
@@ -197,7 +201,7 @@ impl TextEncoder {
         let kept = untruncated.min(max_len);
         if kept == 0 {
             return Err(invalid(format!(
-                "prompt {}: the tokenizer made only {len} template tokens, not more than the \
+                "the prompt '{}': the tokenizer made only {len} template tokens, not more than the \
                  {DROP_IDX} the pipeline drops",
                 teaserve_proto::quote(prompt)
             )));
@@ -219,11 +223,7 @@ impl TextEncoder {
 
     /// `prompt_embeds [B, T, D]` padded with zeros to the longest prompt, and the mask
     /// `[B, T]` (1 = valid) unless every token is valid (the pipeline then passes none).
-    fn encode(
-        &self,
-        prompts: &[String],
-        max_len: usize,
-    ) -> Result<(Tensor, Option<Tensor>, Vec<Vec<PromptLength>>), DenoiserError> {
+    fn encode(&self, prompts: &[String], max_len: usize) -> Result<Encoded, DenoiserError> {
         let mut embeds = Vec::with_capacity(prompts.len());
         let mut lengths = Vec::with_capacity(prompts.len());
         for p in prompts {
@@ -485,7 +485,7 @@ mod tests {
             .unwrap()
             .to_string();
         // max_sequence_length keeps the first tokens: prompt_embeds[:, :n].
-        let out = tm.encode_prompts(&[long.clone()], 64, 64, 20).unwrap();
+        let out = tm.encode_prompts(std::slice::from_ref(&long), 64, 64, 20).unwrap();
         check(
             "case1 truncated to 20",
             &out.inputs["encoder_hidden_states"],

@@ -102,7 +102,9 @@ impl TextConfig {
         find: impl Fn(&str) -> Option<&'a Value>,
     ) -> std::result::Result<(), ConfigError> {
         let heads = self.num_attention_heads;
-        if self.hidden_size % heads != 0 || heads % self.num_key_value_heads != 0 {
+        if !self.hidden_size.is_multiple_of(heads)
+            || !heads.is_multiple_of(self.num_key_value_heads)
+        {
             return Err(ConfigError(format!(
                 "text_encoder config: hidden_size {} must divide into {heads} heads, and the \
                  heads into {} key/value heads",
