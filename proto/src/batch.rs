@@ -2,6 +2,8 @@
 //! without decoding a tensor: the controller uses it to send both CFG branches in one call,
 //! the denoiser to run concurrent requests of different sessions as one computation.
 
+use bytes::Bytes;
+
 use crate::codec::{CodecError, TensorMap, concat_batch, split_batch};
 use crate::v1;
 
@@ -68,6 +70,140 @@ pub fn stack_run_blocks(
     ))
 }
 
+/// Pads a `[B, T, D]` wire tensor with zero rows along `T` to `len` (a byte copy per sample).
+fn pad_tokens(t: &v1::Tensor, len: i64) -> Option<v1::Tensor> {
+    let [b, tokens, d] = t.shape[..] else {
+        return None;
+    };
+    let item = crate::codec::itemsize(crate::codec::wire_dtype(t).ok()?);
+    let (b, tokens, d, len) = (
+        usize::try_from(b).ok()?,
+        usize::try_from(tokens).ok()?,
+        usize::try_from(d).ok()?,
+        usize::try_from(len).ok()?,
+    );
+    let row = tokens.checked_mul(d)?.checked_mul(item)?;
+    let padded = len.checked_mul(d)?.checked_mul(item)?;
+    if len < tokens || t.data.len() != b.checked_mul(row)? {
+        return None;
+    }
+    let mut data = Vec::with_capacity(b.checked_mul(padded)?);
+    for sample in t.data.chunks_exact(row.max(1)).take(b) {
+        data.extend_from_slice(sample);
+        data.resize(data.len() + padded - row, 0);
+    }
+    Some(v1::Tensor {
+        dtype: t.dtype,
+        shape: vec![b as i64, len as i64, d as i64],
+        data: Bytes::from(data),
+    })
+}
+
+/// The key mask `[B, len]` (I64, 1 = valid) of a request whose text stream has `tokens` valid
+/// tokens padded to `len`: its own mask (`[B, tokens]`, any numeric dtype, nonzero = valid)
+/// extended with zeros, or all valid tokens when it has none.
+fn padded_mask(own: Option<&v1::Tensor>, b: i64, tokens: i64, len: i64) -> Option<v1::Tensor> {
+    let valid: Vec<bool> = match own {
+        Some(m) => {
+            if m.shape[..] != [b, tokens] {
+                return None;
+            }
+            let t = crate::codec::decode_tensor(m, &candle_core::Device::Cpu, usize::MAX).ok()?;
+            let values: Vec<f64> = t
+                .to_dtype(candle_core::DType::F64)
+                .ok()?
+                .flatten_all()
+                .ok()?
+                .to_vec1()
+                .ok()?;
+            values.into_iter().map(|v| v != 0.0).collect()
+        }
+        None => vec![true; usize::try_from(b.checked_mul(tokens)?).ok()?],
+    };
+    let row = usize::try_from(tokens).ok()?;
+    let pad = usize::try_from(len - tokens).ok()?;
+    let mut mask = Vec::with_capacity(valid.len() + pad * usize::try_from(b).ok()?);
+    for sample in valid.chunks(row.max(1)) {
+        mask.extend(sample.iter().map(|&v| i64::from(v)));
+        mask.extend(std::iter::repeat_n(0i64, pad));
+    }
+    Some(v1::Tensor {
+        dtype: v1::DType::I64 as i32,
+        shape: vec![b, len],
+        data: Bytes::from(bytemuck::cast_slice::<i64, u8>(&mask).to_vec()),
+    })
+}
+
+/// Requests whose text streams (`text`, `[B, T, D]`) differ only in `T`, made stackable: each
+/// text stream zero-padded to the longest `T`, and every request given the key mask `mask`
+/// (`[B, T]`, 1 = valid) so the padding is never attended to. For models whose RunBlocks
+/// takes that mask (Qwen-Image): the valid tokens' results equal the unpadded ones up to
+/// float rounding. `None` when there is nothing to pad or a stream does not have that form.
+pub fn pad_text_streams(
+    reqs: &[&v1::RunBlocksRequest],
+    text: &str,
+    mask: &str,
+) -> Option<Vec<v1::RunBlocksRequest>> {
+    let lens: Vec<i64> = reqs
+        .iter()
+        .map(|r| r.streams.get(text).and_then(|t| t.shape.get(1).copied()))
+        .collect::<Option<_>>()?;
+    let longest = *lens.iter().max()?;
+    if lens.iter().all(|&l| l == longest) {
+        return None;
+    }
+    reqs.iter()
+        .zip(lens)
+        .map(|(r, tokens)| {
+            let stream = r.streams.get(text)?;
+            let mut out = (*r).clone();
+            out.streams
+                .insert(text.to_string(), pad_tokens(stream, longest)?);
+            let m = padded_mask(r.context.get(mask), stream.shape[0], tokens, longest)?;
+            out.context.insert(mask.to_string(), m);
+            Some(out)
+        })
+        .collect()
+}
+
+/// Undoes [`pad_text_streams`] on one request's share of a padded result: its text stream
+/// (`[B, T_padded, D]`) cut back to the `len` tokens the request sent. A stream already `len`
+/// long is left as it is.
+pub fn unpad_text_stream(out: &mut TensorMap, text: &str, len: i64) -> Result<(), CodecError> {
+    let Some(t) = out.get(text) else {
+        return Ok(());
+    };
+    let bad =
+        || CodecError::BatchMismatch(format!("cannot cut {text} {:?} to {len} tokens", t.shape));
+    let [b, tokens, d] = t.shape[..] else {
+        return Err(bad());
+    };
+    if tokens == len {
+        return Ok(());
+    }
+    let dims = [b, tokens, d, len].map(usize::try_from);
+    let [Ok(b), Ok(tokens), Ok(d), Ok(len)] = dims else {
+        return Err(bad());
+    };
+    let item = crate::codec::itemsize(crate::codec::wire_dtype(t)?);
+    let row = tokens * d * item;
+    if len > tokens || t.data.len() != b * row || row == 0 {
+        return Err(bad());
+    }
+    let keep = len * d * item;
+    let mut data = Vec::with_capacity(b * keep);
+    for sample in t.data.chunks_exact(row) {
+        data.extend_from_slice(&sample[..keep]);
+    }
+    let cut = v1::Tensor {
+        dtype: t.dtype,
+        shape: vec![b as i64, len as i64, d as i64],
+        data: Bytes::from(data),
+    };
+    out.insert(text.to_string(), cut);
+    Ok(())
+}
+
 /// Splits every tensor of a stacked result into per-request maps of `sizes` rows (no copy).
 pub fn split_map(out: &TensorMap, sizes: &[i64]) -> Result<Vec<TensorMap>, CodecError> {
     let mut per: Vec<TensorMap> = vec![TensorMap::new(); sizes.len()];
@@ -123,5 +259,74 @@ mod tests {
         let mut c = req(1, 1.0, 9.0);
         c.wire_dtype = v1::DType::Bf16 as i32;
         assert!(stack_run_blocks(&[&a, &c], &batched).is_none());
+    }
+
+    fn text_req(tokens: usize, mask: Option<Vec<f32>>) -> v1::RunBlocksRequest {
+        let txt: Vec<f32> = (0..tokens * 2).map(|i| i as f32 + 1.0).collect();
+        let txt = Tensor::from_vec(txt, (1, tokens, 2), &Device::Cpu).unwrap();
+        let mut context = TensorMap::new();
+        if let Some(m) = mask {
+            let m = Tensor::from_vec(m, (1, tokens), &Device::Cpu).unwrap();
+            context.insert("mask".into(), encode_tensor(&m, v1::DType::F32).unwrap());
+        }
+        v1::RunBlocksRequest {
+            streams: [
+                ("hidden_states".to_string(), t(1, 1.0)),
+                (
+                    "txt".to_string(),
+                    encode_tensor(&txt, v1::DType::F32).unwrap(),
+                ),
+            ]
+            .into(),
+            context,
+            wire_dtype: v1::DType::F32 as i32,
+        }
+    }
+
+    fn values(t: &v1::Tensor) -> Vec<f64> {
+        crate::decode_tensor(t, &Device::Cpu, usize::MAX)
+            .unwrap()
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn text_of_different_lengths_is_padded_with_a_key_mask() {
+        let (a, b) = (text_req(2, None), text_req(3, None));
+        let padded = pad_text_streams(&[&a, &b], "txt", "mask").unwrap();
+        assert_eq!(padded[0].streams["txt"].shape, vec![1, 3, 2]);
+        assert_eq!(
+            values(&padded[0].streams["txt"]),
+            [1.0, 2.0, 3.0, 4.0, 0.0, 0.0]
+        );
+        assert_eq!(padded[1].streams["txt"], b.streams["txt"]);
+        assert_eq!(values(&padded[0].context["mask"]), [1.0, 1.0, 0.0]);
+        assert_eq!(values(&padded[1].context["mask"]), [1.0, 1.0, 1.0]);
+        assert_eq!(
+            padded[0].streams["hidden_states"],
+            a.streams["hidden_states"]
+        );
+        let batched = |n: &str| Some(n != "rope");
+        let (all, sizes) = stack_run_blocks(&padded.iter().collect::<Vec<_>>(), &batched).unwrap();
+        assert_eq!(
+            (all.streams["txt"].shape.clone(), sizes),
+            (vec![2, 3, 2], vec![1, 1])
+        );
+        // A request's own mask is kept and extended.
+        let c = text_req(2, Some(vec![1.0, 0.0]));
+        let padded = pad_text_streams(&[&c, &b], "txt", "mask").unwrap();
+        assert_eq!(values(&padded[0].context["mask"]), [1.0, 0.0, 0.0]);
+        // Equal lengths need nothing; a stream of another form is not padded.
+        assert!(pad_text_streams(&[&a, &text_req(2, None)], "txt", "mask").is_none());
+        let mut bad = text_req(3, None);
+        bad.streams.get_mut("txt").unwrap().shape = vec![1, 6];
+        assert!(pad_text_streams(&[&a, &bad], "txt", "mask").is_none());
+        let mut wrong_mask = text_req(2, Some(vec![1.0, 1.0]));
+        wrong_mask.context.get_mut("mask").unwrap().shape = vec![2, 1];
+        assert!(pad_text_streams(&[&wrong_mask, &b], "txt", "mask").is_none());
     }
 }

@@ -184,7 +184,9 @@ async fn encode_prompt_and_decode_match_the_pipeline_stages() {
 async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
     let r = Reference::load();
     let d = TestDenoiser::start(&["--model", &folder()]).await;
-    let ctl = TestController::start(&["--denoiser", &d.url()]).await;
+    let (url, proxy) = RecordingProxy::start(&d).await;
+    let ctl = TestController::start(&["--denoiser", &url]).await;
+    let unbatched = TestController::start(&["--denoiser", &url, "--batch-cfg", "false"]).await;
     let mut c = ctl.client().await;
     // TeaCache off, and on at a threshold below every step's accumulated distance (so it
     // computes every step, through the TeaCache path).
@@ -195,8 +197,25 @@ async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
                 rel_l1_thresh: Some(t),
                 ..Default::default()
             });
-            let run = generate_run(&mut c, req).await.unwrap();
+            proxy.clear();
+            let run = generate_run(&mut c, req.clone()).await.unwrap();
             let steps = r.u32(case, "num_inference_steps") as usize;
+            // The branches' texts differ in length; padded with a key mask, they still go
+            // in one RunBlocks call per step, and give what separate calls give.
+            assert_eq!(
+                proxy.log.lock().unwrap().run_blocks,
+                steps,
+                "one call per step"
+            );
+            let apart = generate_run(&mut unbatched.client().await, req)
+                .await
+                .unwrap();
+            check(
+                &format!("{case} {adapter} batched vs unbatched branches"),
+                &decode(run.result.latents.as_ref().unwrap()),
+                &decode(apart.result.latents.as_ref().unwrap()),
+                1e-5,
+            );
             assert_eq!(run.steps.len(), steps);
             let sigmas: Vec<f32> = r.get(case, "sigmas").to_vec1().unwrap();
             for (ev, want) in run.steps.iter().zip(&sigmas) {

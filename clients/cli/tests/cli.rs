@@ -258,6 +258,62 @@ async fn a_flux_pipeline_folder_turns_a_prompt_into_a_png() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qwen_image_pipeline_folder_turns_a_prompt_and_negative_prompt_into_a_png() {
+    let folder = fixtures_dir().join("qwen-image-pipeline-tiny");
+    let denoiser = TestDenoiser::start(&["--model", folder.to_str().unwrap()]).await;
+    let controller = TestController::start(&["--denoiser", &denoiser.url()]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let png = dir.path().join("fox.png");
+    let generate = |extra: &[&str]| {
+        let mut a = vec![
+            "generate".to_string(),
+            "--controller".into(),
+            controller.addr.to_string(),
+            "--model-class-name".into(),
+            "QwenImagePipeline".into(),
+            "--prompt".into(),
+            "a red fox in the snow".into(),
+            "--height".into(),
+            "96".into(),
+            "--width".into(),
+            "64".into(),
+            "--steps".into(),
+            "3".into(),
+            "--png".into(),
+            png.to_str().unwrap().into(),
+            "--output".into(),
+            dir.path().join("l.safetensors").to_str().unwrap().into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let owned = generate(&["--negative-prompt", "blurry", "--true-cfg-scale", "4"]);
+    let out = teaserve(owned).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!("wrote {} (64x96)\n", png.display())),
+        "{stdout}"
+    );
+    // Two CFG branches computed every step.
+    assert!(stdout.contains("computed steps 6 of 6"), "{stdout}");
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    // An empty negative prompt still turns CFG on, as in diffusers.
+    let owned = generate(&["--negative-prompt", ""]);
+    let out = teaserve(owned).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("computed steps 6 of 6"), "{stdout}");
+    // A NaN CFG scale is the server's clear error.
+    let owned = generate(&["--negative-prompt", "blurry", "--true-cfg-scale", "NaN"]);
+    let out = teaserve(owned).await;
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stderr.contains("INVALID_ARGUMENT"), "{stderr}");
+    assert!(stderr.contains("true_cfg_scale"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_numbers_reach_the_server_and_its_error_is_shown() {
     let denoiser = TestDenoiser::start(&[]).await;
     let controller = TestController::start(&["--denoiser", &denoiser.url()]).await;

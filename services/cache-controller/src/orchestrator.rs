@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{D, DType as CDType, Device, Tensor};
 use teaserve_proto::TensorMap;
-use teaserve_proto::batch::{split_map, stack_run_blocks};
+use teaserve_proto::batch::{pad_text_streams, split_map, stack_run_blocks, unpad_text_stream};
 use teaserve_proto::codec::{decode_tensor, encode_tensor, map_bytes};
 use teaserve_proto::v1::{self, Branch, DType};
 use tracing::Instrument as _;
@@ -32,8 +32,10 @@ pub struct CallCounts {
 }
 
 /// One RunBlocks request for several branches stacked along the batch dimension, with each
-/// branch's batch size; `None` when their tensors cannot be stacked: different stream names or
-/// trailing shapes, a context tensor without a leading batch dimension (per Describe) that
+/// branch's batch size. Text streams of different lengths are zero-padded to the longest
+/// with a key mask when the model's RunBlocks takes `encoder_hidden_states_mask` (Qwen-Image's
+/// prompt and negative prompt). `None` when their tensors cannot be stacked: different stream
+/// names or other trailing shapes, a context tensor without a leading batch dimension (per Describe) that
 /// differs between branches, or a stacked batch over the denoiser's `max_batch`.
 fn batch_request(
     pre: &[v1::PreprocessResponse],
@@ -57,9 +59,21 @@ fn batch_request(
             .and_then(|s| s.inputs.iter().find(|t| t.name == name))
             .map(|t| t.dims.first().is_some_and(|d| d == "B"))
     };
-    let (req, sizes) = stack_run_blocks(&reqs.iter().collect::<Vec<_>>(), &batched)?;
+    let refs: Vec<&v1::RunBlocksRequest> = reqs.iter().collect();
+    let (req, sizes) = stack_run_blocks(&refs, &batched).or_else(|| {
+        // Text of different lengths (a prompt and its negative prompt): padded, with a key
+        // mask, where the model's RunBlocks takes one.
+        batched(TEXT_MASK)?;
+        let padded = pad_text_streams(&refs, TEXT, TEXT_MASK)?;
+        stack_run_blocks(&padded.iter().collect::<Vec<_>>(), &batched)
+    })?;
     (sizes.iter().sum::<i64>() <= i64::from(describe.max_batch)).then_some((req, sizes))
 }
+
+/// The text stream of dual-stream models (`[B, T, D]`).
+const TEXT: &str = "encoder_hidden_states";
+/// The text key mask a RunBlocks contract may take (`[B, T]`, 1 = valid).
+const TEXT_MASK: &str = "encoder_hidden_states_mask";
 
 fn decode_f32(t: &v1::Tensor, what: &str) -> Result<Tensor, ControllerError> {
     decode_tensor(t, &Device::Cpu, usize::MAX)
@@ -318,7 +332,11 @@ async fn step_once(
     if let Some((req, sizes)) = batched {
         let out = run_blocks(req, names_of(&computing)).await?;
         counts.run_blocks += 1;
-        for (&k, map) in computing.iter().zip(split_map(&out, &sizes)?) {
+        for (&k, mut map) in computing.iter().zip(split_map(&out, &sizes)?) {
+            // A text stream padded for the batch goes back to the branch's own length.
+            if let Some(len) = pre[k].streams.get(TEXT).and_then(|t| t.shape.get(1)) {
+                unpad_text_stream(&mut map, TEXT, *len)?;
+            }
             blocks_out[k] = Some(map);
         }
     } else {

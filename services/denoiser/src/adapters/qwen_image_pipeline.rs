@@ -485,7 +485,9 @@ mod tests {
             .unwrap()
             .to_string();
         // max_sequence_length keeps the first tokens: prompt_embeds[:, :n].
-        let out = tm.encode_prompts(std::slice::from_ref(&long), 64, 64, 20).unwrap();
+        let out = tm
+            .encode_prompts(std::slice::from_ref(&long), 64, 64, 20)
+            .unwrap();
         check(
             "case1 truncated to 20",
             &out.inputs["encoder_hidden_states"],

@@ -499,4 +499,28 @@ mod tests {
         let (a, b) = (new.forward(&ids).unwrap(), old.forward(&ids).unwrap());
         assert_eq!(crate::test_util::max_abs_diff(&a, &b), 0.0);
     }
+
+    /// Real checkpoints run in bf16 (`--dtype bf16`): the norms and attention compute in f32,
+    /// the matmuls in bf16; the embedding stays within bf16's precision of the f32 one.
+    #[test]
+    fn bf16_weights_stay_within_bf16_precision() {
+        let c = TextConfig::from_json(&config_json()).unwrap();
+        let r = qwen_pipeline_reference();
+        let ids = r["case0.input_ids"].to_dtype(DType::U32).unwrap();
+        let out = model(&c, DType::BF16).forward(&ids).unwrap();
+        assert_eq!(out.dtype(), DType::BF16);
+        let want = &r["case0.encoder_hidden_states"];
+        let scale = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = crate::test_util::max_abs_diff(&out, want);
+        eprintln!("bf16 vs transformers f32: max abs diff {d:e} (max |value| {scale})");
+        assert!(d <= 0.05 * scale, "{d} vs {scale}");
+    }
 }
