@@ -768,3 +768,68 @@ pub fn python_venv(tmp: &Path, name: &str, packages: &[&str], cwd: &Path) -> Pat
     );
     bin
 }
+
+/// A diffusers pipeline fixture's own recorded run: `tests/fixtures/<name>/reference.json`
+/// (the cases and their settings) and `reference.safetensors` (keys `<case>.<name>`).
+pub struct PipelineReference {
+    /// `reference.json`'s `cases`.
+    pub cases: serde_json::Map<String, serde_json::Value>,
+    /// Every recorded tensor.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl PipelineReference {
+    /// Loads the fixture folder `name`.
+    pub fn load(name: &str) -> Self {
+        let dir = fixtures_dir().join(name);
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+                .unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                .unwrap();
+        Self {
+            cases: json["cases"].as_object().unwrap().clone(),
+            tensors,
+        }
+    }
+
+    /// The tensor `<case>.<key>`.
+    pub fn get(&self, case: &str, key: &str) -> &Tensor {
+        self.tensors
+            .get(&format!("{case}.{key}"))
+            .unwrap_or_else(|| panic!("no {case}.{key}"))
+    }
+
+    /// A case's integer setting.
+    pub fn u32(&self, case: &str, key: &str) -> u32 {
+        self.cases[case][key].as_u64().unwrap() as u32
+    }
+
+    /// A case's string setting.
+    pub fn str(&self, case: &str, key: &str) -> String {
+        self.cases[case][key].as_str().unwrap().to_string()
+    }
+
+    /// A case's `image_uint8` as f32 `[H, W, 3]`, to compare with [`png_pixels`].
+    pub fn image_uint8(&self, case: &str) -> Tensor {
+        self.get(case, "image_uint8").to_dtype(DType::F32).unwrap()
+    }
+}
+
+/// Decoded RGB pixels of a PNG, `[H, W, 3]` u8 as f32.
+pub fn png_pixels(png: &[u8]) -> Tensor {
+    let img = image::load_from_memory(png).unwrap().to_rgb8();
+    let (w, h) = img.dimensions();
+    Tensor::from_vec(img.into_raw(), (h as usize, w as usize, 3), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// Asserts `ours` is within `tol` of `want` (max abs difference) and prints the difference.
+pub fn check_within(what: &str, ours: &Tensor, want: &Tensor, tol: f32) {
+    let d = max_abs_diff(ours, want);
+    eprintln!("{what:<48} max|diff| = {d:.3e}");
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+}

@@ -8,79 +8,32 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
 use teaserve_controller::models;
 use teaserve_controller::policy::{BranchState, TeaCacheParams};
 use teaserve_proto::encode_tensor;
 use teaserve_proto::v1::{self, DType};
 use teaserve_tests::{
-    RecordingProxy, TestController, TestDenoiser, decode, fixtures_dir, generate_run, max_abs_diff,
+    PipelineReference as Reference, RecordingProxy, TestController, TestDenoiser, check_within,
+    decode, fixtures_dir, generate_run, max_abs_diff, png_pixels,
 };
 use tonic::Code;
 
-struct Reference {
-    cases: serde_json::Map<String, serde_json::Value>,
-    tensors: HashMap<String, Tensor>,
-}
-
-impl Reference {
-    fn load() -> Self {
-        let dir = fixtures_dir().join("flux-pipeline-tiny");
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-                .unwrap();
-        let tensors =
-            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-                .unwrap();
-        Self {
-            cases: json["cases"].as_object().unwrap().clone(),
-            tensors,
-        }
+/// The pipeline call of a case as a GenerateRequest, with the recorded initial noise.
+fn request(r: &Reference, case: &str, adapter: &str) -> v1::GenerateRequest {
+    let c = &r.cases[case];
+    let noise = encode_tensor(r.get(case, "latents_init"), DType::F32).unwrap();
+    v1::GenerateRequest {
+        model_class_name: "FluxPipeline".into(),
+        cache_adapter: adapter.into(),
+        prompt: c["prompt"].as_str().unwrap().into(),
+        height: r.u32(case, "height"),
+        width: r.u32(case, "width"),
+        num_inference_steps: r.u32(case, "num_inference_steps"),
+        guidance_scale: c["guidance_scale"].as_f64(),
+        max_sequence_length: r.u32(case, "max_sequence_length"),
+        inputs: HashMap::from([("hidden_states".to_string(), noise)]),
+        ..Default::default()
     }
-
-    fn get(&self, case: &str, key: &str) -> &Tensor {
-        self.tensors
-            .get(&format!("{case}.{key}"))
-            .unwrap_or_else(|| panic!("no {case}.{key}"))
-    }
-
-    fn u32(&self, case: &str, key: &str) -> u32 {
-        self.cases[case][key].as_u64().unwrap() as u32
-    }
-
-    /// The pipeline call of a case as a GenerateRequest, with the recorded initial noise.
-    fn request(&self, case: &str, adapter: &str) -> v1::GenerateRequest {
-        let c = &self.cases[case];
-        let noise = encode_tensor(self.get(case, "latents_init"), DType::F32).unwrap();
-        v1::GenerateRequest {
-            model_class_name: "FluxPipeline".into(),
-            cache_adapter: adapter.into(),
-            prompt: c["prompt"].as_str().unwrap().into(),
-            height: self.u32(case, "height"),
-            width: self.u32(case, "width"),
-            num_inference_steps: self.u32(case, "num_inference_steps"),
-            guidance_scale: c["guidance_scale"].as_f64(),
-            max_sequence_length: self.u32(case, "max_sequence_length"),
-            inputs: HashMap::from([("hidden_states".to_string(), noise)]),
-            ..Default::default()
-        }
-    }
-}
-
-/// Decoded RGB pixels of a PNG, `[H, W, 3]` u8 as f32.
-fn pixels(png: &[u8]) -> Tensor {
-    let img = image::load_from_memory(png).unwrap().to_rgb8();
-    let (w, h) = img.dimensions();
-    Tensor::from_vec(img.into_raw(), (h as usize, w as usize, 3), &Device::Cpu)
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-}
-
-fn check(what: &str, ours: &Tensor, want: &Tensor, tol: f32) {
-    let d = max_abs_diff(ours, want);
-    eprintln!("{what:<44} max|diff| = {d:.3e}");
-    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
 }
 
 fn folder() -> String {
@@ -92,7 +45,7 @@ fn folder() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encode_prompt_and_decode_match_the_pipeline_stages() {
-    let r = Reference::load();
+    let r = Reference::load("flux-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let mut c = d.client().await;
     let describe = c
@@ -126,25 +79,25 @@ async fn encode_prompt_and_decode_match_the_pipeline_stages() {
             .unwrap()
             .into_inner();
         let got = |n: &str| decode(&resp.inputs[n]);
-        check(
+        check_within(
             &format!("{case} prompt_embeds (T5)"),
             &got("encoder_hidden_states"),
             r.get(case, "prompt_embeds"),
             1e-4,
         );
-        check(
+        check_within(
             &format!("{case} pooled_prompt_embeds (CLIP)"),
             &got("pooled_projections"),
             r.get(case, "pooled_prompt_embeds"),
             1e-4,
         );
-        check(
+        check_within(
             &format!("{case} img_ids"),
             &got("img_ids"),
             r.get(case, "latent_image_ids"),
             0.0,
         );
-        check(
+        check_within(
             &format!("{case} txt_ids"),
             &got("txt_ids"),
             r.get(case, "text_ids"),
@@ -174,13 +127,10 @@ async fn encode_prompt_and_decode_match_the_pipeline_stages() {
             .unwrap()
             .into_inner()
             .png;
-        let want = r
-            .get(case, "image_uint8")
-            .to_dtype(candle_core::DType::F32)
-            .unwrap();
-        check(
+        let want = r.image_uint8(case);
+        check_within(
             &format!("{case} Decode pixels"),
-            &pixels(&png[0]),
+            &png_pixels(&png[0]),
             &want,
             1.0,
         );
@@ -189,12 +139,14 @@ async fn encode_prompt_and_decode_match_the_pipeline_stages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_becomes_the_pipelines_picture_through_both_services() {
-    let r = Reference::load();
+    let r = Reference::load("flux-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let ctl = TestController::start(&["--denoiser", &d.url()]).await;
     let mut c = ctl.client().await;
     for case in r.cases.keys() {
-        let run = generate_run(&mut c, r.request(case, "none")).await.unwrap();
+        let run = generate_run(&mut c, request(&r, case, "none"))
+            .await
+            .unwrap();
         let steps = r.u32(case, "num_inference_steps");
         assert_eq!(run.steps.len(), steps as usize);
         let sigmas: Vec<f32> = r.get(case, "sigmas").to_vec1().unwrap();
@@ -202,19 +154,16 @@ async fn a_prompt_becomes_the_pipelines_picture_through_both_services() {
             assert_eq!(ev.sigma as f32, *want, "{case} step {} sigma", ev.step);
         }
         let latents = decode(run.result.latents.as_ref().unwrap());
-        check(
+        check_within(
             &format!("{case} final latents (gRPC)"),
             &latents,
             r.get(case, "latents_final"),
             1e-3,
         );
-        let want = r
-            .get(case, "image_uint8")
-            .to_dtype(candle_core::DType::F32)
-            .unwrap();
-        check(
+        let want = r.image_uint8(case);
+        check_within(
             &format!("{case} PNG pixels (gRPC)"),
-            &pixels(&run.result.image_png),
+            &png_pixels(&run.result.image_png),
             &want,
             2.0,
         );
@@ -223,7 +172,7 @@ async fn a_prompt_becomes_the_pipelines_picture_through_both_services() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tea_cache_decides_on_the_modulated_inputs_as_the_pure_policy() {
-    let r = Reference::load();
+    let r = Reference::load("flux-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let (url, proxy) = RecordingProxy::start(&d).await;
     let ctl = TestController::start(&["--denoiser", &url]).await;
@@ -231,7 +180,7 @@ async fn tea_cache_decides_on_the_modulated_inputs_as_the_pure_policy() {
     let case = "case1";
     let steps = r.u32(case, "num_inference_steps") as usize;
     let thresh = 0.3;
-    let mut req = r.request(case, "tea_cache");
+    let mut req = request(&r, case, "tea_cache");
     req.cache_config = Some(v1::CacheConfig {
         rel_l1_thresh: Some(thresh),
         ..Default::default()
@@ -264,7 +213,7 @@ async fn tea_cache_decides_on_the_modulated_inputs_as_the_pure_policy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn components_split_over_two_denoisers_give_the_same_picture() {
-    let r = Reference::load();
+    let r = Reference::load("flux-pipeline-tiny");
     let whole = TestDenoiser::start(&["--model", &folder()]).await;
     let transformer =
         TestDenoiser::start(&["--model", &folder(), "--components", "transformer"]).await;
@@ -296,10 +245,10 @@ async fn components_split_over_two_denoisers_give_the_same_picture() {
     ])
     .await;
     let case = "case0";
-    let a = generate_run(&mut one.client().await, r.request(case, "none"))
+    let a = generate_run(&mut one.client().await, request(&r, case, "none"))
         .await
         .unwrap();
-    let b = generate_run(&mut split.client().await, r.request(case, "none"))
+    let b = generate_run(&mut split.client().await, request(&r, case, "none"))
         .await
         .unwrap();
     let (la, lb) = (
@@ -308,8 +257,8 @@ async fn components_split_over_two_denoisers_give_the_same_picture() {
     );
     assert_eq!(max_abs_diff(&la, &lb), 0.0);
     assert_eq!(
-        pixels(&a.result.image_png).to_vec3::<f32>().unwrap(),
-        pixels(&b.result.image_png).to_vec3::<f32>().unwrap()
+        png_pixels(&a.result.image_png).to_vec3::<f32>().unwrap(),
+        png_pixels(&b.result.image_png).to_vec3::<f32>().unwrap()
     );
 }
 
@@ -352,7 +301,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_text_mode_requests_are_clear_invalid_arguments() {
-    let r = Reference::load();
+    let r = Reference::load("flux-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let tmp = tempfile::tempdir().unwrap();
     let schnell = schnell_like(tmp.path());
@@ -364,7 +313,7 @@ async fn bad_text_mode_requests_are_clear_invalid_arguments() {
         edit(&mut req);
         req
     };
-    let base = r.request("case0", "none");
+    let base = request(&r, "case0", "none");
     let cases: [(Edit, &str); 5] = [
         (|q| q.height = 72, "multiple of 16"),
         (|q| q.width = 8200, "at most 4096"),

@@ -16,80 +16,30 @@ use teaserve_denoiser::registry::LoadOptions;
 use teaserve_proto::encode_tensor;
 use teaserve_proto::v1::{self, DType};
 use teaserve_tests::{
-    CfgCombine, RecordingProxy, Residuals, TestController, TestDenoiser, decode, fixtures_dir,
-    generate_run, max_abs_diff, qwen_cfg_reference,
+    CfgCombine, PipelineReference as Reference, RecordingProxy, Residuals, TestController,
+    TestDenoiser, check_within, decode, fixtures_dir, generate_run, max_abs_diff, png_pixels,
+    qwen_cfg_reference,
 };
 use tonic::Code;
 
 const MODEL: &str = "QwenImagePipeline";
 
-struct Reference {
-    cases: serde_json::Map<String, serde_json::Value>,
-    tensors: HashMap<String, Tensor>,
-}
-
-impl Reference {
-    fn load() -> Self {
-        let dir = fixtures_dir().join("qwen-image-pipeline-tiny");
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
-                .unwrap();
-        let tensors =
-            candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
-                .unwrap();
-        Self {
-            cases: json["cases"].as_object().unwrap().clone(),
-            tensors,
-        }
+/// The pipeline call of a case as a GenerateRequest, with the recorded initial noise.
+fn request(r: &Reference, case: &str, adapter: &str) -> v1::GenerateRequest {
+    let c = &r.cases[case];
+    let noise = encode_tensor(r.get(case, "latents_init"), DType::F32).unwrap();
+    v1::GenerateRequest {
+        model_class_name: MODEL.into(),
+        cache_adapter: adapter.into(),
+        prompt: r.str(case, "prompt"),
+        negative_prompt: Some(r.str(case, "negative_prompt")),
+        true_cfg_scale: c["true_cfg_scale"].as_f64(),
+        height: r.u32(case, "height"),
+        width: r.u32(case, "width"),
+        num_inference_steps: r.u32(case, "num_inference_steps"),
+        inputs: HashMap::from([("hidden_states".to_string(), noise)]),
+        ..Default::default()
     }
-
-    fn get(&self, case: &str, key: &str) -> &Tensor {
-        self.tensors
-            .get(&format!("{case}.{key}"))
-            .unwrap_or_else(|| panic!("no {case}.{key}"))
-    }
-
-    fn u32(&self, case: &str, key: &str) -> u32 {
-        self.cases[case][key].as_u64().unwrap() as u32
-    }
-
-    fn str(&self, case: &str, key: &str) -> String {
-        self.cases[case][key].as_str().unwrap().to_string()
-    }
-
-    /// The pipeline call of a case as a GenerateRequest, with the recorded initial noise.
-    fn request(&self, case: &str, adapter: &str) -> v1::GenerateRequest {
-        let c = &self.cases[case];
-        let noise = encode_tensor(self.get(case, "latents_init"), DType::F32).unwrap();
-        v1::GenerateRequest {
-            model_class_name: MODEL.into(),
-            cache_adapter: adapter.into(),
-            prompt: self.str(case, "prompt"),
-            negative_prompt: Some(self.str(case, "negative_prompt")),
-            true_cfg_scale: c["true_cfg_scale"].as_f64(),
-            height: self.u32(case, "height"),
-            width: self.u32(case, "width"),
-            num_inference_steps: self.u32(case, "num_inference_steps"),
-            inputs: HashMap::from([("hidden_states".to_string(), noise)]),
-            ..Default::default()
-        }
-    }
-}
-
-/// Decoded RGB pixels of a PNG, `[H, W, 3]` u8 as f32.
-fn pixels(png: &[u8]) -> Tensor {
-    let img = image::load_from_memory(png).unwrap().to_rgb8();
-    let (w, h) = img.dimensions();
-    Tensor::from_vec(img.into_raw(), (h as usize, w as usize, 3), &Device::Cpu)
-        .unwrap()
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-}
-
-fn check(what: &str, ours: &Tensor, want: &Tensor, tol: f32) {
-    let d = max_abs_diff(ours, want);
-    eprintln!("{what:<48} max|diff| = {d:.3e}");
-    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
 }
 
 fn folder() -> String {
@@ -99,15 +49,9 @@ fn folder() -> String {
         .into_owned()
 }
 
-fn uint8_image(r: &Reference, case: &str) -> Tensor {
-    r.get(case, "image_uint8")
-        .to_dtype(candle_core::DType::F32)
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encode_prompt_and_decode_match_the_pipeline_stages() {
-    let r = Reference::load();
+    let r = Reference::load("qwen-image-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let mut c = d.client().await;
     let describe = c
@@ -132,7 +76,7 @@ async fn encode_prompt_and_decode_match_the_pipeline_stages() {
                 .await
                 .unwrap()
                 .into_inner();
-            check(
+            check_within(
                 &format!("{case} {prefix}prompt_embeds (EncodePrompt)"),
                 &decode(&resp.inputs["encoder_hidden_states"]),
                 r.get(case, &format!("{prefix}prompt_embeds")),
@@ -171,10 +115,10 @@ async fn encode_prompt_and_decode_match_the_pipeline_stages() {
             .unwrap()
             .into_inner()
             .png;
-        check(
+        check_within(
             &format!("{case} Decode pixels"),
-            &pixels(&png[0]),
-            &uint8_image(&r, case),
+            &png_pixels(&png[0]),
+            &r.image_uint8(case),
             1.0,
         );
     }
@@ -182,7 +126,7 @@ async fn encode_prompt_and_decode_match_the_pipeline_stages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
-    let r = Reference::load();
+    let r = Reference::load("qwen-image-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let (url, proxy) = RecordingProxy::start(&d).await;
     let ctl = TestController::start(&["--denoiser", &url]).await;
@@ -192,7 +136,7 @@ async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
     // computes every step, through the TeaCache path).
     for (adapter, thresh) in [("none", None), ("tea_cache", Some(1e-9))] {
         for case in r.cases.keys() {
-            let mut req = r.request(case, adapter);
+            let mut req = request(&r, case, adapter);
             req.cache_config = thresh.map(|t| v1::CacheConfig {
                 rel_l1_thresh: Some(t),
                 ..Default::default()
@@ -210,7 +154,7 @@ async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
             let apart = generate_run(&mut unbatched.client().await, req)
                 .await
                 .unwrap();
-            check(
+            check_within(
                 &format!("{case} {adapter} batched vs unbatched branches"),
                 &decode(run.result.latents.as_ref().unwrap()),
                 &decode(apart.result.latents.as_ref().unwrap()),
@@ -223,16 +167,16 @@ async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
                 assert_eq!(ev.branches.len(), 2, "true CFG: two branches");
             }
             assert_eq!(run.result.computed_steps as usize, 2 * steps);
-            check(
+            check_within(
                 &format!("{case} {adapter} final latents (gRPC)"),
                 &decode(run.result.latents.as_ref().unwrap()),
                 r.get(case, "latents_final"),
                 1e-3,
             );
-            check(
+            check_within(
                 &format!("{case} {adapter} PNG pixels (gRPC)"),
-                &pixels(&run.result.image_png),
-                &uint8_image(&r, case),
+                &png_pixels(&run.result.image_png),
+                &r.image_uint8(case),
                 2.0,
             );
         }
@@ -253,7 +197,7 @@ fn transformer() -> QwenImage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_branch_decides_on_its_own_modulated_inputs_as_the_pure_policy() {
-    let r = Reference::load();
+    let r = Reference::load("qwen-image-pipeline-tiny");
     let model = transformer();
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let (url, proxy) = RecordingProxy::start(&d).await;
@@ -270,7 +214,7 @@ async fn each_branch_decides_on_its_own_modulated_inputs_as_the_pure_policy() {
     let mut reused = 0;
     for case in r.cases.keys() {
         proxy.clear();
-        let mut req = r.request(case, "tea_cache");
+        let mut req = request(&r, case, "tea_cache");
         req.cache_config = Some(v1::CacheConfig {
             rel_l1_thresh: Some(thresh),
             ..Default::default()
@@ -338,7 +282,7 @@ async fn each_branch_decides_on_its_own_modulated_inputs_as_the_pure_policy() {
             .map(|s| [s.branches[0].computed, s.branches[1].computed])
             .collect();
         assert_eq!(streamed, decisions, "{case}");
-        check(
+        check_within(
             &format!("{case} TeaCache {thresh} latents vs in-process loop"),
             &decode(run.result.latents.as_ref().unwrap()),
             &want,
@@ -354,11 +298,11 @@ type Edit = fn(&mut v1::GenerateRequest);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_text_mode_requests_are_clear_invalid_arguments() {
-    let r = Reference::load();
+    let r = Reference::load("qwen-image-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let ctl = TestController::start(&["--denoiser", &d.url()]).await;
     let mut c = ctl.client().await;
-    let mut base = r.request("case0", "none");
+    let mut base = request(&r, "case0", "none");
     base.inputs.clear();
     base.num_inference_steps = 2;
     let cases: [(Edit, &[&str]); 7] = [
@@ -419,11 +363,11 @@ async fn bad_text_mode_requests_are_clear_invalid_arguments() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn negative_prompt_presence_and_scale_decide_cfg_as_diffusers() {
-    let r = Reference::load();
+    let r = Reference::load("qwen-image-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let ctl = TestController::start(&["--denoiser", &d.url()]).await;
     let mut c = ctl.client().await;
-    let mut base = r.request("case0", "none");
+    let mut base = request(&r, "case0", "none");
     base.num_inference_steps = 2;
     let branches = |run: &teaserve_tests::GenerateRun| run.steps[0].branches.len();
     // An empty negative prompt turns CFG on.

@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::adapters::flux::{FluxAdapter, load_transformer};
 use crate::adapters::pipeline::{
-    SizeRule, component_config, component_vb, invalid, load_err, loaded_components, missing,
-    scheduler_config, wants,
+    PipelineAdapter, SizeRule, component_config, component_vb, invalid, latent_grid, load_err,
+    loaded_components, missing, scheduler_config, wants,
 };
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, PipelineSource, parse_config};
@@ -23,8 +23,7 @@ use crate::models::flux::Config;
 use crate::models::t5_encoder::{T5Config, T5Encoder};
 use crate::models::text_tokenizers::{ClipTokenizer, T5Tokenizer};
 use crate::registry::{
-    Component, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, PromptInputs, PromptLength,
-    Tensors, TextMode,
+    Component, LoadOptions, ModelAdapter, PromptInputs, PromptLength, Tensors, TextMode,
 };
 
 /// `FluxPipeline.__call__`'s default size: `default_sample_size` 128 x VAE factor 8.
@@ -51,15 +50,21 @@ struct Vae {
     scale_factor: usize,
 }
 
-/// A FLUX pipeline: whichever components this denoiser loaded.
-pub struct FluxPipelineAdapter {
-    transformer: Option<FluxAdapter>,
+/// The FLUX pipeline's text mode: whichever of its text encoders and VAE this denoiser
+/// loaded.
+pub struct FluxTextMode {
     text: Option<TextEncoders>,
     vae: Option<Vae>,
     /// Channels of a packed latent token (the transformer's `in_channels`).
     in_channels: usize,
-    info: ModelInfo,
+    /// Components this denoiser loaded (for the error naming a missing one).
+    components: Vec<Component>,
+    /// Where the encoders' outputs are made.
+    device: candle_core::Device,
 }
+
+/// A FLUX pipeline: whichever components this denoiser loaded.
+pub type FluxPipelineAdapter = PipelineAdapter<FluxAdapter, FluxTextMode>;
 
 /// Loads the components of a FLUX pipeline folder named by `opts.components`.
 pub fn load(
@@ -90,11 +95,15 @@ pub fn load(
     info.max_sequence_length = MAX_SEQUENCE_LENGTH;
     info.components = loaded_components(opts);
     info.scheduler_config_json = scheduler_config(pipeline)?;
-    Ok(Box::new(FluxPipelineAdapter {
+    Ok(Box::new(PipelineAdapter {
         transformer,
-        text,
-        vae,
-        in_channels: config.in_channels,
+        text_mode: FluxTextMode {
+            text,
+            vae,
+            in_channels: config.in_channels,
+            components: info.components.clone(),
+            device: opts.device.clone(),
+        },
         info,
     }))
 }
@@ -145,13 +154,7 @@ fn load_vae(pipeline: &PipelineSource, opts: &LoadOptions) -> Result<Vae, Denois
     })
 }
 
-impl FluxPipelineAdapter {
-    fn transformer(&self, rpc: &str) -> Result<&FluxAdapter, DenoiserError> {
-        self.transformer
-            .as_ref()
-            .ok_or_else(|| missing(&self.info, Component::Transformer, rpc))
-    }
-
+impl FluxTextMode {
     /// Pixels per packed latent token side: 2 x the VAE factor (16 for FLUX).
     fn multiple(&self) -> usize {
         2 * self.vae.as_ref().map_or(8, |v| v.scale_factor)
@@ -226,34 +229,7 @@ impl TextEncoders {
     }
 }
 
-impl ModelAdapter for FluxPipelineAdapter {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn text_mode(&self) -> Option<&dyn TextMode> {
-        Some(self)
-    }
-
-    fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
-        self.transformer("Preprocess")?.preprocess(inputs)
-    }
-
-    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
-        self.transformer("RunBlocks")?.run_blocks(streams, context)
-    }
-
-    fn postprocess(
-        &self,
-        hidden_states: &Tensor,
-        context: &Tensors,
-    ) -> Result<Tensor, DenoiserError> {
-        self.transformer("Postprocess")?
-            .postprocess(hidden_states, context)
-    }
-}
-
-impl TextMode for FluxPipelineAdapter {
+impl TextMode for FluxTextMode {
     fn default_size(&self) -> (usize, usize) {
         (DEFAULT_SIDE, DEFAULT_SIDE)
     }
@@ -268,7 +244,7 @@ impl TextMode for FluxPipelineAdapter {
         let text = self
             .text
             .as_ref()
-            .ok_or_else(|| missing(&self.info, Component::TextEncoders, "EncodePrompt"))?;
+            .ok_or_else(|| missing(&self.components, Component::TextEncoders, "EncodePrompt"))?;
         if prompts.is_empty() {
             return Err(invalid("EncodePrompt needs at least one prompt".into()));
         }
@@ -284,7 +260,7 @@ impl TextMode for FluxPipelineAdapter {
             n => n,
         };
         let (h, w) = self.size(height, width)?;
-        let device = &self.info.device;
+        let device = &self.device;
         let (pooled, states, prompt_lengths) = text.encode(prompts, max_len, device)?;
         let m = self.multiple();
         let (rows, cols) = (h / m, w / m);
@@ -313,26 +289,14 @@ impl TextMode for FluxPipelineAdapter {
         let vae = self
             .vae
             .as_ref()
-            .ok_or_else(|| missing(&self.info, Component::Vae, "Decode"))?;
+            .ok_or_else(|| missing(&self.components, Component::Vae, "Decode"))?;
         let (h, w) = self.size(height, width)?;
-        let m = self.multiple();
-        let (b, n, c) = latents.dims3()?;
-        if n != (h / m) * (w / m) || c != self.in_channels {
-            return Err(invalid(format!(
-                "latents [{b}, {n}, {c}] do not fit a {h} x {w} image: expected [B, {}, {}]",
-                (h / m) * (w / m),
-                self.in_channels
-            )));
-        }
-        let f = vae.scale_factor;
-        let unpacked = autoencoder_kl::unpack_latents(
-            &latents.to_dtype(DType::F32)?,
-            2 * (h / m),
-            2 * (w / m),
-        )?;
+        let (rows, cols) = latent_grid(latents, (h, w), self.multiple(), self.in_channels)?;
+        let unpacked =
+            autoencoder_kl::unpack_latents(&latents.to_dtype(DType::F32)?, 2 * rows, 2 * cols)?;
         let z = autoencoder_kl::latents_to_decoder_input(&unpacked, &vae.config)?;
         let decoded = vae.decoder.decode(&z)?;
-        debug_assert_eq!(decoded.dims4()?.2, 2 * (h / m) * f);
+        debug_assert_eq!(decoded.dims4()?.2, 2 * rows * vae.scale_factor);
         autoencoder_kl::to_rgb8(&decoded)?
             .into_iter()
             .map(|rgb| crate::adapters::png(rgb, h, w))

@@ -2,7 +2,7 @@
 
 pub mod flux;
 pub mod flux_pipeline;
-pub(crate) mod pipeline;
+pub mod pipeline;
 pub mod qwen_image;
 pub mod qwen_image_pipeline;
 pub mod tiny_flux;

@@ -1,10 +1,16 @@
-//! What every whole-pipeline adapter (a diffusers folder with `model_index.json`) shares:
-//! reading a component's config and weights, the checkpoint's scheduler config, the image
-//! size check of text mode, and the error for a component this denoiser did not load.
+//! What every whole-pipeline adapter (a diffusers folder with `model_index.json`) shares: the
+//! adapter itself (the transformer's stages when loaded, plus a model's text mode), reading a
+//! component's config and weights, the checkpoint's scheduler config, the image size and
+//! latent shape checks of text mode, and the error for a component this denoiser did not
+//! load.
 
 use crate::error::DenoiserError;
 use crate::loader::PipelineSource;
-use crate::registry::{Component, LoadOptions, ModelInfo};
+use candle_core::Tensor;
+
+use crate::registry::{
+    Component, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors, TextMode,
+};
 use crate::spec::InputError;
 
 /// A load failure naming what was being loaded.
@@ -63,9 +69,9 @@ pub(crate) fn scheduler_config(pipeline: &PipelineSource) -> Result<String, Deno
     }
 }
 
-/// The error for an RPC that needs a component this denoiser did not load.
-pub(crate) fn missing(info: &ModelInfo, component: Component, rpc: &str) -> DenoiserError {
-    let loaded: Vec<&str> = info.components.iter().map(|c| c.name()).collect();
+/// The error for an RPC that needs a component this denoiser did not load (`loaded`).
+pub(crate) fn missing(loaded: &[Component], component: Component, rpc: &str) -> DenoiserError {
+    let loaded: Vec<&str> = loaded.iter().map(|c| c.name()).collect();
     DenoiserError::Config(format!(
         "{rpc} needs the pipeline's {}, which this denoiser did not load (--components {})",
         component.name(),
@@ -109,5 +115,72 @@ impl SizeRule {
             )));
         }
         Ok((h, w))
+    }
+}
+
+/// The packed latent grid `(rows, cols)` of a `height x width` image, after checking that
+/// `latents` `[B, N, C]` has `N = rows * cols` tokens of `in_channels`.
+pub(crate) fn latent_grid(
+    latents: &Tensor,
+    (h, w): (usize, usize),
+    multiple: usize,
+    in_channels: usize,
+) -> Result<(usize, usize), DenoiserError> {
+    let (rows, cols) = (h / multiple, w / multiple);
+    let (b, n, c) = latents.dims3()?;
+    if n != rows * cols || c != in_channels {
+        return Err(invalid(format!(
+            "latents [{b}, {n}, {c}] do not fit a {h} x {w} image: expected [B, {}, \
+             {in_channels}]",
+            rows * cols
+        )));
+    }
+    Ok((rows, cols))
+}
+
+/// A pipeline served from a diffusers folder: the transformer `T` behind the three-stage split
+/// when this denoiser loaded it, and the text mode `M` (text encoders, VAE) built from the
+/// folder's other components.
+pub struct PipelineAdapter<T, M> {
+    /// The transformer, when `--components` includes it.
+    pub(crate) transformer: Option<T>,
+    /// Prompt encoding and decoding.
+    pub(crate) text_mode: M,
+    /// The transformer's contracts, the components loaded, the scheduler config.
+    pub(crate) info: ModelInfo,
+}
+
+impl<T: ModelAdapter, M> PipelineAdapter<T, M> {
+    fn transformer(&self, rpc: &str) -> Result<&T, DenoiserError> {
+        self.transformer
+            .as_ref()
+            .ok_or_else(|| missing(&self.info.components, Component::Transformer, rpc))
+    }
+}
+
+impl<T: ModelAdapter, M: TextMode + Send> ModelAdapter for PipelineAdapter<T, M> {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn text_mode(&self) -> Option<&dyn TextMode> {
+        Some(&self.text_mode)
+    }
+
+    fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
+        self.transformer("Preprocess")?.preprocess(inputs)
+    }
+
+    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
+        self.transformer("RunBlocks")?.run_blocks(streams, context)
+    }
+
+    fn postprocess(
+        &self,
+        hidden_states: &Tensor,
+        context: &Tensors,
+    ) -> Result<Tensor, DenoiserError> {
+        self.transformer("Postprocess")?
+            .postprocess(hidden_states, context)
     }
 }

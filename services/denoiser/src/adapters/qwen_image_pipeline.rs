@@ -13,8 +13,8 @@
 use candle_core::{DType, Tensor};
 
 use crate::adapters::pipeline::{
-    SizeRule, component_config, component_vb, invalid, load_err, loaded_components, missing,
-    scheduler_config, wants,
+    PipelineAdapter, SizeRule, component_config, component_vb, invalid, latent_grid, load_err,
+    loaded_components, missing, scheduler_config, wants,
 };
 use crate::adapters::qwen_image::{QwenImageAdapter, load_transformer};
 use crate::error::DenoiserError;
@@ -24,8 +24,7 @@ use crate::models::qwen_vae::{self, Decoder};
 use crate::models::qwen2_5_vl_text::{Qwen25VlTextModel, TextConfig};
 use crate::models::text_tokenizers::Qwen2Tokenizer;
 use crate::registry::{
-    Component, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, PromptInputs, PromptLength,
-    Tensors, TextMode,
+    Component, LoadOptions, ModelAdapter, PromptInputs, PromptLength, Tensors, TextMode,
 };
 
 /// `QwenImagePipeline.__call__`'s default size: `default_sample_size` 128 x VAE factor 8.
@@ -62,15 +61,21 @@ struct Vae {
     decoder: Decoder,
 }
 
-/// A Qwen-Image pipeline: whichever components this denoiser loaded.
-pub struct QwenImagePipelineAdapter {
-    transformer: Option<QwenImageAdapter>,
+/// The Qwen-Image pipeline's text mode: whichever of its text encoders and VAE this denoiser
+/// loaded.
+pub struct QwenTextMode {
     text: Option<TextEncoder>,
     vae: Option<Vae>,
     /// Channels of a packed latent token (the transformer's `in_channels`).
     in_channels: usize,
-    info: ModelInfo,
+    /// Components this denoiser loaded (for the error naming a missing one).
+    components: Vec<Component>,
+    /// Where the encoders' outputs are made.
+    device: candle_core::Device,
 }
+
+/// A Qwen-Image pipeline: whichever components this denoiser loaded.
+pub type QwenImagePipelineAdapter = PipelineAdapter<QwenImageAdapter, QwenTextMode>;
 
 /// Loads the components of a Qwen-Image pipeline folder named by `opts.components`.
 pub fn load(
@@ -104,11 +109,15 @@ pub fn load(
     info.max_sequence_length = DEFAULT_MAX_SEQUENCE_LENGTH;
     info.components = loaded_components(opts);
     info.scheduler_config_json = scheduler_config(pipeline)?;
-    Ok(Box::new(QwenImagePipelineAdapter {
+    Ok(Box::new(PipelineAdapter {
         transformer,
-        text,
-        vae,
-        in_channels: config.in_channels,
+        text_mode: QwenTextMode {
+            text,
+            vae,
+            in_channels: config.in_channels,
+            components: info.components.clone(),
+            device: opts.device.clone(),
+        },
         info,
     }))
 }
@@ -256,13 +265,7 @@ impl TextEncoder {
     }
 }
 
-impl QwenImagePipelineAdapter {
-    fn transformer(&self, rpc: &str) -> Result<&QwenImageAdapter, DenoiserError> {
-        self.transformer
-            .as_ref()
-            .ok_or_else(|| missing(&self.info, Component::Transformer, rpc))
-    }
-
+impl QwenTextMode {
     /// Pixels per packed latent token side: 2 x the VAE factor (16 for Qwen-Image).
     fn multiple(&self) -> usize {
         2 * self.vae.as_ref().map_or(8, |v| v.config.scale_factor())
@@ -280,34 +283,7 @@ impl QwenImagePipelineAdapter {
     }
 }
 
-impl ModelAdapter for QwenImagePipelineAdapter {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn text_mode(&self) -> Option<&dyn TextMode> {
-        Some(self)
-    }
-
-    fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
-        self.transformer("Preprocess")?.preprocess(inputs)
-    }
-
-    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
-        self.transformer("RunBlocks")?.run_blocks(streams, context)
-    }
-
-    fn postprocess(
-        &self,
-        hidden_states: &Tensor,
-        context: &Tensors,
-    ) -> Result<Tensor, DenoiserError> {
-        self.transformer("Postprocess")?
-            .postprocess(hidden_states, context)
-    }
-}
-
-impl TextMode for QwenImagePipelineAdapter {
+impl TextMode for QwenTextMode {
     fn default_size(&self) -> (usize, usize) {
         (DEFAULT_SIDE, DEFAULT_SIDE)
     }
@@ -322,7 +298,7 @@ impl TextMode for QwenImagePipelineAdapter {
         let text = self
             .text
             .as_ref()
-            .ok_or_else(|| missing(&self.info, Component::TextEncoders, "EncodePrompt"))?;
+            .ok_or_else(|| missing(&self.components, Component::TextEncoders, "EncodePrompt"))?;
         if prompts.is_empty() {
             return Err(invalid("EncodePrompt needs at least one prompt".into()));
         }
@@ -337,7 +313,7 @@ impl TextMode for QwenImagePipelineAdapter {
             ("encoder_hidden_states".to_string(), embeds),
             (
                 "img_shapes".to_string(),
-                Tensor::from_vec(shapes, (b, 3), &self.info.device)?,
+                Tensor::from_vec(shapes, (b, 3), &self.device)?,
             ),
         ]);
         if let Some(mask) = mask {
@@ -362,19 +338,11 @@ impl TextMode for QwenImagePipelineAdapter {
         let vae = self
             .vae
             .as_ref()
-            .ok_or_else(|| missing(&self.info, Component::Vae, "Decode"))?;
+            .ok_or_else(|| missing(&self.components, Component::Vae, "Decode"))?;
         let (h, w) = self.size(height, width)?;
-        let m = self.multiple();
-        let (b, n, c) = latents.dims3()?;
-        if n != (h / m) * (w / m) || c != self.in_channels {
-            return Err(invalid(format!(
-                "latents [{b}, {n}, {c}] do not fit a {h} x {w} image: expected [B, {}, {}]",
-                (h / m) * (w / m),
-                self.in_channels
-            )));
-        }
+        let (rows, cols) = latent_grid(latents, (h, w), self.multiple(), self.in_channels)?;
         let unpacked =
-            qwen_vae::unpack_latents(&latents.to_dtype(DType::F32)?, 2 * (h / m), 2 * (w / m))?;
+            qwen_vae::unpack_latents(&latents.to_dtype(DType::F32)?, 2 * rows, 2 * cols)?;
         let z = qwen_vae::latents_to_decoder_input(&unpacked, &vae.config)?;
         let decoded = vae.decoder.decode(&z)?;
         qwen_vae::to_rgb8(&decoded)?
