@@ -7,6 +7,7 @@ pub mod codec;
 pub mod quote;
 pub mod security;
 pub mod serving;
+pub mod signals;
 
 /// Generated protobuf messages and tonic services of package `teaserve.v1`.
 #[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)]

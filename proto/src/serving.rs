@@ -138,6 +138,18 @@ pub fn is_queue_full(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unavailable
         && status.metadata().get(QUEUE_FULL_METADATA).is_some()
 }
+
+/// Metadata key on a FAILED_PRECONDITION status of `ResidentStep` that means "the resident
+/// tensors this step needs are not here (another replica, eviction, restart)": the controller
+/// resends the step with `rebuild`, and never shows this status to its clients.
+pub const RESIDENT_MISS_METADATA: &str = "teaserve-resident-miss";
+
+/// Whether `status` is a resident miss (see [`RESIDENT_MISS_METADATA`]).
+pub fn is_resident_miss(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status.metadata().get(RESIDENT_MISS_METADATA).is_some()
+}
+
 /// `grpc.reflection.v1`, what current grpcurl and most clients ask.
 pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 /// `grpc.reflection.v1alpha`, all that grpcurl 1.8, Python's grpcio-reflection and several GUI

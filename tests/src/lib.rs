@@ -547,6 +547,10 @@ pub struct Recorded {
     pub postprocess: usize,
     /// RunBlocks calls refused as a full queue (see [`RecordingProxy::queue_full_run_blocks`]).
     pub queue_full_refusals: usize,
+    /// ResidentStep calls (resident mode), rebuilds included.
+    pub resident_steps: usize,
+    /// ResidentStep calls sent with `rebuild` (after a resident miss).
+    pub resident_rebuilds: usize,
     /// Every Preprocess call in arrival order: its timestep, its `encoder_hidden_states`
     /// (which tells CFG branches apart) and the modulated input it returned.
     pub modulated: Vec<(f32, v1::Tensor, Tensor)>,
@@ -560,11 +564,11 @@ pub struct RecordingProxy {
     upstream: DenoiserClient<Channel>,
     /// What was seen so far.
     pub log: Arc<Mutex<Recorded>>,
-    /// The next this-many RunBlocks calls fail with UNAVAILABLE (a lost connection, as the
-    /// caller sees it) without reaching the denoiser.
+    /// The next this-many compute calls (RunBlocks, ResidentStep) fail with UNAVAILABLE (a
+    /// lost connection, as the caller sees it) without reaching the denoiser.
     pub fail_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
-    /// The next this-many RunBlocks calls are refused exactly as a denoiser whose compute
-    /// queue is full refuses them (the status its own error mapping makes).
+    /// The next this-many compute calls (RunBlocks, ResidentStep) are refused exactly as a
+    /// denoiser whose compute queue is full refuses them (its own error mapping's status).
     pub queue_full_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -593,6 +597,27 @@ impl RecordingProxy {
     /// Forgets what was recorded.
     pub fn clear(&self) {
         *self.log.lock().unwrap() = Recorded::default();
+    }
+
+    /// The fault injected into the next compute call (RunBlocks or ResidentStep), if any.
+    fn injected_fault(&self) -> Result<(), Status> {
+        use std::sync::atomic::Ordering;
+        let take = |n: &std::sync::atomic::AtomicUsize| {
+            n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        if take(&self.fail_run_blocks) {
+            return Err(Status::unavailable("injected failure: connection lost"));
+        }
+        if take(&self.queue_full_run_blocks) {
+            self.log.lock().unwrap().queue_full_refusals += 1;
+            return Err(teaserve_denoiser::DenoiserError::Busy(
+                "compute queue full (64 requests waiting); retry later or on another replica"
+                    .into(),
+            )
+            .into());
+        }
+        Ok(())
     }
 }
 
@@ -647,26 +672,7 @@ impl Denoiser for RecordingProxy {
         &self,
         req: Request<v1::RunBlocksRequest>,
     ) -> Result<Response<v1::RunBlocksResponse>, Status> {
-        use std::sync::atomic::Ordering;
-        let fail = self
-            .fail_run_blocks
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
-            return Err(Status::unavailable("injected failure: connection lost"));
-        }
-        let full = self
-            .queue_full_run_blocks
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if full {
-            self.log.lock().unwrap().queue_full_refusals += 1;
-            return Err(teaserve_denoiser::DenoiserError::Busy(
-                "compute queue full (64 requests waiting); retry later or on another replica"
-                    .into(),
-            )
-            .into());
-        }
+        self.injected_fault()?;
         self.log.lock().unwrap().run_blocks += 1;
         self.upstream.clone().run_blocks(req.into_inner()).await
     }
@@ -677,6 +683,30 @@ impl Denoiser for RecordingProxy {
     ) -> Result<Response<v1::PostprocessResponse>, Status> {
         self.log.lock().unwrap().postprocess += 1;
         self.upstream.clone().postprocess(req.into_inner()).await
+    }
+
+    async fn resident_step(
+        &self,
+        req: Request<v1::ResidentStepRequest>,
+    ) -> Result<Response<v1::ResidentStepResponse>, Status> {
+        self.injected_fault()?;
+        let req = req.into_inner();
+        {
+            let mut log = self.log.lock().unwrap();
+            log.resident_steps += 1;
+            log.resident_rebuilds += usize::from(req.rebuild);
+        }
+        self.upstream.clone().resident_step(req).await
+    }
+
+    async fn release_session(
+        &self,
+        req: Request<v1::ReleaseSessionRequest>,
+    ) -> Result<Response<v1::ReleaseSessionResponse>, Status> {
+        self.upstream
+            .clone()
+            .release_session(req.into_inner())
+            .await
     }
 }
 

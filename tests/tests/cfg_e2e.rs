@@ -123,8 +123,17 @@ async fn rig() -> Rig {
     let model = load_qwen(&fx);
     let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
     let (url, proxy) = RecordingProxy::start(&denoiser).await;
-    let batched = TestController::start(&["--denoiser", &url]).await;
-    let unbatched = TestController::start(&["--denoiser", &url, "--batch-cfg", "false"]).await;
+    // The stateless wire mode: these tests look at the stage calls themselves.
+    let batched = TestController::start(&["--denoiser", &url, "--resident-tensors", "false"]).await;
+    let unbatched = TestController::start(&[
+        "--denoiser",
+        &url,
+        "--batch-cfg",
+        "false",
+        "--resident-tensors",
+        "false",
+    ])
+    .await;
     Rig {
         fx,
         model,

@@ -87,7 +87,9 @@ async fn pair(
     let fx = Fixture::load(fixture);
     let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
     let (url, proxy) = RecordingProxy::start(&denoiser).await;
-    let mut flags = vec!["--denoiser", url.as_str()];
+    // The stateless wire mode: these tests look at the stage calls themselves (resident mode
+    // is tests/tests/resident.rs).
+    let mut flags = vec!["--denoiser", url.as_str(), "--resident-tensors", "false"];
     flags.extend_from_slice(controller_flags);
     let controller = TestController::start(&flags).await;
     (fx, denoiser, proxy, controller)

@@ -175,7 +175,7 @@ async fn tea_cache_decides_on_the_modulated_inputs_as_the_pure_policy() {
     let r = Reference::load("flux-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let (url, proxy) = RecordingProxy::start(&d).await;
-    let ctl = TestController::start(&["--denoiser", &url]).await;
+    let ctl = TestController::start(&["--denoiser", &url, "--resident-tensors", "false"]).await;
     let mut c = ctl.client().await;
     let case = "case1";
     let steps = r.u32(case, "num_inference_steps") as usize;

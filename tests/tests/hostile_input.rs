@@ -364,7 +364,17 @@ async fn a_full_queue_on_one_replica_sends_the_call_to_another() {
     let want = generate_run(&mut reference.client().await, text_request(20))
         .await
         .unwrap();
-    let ctl = TestController::start(&["--denoiser", &full_url, "--denoiser", &healthy.url()]).await;
+    // Wire mode: every step's calls are balanced anew (resident mode would stay on the
+    // replica that holds the session once the full one refused).
+    let ctl = TestController::start(&[
+        "--denoiser",
+        &full_url,
+        "--denoiser",
+        &healthy.url(),
+        "--resident-tensors",
+        "false",
+    ])
+    .await;
     let run = generate_run(&mut ctl.client().await, text_request(20))
         .await
         .unwrap();

@@ -129,8 +129,18 @@ async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
     let r = Reference::load("qwen-image-pipeline-tiny");
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let (url, proxy) = RecordingProxy::start(&d).await;
-    let ctl = TestController::start(&["--denoiser", &url]).await;
-    let unbatched = TestController::start(&["--denoiser", &url, "--batch-cfg", "false"]).await;
+    // The wire mode (padded branch batching is what is checked); resident mode is checked in
+    // tests/tests/resident.rs.
+    let ctl = TestController::start(&["--denoiser", &url, "--resident-tensors", "false"]).await;
+    let unbatched = TestController::start(&[
+        "--denoiser",
+        &url,
+        "--batch-cfg",
+        "false",
+        "--resident-tensors",
+        "false",
+    ])
+    .await;
     let mut c = ctl.client().await;
     // TeaCache off, and on at a threshold below every step's accumulated distance (so it
     // computes every step, through the TeaCache path).
@@ -201,7 +211,7 @@ async fn each_branch_decides_on_its_own_modulated_inputs_as_the_pure_policy() {
     let model = transformer();
     let d = TestDenoiser::start(&["--model", &folder()]).await;
     let (url, proxy) = RecordingProxy::start(&d).await;
-    let ctl = TestController::start(&["--denoiser", &url]).await;
+    let ctl = TestController::start(&["--denoiser", &url, "--resident-tensors", "false"]).await;
     let mut c = ctl.client().await;
     let thresh = 0.4;
     let p = TeaCacheParams {

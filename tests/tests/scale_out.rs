@@ -221,9 +221,12 @@ async fn a_failed_call_is_retried_on_another_replica() {
         ),
         0.0
     );
-    let served = ok.log.lock().unwrap().run_blocks;
+    let served = {
+        let log = ok.log.lock().unwrap();
+        log.run_blocks + log.resident_steps
+    };
     eprintln!(
-        "RunBlocks served by the healthy proxy: {served}; failed at the bad one: {}",
+        "compute calls served by the healthy proxy: {served}; failed at the bad one: {}",
         usize::MAX / 2
             - bad
                 .fail_run_blocks
@@ -240,5 +243,6 @@ async fn a_failed_call_is_retried_on_another_replica() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("RunBlocks"), "{}", err.message());
+    // The compute call: ResidentStep in resident mode (the default), RunBlocks in wire mode.
+    assert!(err.message().contains("ResidentStep"), "{}", err.message());
 }

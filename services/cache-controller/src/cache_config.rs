@@ -148,6 +148,9 @@ pub struct CacheDefaults {
     pub model_class_name: Option<String>,
     /// Stack CFG branches into one RunBlocks call when both compute (`--batch-cfg`).
     pub batch_cfg_branches: bool,
+    /// Keep sessions' large tensors on the denoisers (`--resident-tensors`); off: every call
+    /// carries everything (the stateless wire mode).
+    pub resident_tensors: bool,
 }
 
 impl CacheDefaults {
@@ -176,6 +179,7 @@ impl CacheDefaults {
             cache_config,
             model_class_name: stage.and_then(|s| s.model_class_name.clone()),
             batch_cfg_branches: true,
+            resident_tensors: true,
         })
     }
 }

@@ -41,6 +41,14 @@ pub struct Args {
     /// Stack both CFG branches into one RunBlocks call when both compute and shapes allow.
     #[arg(long, env = "TEASERVE_BATCH_CFG", default_value_t = true, action = clap::ArgAction::Set)]
     pub batch_cfg: bool,
+    /// Resident mode: each session's large tensors (conditioning, streams, the previous
+    /// modulated input, residuals) stay on the denoiser that computed them; per step only the
+    /// latents, the policy's signals and the predictions travel (one call per step with
+    /// caching off, two with caching on), and a replica that lacks them is asked to rebuild
+    /// them from inputs this controller keeps. `false`: the stateless wire mode, every call
+    /// carries everything and denoisers keep nothing between calls.
+    #[arg(long, env = "TEASERVE_RESIDENT_TENSORS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub resident_tensors: bool,
     /// Seconds one denoiser call may take before it is abandoned and retried elsewhere.
     #[arg(long, env = "TEASERVE_DENOISER_TIMEOUT_SECS", default_value_t = 120.0)]
     pub denoiser_timeout_secs: f64,
@@ -106,6 +114,7 @@ impl Args {
         let mut defaults =
             CacheDefaults::merge(stage.as_ref(), json.as_ref(), self.cache_adapter.as_deref())?;
         defaults.batch_cfg_branches = self.batch_cfg;
+        defaults.resident_tensors = self.resident_tensors;
         for url in &self.denoisers {
             let ok = url.starts_with("dns:")
                 || ((url.starts_with("http://") || url.starts_with("https://"))

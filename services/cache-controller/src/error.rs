@@ -37,6 +37,15 @@ pub enum ControllerError {
         /// Its message.
         message: String,
     },
+    /// A denoiser lacked a session's resident tensors; the orchestrator rebuilds them and
+    /// never lets this reach a client (INTERNAL if it ever did).
+    #[error("denoiser {endpoint} lacked resident tensors: {message}")]
+    ResidentMiss {
+        /// Which denoiser.
+        endpoint: String,
+        /// What it lacked.
+        message: String,
+    },
     /// A bug or an unexpected failure inside the controller (INTERNAL).
     #[error("{0}")]
     Internal(String),
@@ -83,7 +92,7 @@ impl From<ControllerError> for Status {
                     Status::internal(msg)
                 }
             },
-            ControllerError::Internal(_) => {
+            ControllerError::Internal(_) | ControllerError::ResidentMiss { .. } => {
                 tracing::error!(error = %msg, "internal error");
                 Status::internal(msg)
             }

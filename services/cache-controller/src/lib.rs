@@ -11,6 +11,7 @@ pub mod models;
 pub mod orchestrator;
 pub mod policy;
 pub mod pool;
+mod resident;
 pub mod schedule;
 pub mod server;
 pub mod session;

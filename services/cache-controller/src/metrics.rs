@@ -24,10 +24,18 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// Labels of the step-path counter.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    /// `wire`, `resident` (every kept tensor found) or `rebuild` (a miss, then a rebuild).
+    pub path: &'static str,
+}
+
 /// Counters and gauges of the controller.
 #[derive(Clone, Default)]
 pub struct ControllerMetrics {
     steps: Family<StepLabels, Counter>,
+    paths: Family<PathLabels, Counter>,
     active_sessions: Gauge,
     session_memory: Gauge,
     tensor_bytes: Family<DirectionLabels, Counter>,
@@ -41,6 +49,12 @@ impl ControllerMetrics {
             "controller_steps",
             "branch steps by model type, CFG branch and decision (computed: RunBlocks ran; reused: cached residual)",
             m.steps.clone(),
+        );
+        registry.register(
+            "controller_step_paths",
+            "steps by how their tensors travelled: wire (stateless), resident (kept on the \
+             denoiser, found), rebuild (a denoiser lacked them and recomputed them)",
+            m.paths.clone(),
         );
         registry.register(
             "controller_active_sessions",
@@ -69,6 +83,11 @@ impl ControllerMetrics {
                 decision: if computed { "computed" } else { "reused" },
             })
             .inc();
+    }
+
+    /// Counts one step's path (`wire`, `resident`, `rebuild`).
+    pub fn path(&self, path: &'static str) {
+        self.paths.get_or_create(&PathLabels { path }).inc();
     }
 
     /// Counts tensor traffic with the denoisers.

@@ -29,6 +29,8 @@ pub struct CallCounts {
     pub run_blocks: u32,
     /// Postprocess calls.
     pub postprocess: u32,
+    /// ResidentStep calls (resident mode), rebuilds included.
+    pub resident_steps: u32,
 }
 
 /// One RunBlocks request for several branches stacked along the batch dimension, with each
@@ -92,7 +94,7 @@ fn missing(what: &str, method: &str) -> ControllerError {
 }
 
 /// The decision a branch reports when caching is off.
-fn always_compute() -> Decision {
+pub(crate) fn always_compute() -> Decision {
     Decision {
         compute: true,
         forced: None,
@@ -118,6 +120,10 @@ pub async fn run_step(
         step = session.step as i64,
         sigma = session.sigmas.get(session.step).copied().unwrap_or(f64::NAN),
         session_id = %session.id,
+        // How the tensors travelled: wire, resident, or rebuild (a miss, then recomputed).
+        path = tracing::field::Empty,
+        // Tensor payload bytes to and from denoisers in this step.
+        bytes = tracing::field::Empty,
     );
     let result = step_once(session, pool, metrics, counts)
         .instrument(span)
@@ -133,7 +139,7 @@ pub async fn run_step(
 /// A client span for one denoiser call, named `Denoiser/<method>`; the call's `traceparent`
 /// points at it, so the denoiser's server span is its child.
 /// Records one branch's decision as a `teacache.decide` span under the current step.
-fn decide_span(branch: Branch, d: &Decision, threshold: f64) {
+pub(crate) fn decide_span(branch: Branch, d: &Decision, threshold: f64) {
     let span = tracing::info_span!(
         "teacache.decide",
         branch = branch_name(branch),
@@ -197,14 +203,92 @@ async fn step_once(
         DType::F32,
     )?;
 
-    // 1. Preprocess every branch concurrently (each call balanced and retried by the pool).
+    let model_type = session.model_type.clone();
+    let describe = pool.describe_for(&model_type).await?;
+    let at = StepAt {
+        i,
+        n,
+        latents: latents_wire,
+        timestep,
+    };
+    let (decisions, preds) = if crate::resident::applies(session, &describe) {
+        crate::resident::step(session, pool, metrics, counts, &at).await?
+    } else {
+        wire_step(session, pool, metrics, counts, &describe, &at).await?
+    };
+    finish_step(
+        session,
+        metrics,
+        &decisions,
+        preds,
+        (sigma, sigma_next),
+        i,
+        started,
+    )
+}
+
+/// Tensor bytes moved with the denoisers in one step, also counted in the metrics.
+pub(crate) struct Traffic<'a> {
+    metrics: &'a ControllerMetrics,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> Traffic<'a> {
+    /// Counts into `metrics`.
+    pub fn new(metrics: &'a ControllerMetrics) -> Self {
+        Self {
+            metrics,
+            bytes: Default::default(),
+        }
+    }
+
+    /// `bytes` moved `to_denoiser` or `from_denoiser`.
+    pub fn add(&self, direction: &'static str, bytes: u64) {
+        self.metrics.tensors(direction, bytes);
+        self.bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bytes moved so far.
+    pub fn total(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Where a step stands: its index of `n`, its sigma, and the latents and timestep as they
+/// travel.
+pub(crate) struct StepAt {
+    /// Step index.
+    pub i: usize,
+    /// Number of steps.
+    pub n: usize,
+    /// The latents in the session's wire dtype.
+    pub latents: v1::Tensor,
+    /// The transformer's timestep for every sample (F32).
+    pub timestep: v1::Tensor,
+}
+
+/// The stateless wire path: Preprocess, decide on the returned indicator, RunBlocks or the
+/// controller's cached residual, Postprocess; returns each branch's decision and prediction.
+async fn wire_step(
+    session: &mut Session,
+    pool: &DenoiserPool,
+    metrics: &ControllerMetrics,
+    counts: &mut CallCounts,
+    describe: &v1::DescribeResponse,
+    at: &StepAt,
+) -> Result<(Vec<Decision>, Vec<Tensor>), ControllerError> {
+    let (i, n, wire) = (at.i, at.n, session.wire_dtype);
+    let (latents_wire, timestep) = (&at.latents, &at.timestep);
     let model_type = session.model_type.as_str();
-    let describe = pool.describe_for(model_type).await?;
+    let traffic = Traffic::new(metrics);
+    let traffic = &traffic;
+    // 1. Preprocess every branch concurrently (each call balanced and retried by the pool).
     let pre = futures::future::try_join_all(session.branches.iter().map(|b| {
         let mut inputs = b.inputs.clone();
         inputs.insert("hidden_states".into(), latents_wire.clone());
         inputs.insert("timestep".into(), timestep.clone());
-        metrics.tensors("to_denoiser", map_bytes(&inputs));
+        traffic.add("to_denoiser", map_bytes(&inputs));
         let req = v1::PreprocessRequest {
             inputs,
             wire_dtype: wire as i32,
@@ -228,7 +312,7 @@ async fn step_once(
             .modulated_input
             .as_ref()
             .map_or(0, |t| t.data.len() as u64);
-        metrics.tensors(
+        traffic.add(
             "from_denoiser",
             map_bytes(&p.streams) + map_bytes(&p.context) + indicator,
         );
@@ -301,7 +385,7 @@ async fn step_once(
         .collect();
     let mut blocks_out: Vec<Option<TensorMap>> = vec![None; pre.len()];
     let batched = match (session.batch_branches, computing.as_slice()) {
-        (true, [_, _, ..]) => batch_request(&pre, &computing, &describe, wire),
+        (true, [_, _, ..]) => batch_request(&pre, &computing, describe, wire),
         _ => None,
     };
     let names_of = |ks: &[usize]| -> String {
@@ -311,7 +395,7 @@ async fn step_once(
             .join(",")
     };
     let run_blocks = |req: v1::RunBlocksRequest, branches: String| async move {
-        metrics.tensors(
+        traffic.add(
             "to_denoiser",
             map_bytes(&req.streams) + map_bytes(&req.context),
         );
@@ -326,7 +410,7 @@ async fn step_once(
             .await?
             .response
             .streams;
-        metrics.tensors("from_denoiser", map_bytes(&out));
+        traffic.add("from_denoiser", map_bytes(&out));
         Ok::<_, ControllerError>(out)
     };
     if let Some((req, sizes)) = batched {
@@ -365,6 +449,7 @@ async fn step_once(
     }
     let samples = futures::future::try_join_all(pre.iter().zip(hidden).zip(&session.branches).map(
         |((p, h), b)| {
+            traffic.add("to_denoiser", h.as_ref().map_or(0, |t| t.data.len() as u64));
             let req = v1::PostprocessRequest {
                 hidden_states: h,
                 context: p.context.clone(),
@@ -388,17 +473,15 @@ async fn step_once(
     .await?;
     counts.postprocess += samples.len() as u32;
     for (p, sample) in pre.iter().zip(&samples) {
-        metrics.tensors("to_denoiser", map_bytes(&p.context));
-        metrics.tensors("from_denoiser", sample.data.len() as u64);
+        traffic.add("to_denoiser", map_bytes(&p.context));
+        traffic.add("from_denoiser", sample.data.len() as u64);
     }
 
     // 4. Keep residuals of computed branches; combine predictions; Euler step.
     let mut preds = Vec::with_capacity(samples.len());
-    let mut branch_events = Vec::with_capacity(samples.len());
-    for ((((b, d), streams), out), sample) in session
+    for (((b, streams), out), sample) in session
         .branches
         .iter_mut()
-        .zip(&decisions)
         .zip(streams_in)
         .zip(&blocks_out)
         .zip(samples)
@@ -407,14 +490,6 @@ async fn step_once(
             b.state.store_residuals(&streams, &decode_streams(out)?)?;
         }
         preds.push(decode_f32(&sample, "sample")?);
-        branch_events.push(v1::BranchDecision {
-            branch: b.branch as i32,
-            computed: d.compute,
-            forced: d.forced.is_some(),
-            rel_l1: d.rel_l1,
-            rescaled: d.rescaled,
-            accumulated: d.accumulated,
-        });
     }
     if session.calibration.is_some() {
         let values = |t: &Tensor| -> Result<Vec<f32>, ControllerError> {
@@ -449,6 +524,37 @@ async fn step_once(
             trace.record(i as u32, record.0, record.1, record.2);
         }
     }
+    let span = tracing::Span::current();
+    span.record("path", "wire");
+    span.record("bytes", traffic.total() as i64);
+    metrics.path("wire");
+    Ok((decisions, preds))
+}
+
+/// Combines the branches' predictions (true CFG), moves the latents one Euler step, counts
+/// the decisions, and returns the step's event.
+fn finish_step(
+    session: &mut Session,
+    metrics: &ControllerMetrics,
+    decisions: &[Decision],
+    preds: Vec<Tensor>,
+    (sigma, sigma_next): (f64, f64),
+    i: usize,
+    started: Instant,
+) -> Result<v1::StepEvent, ControllerError> {
+    let branch_events = session
+        .branches
+        .iter()
+        .zip(decisions)
+        .map(|(b, d)| v1::BranchDecision {
+            branch: b.branch as i32,
+            computed: d.compute,
+            forced: d.forced.is_some(),
+            rel_l1: d.rel_l1,
+            rescaled: d.rescaled,
+            accumulated: d.accumulated,
+        })
+        .collect();
     let pred = combine(session, preds)?;
     if pred.dims() != session.latents.dims() {
         return Err(ControllerError::InvalidArgument(format!(
@@ -461,7 +567,7 @@ async fn step_once(
     session.latents = (&session.latents + (pred * (sigma_next - sigma))?)?;
     session.step += 1;
     // Counted only now: a failed step leaves the counts as they were.
-    for (b, d) in session.branches.iter_mut().zip(&decisions) {
+    for (b, d) in session.branches.iter_mut().zip(decisions) {
         if d.compute {
             b.computed += 1;
         } else {

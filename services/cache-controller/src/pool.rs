@@ -608,6 +608,27 @@ impl DenoiserPool {
         F: Fn(Client, Req) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
+        self.call_prefer(model_type, method, branches, None, req, f)
+            .await
+    }
+
+    /// [`DenoiserPool::call`] with affinity: the first attempt goes to `prefer` (the replica
+    /// holding a session's resident tensors) while it is usable; otherwise, and on retries,
+    /// any replica. A resident miss comes back as [`ControllerError::ResidentMiss`].
+    pub async fn call_prefer<Req, Resp, F, Fut>(
+        &self,
+        model_type: &str,
+        method: &'static str,
+        branches: &str,
+        prefer: Option<&str>,
+        req: Req,
+        f: F,
+    ) -> Result<Called<Resp>, ControllerError>
+    where
+        Req: Clone,
+        F: Fn(Client, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
         let opts = &self.inner.opts;
         let mut tried: Vec<String> = Vec::new();
         let mut failures: Vec<String> = Vec::new();
@@ -616,7 +637,12 @@ impl DenoiserPool {
         let mut full: Vec<String> = Vec::new();
         let mut refreshed = false;
         for attempt in 0..opts.max_attempts.max(1) {
-            let mut member = self.pick(model_type, method, &tried);
+            let preferred = prefer.filter(|_| attempt == 0).and_then(|url| {
+                self.members()
+                    .into_iter()
+                    .find(|m| m.url == url && m.usable())
+            });
+            let mut member = preferred.or_else(|| self.pick(model_type, method, &tried));
             if member.is_none() && !refreshed {
                 refreshed = true;
                 self.refresh_for_call().await;
@@ -664,6 +690,12 @@ impl DenoiserPool {
                 )),
             };
             span.record("otel.status_code", "ERROR");
+            if teaserve_proto::serving::is_resident_miss(&status) {
+                return Err(ControllerError::ResidentMiss {
+                    endpoint: member.url.clone(),
+                    message: status.message().to_string(),
+                });
+            }
             if !retryable(&status) {
                 return Err(ControllerError::Denoiser {
                     endpoint: member.url.clone(),

@@ -73,6 +73,24 @@ pub struct Session {
     pub decode_size: Option<(u32, u32)>,
     /// Calibration: per-step rel-L1 samples of the POSITIVE branch (caching must be off).
     pub calibration: Option<crate::calibration::Trace>,
+    /// Resident mode (`--resident-tensors`), where the denoisers serving it support it.
+    pub resident: Resident,
+}
+
+/// What a session in resident mode keeps to find and rebuild its tensors on the denoisers.
+#[derive(Debug, Default, Clone)]
+pub struct Resident {
+    /// Use resident mode for this session.
+    pub on: bool,
+    /// Bumped by every reset: tensors a denoiser kept for an older one are stale.
+    pub generation: u64,
+    /// The replica that holds the session's tensors (affinity).
+    pub endpoint: Option<String>,
+    /// The replica that was sent the branches' conditioning in this generation.
+    pub conditioned: Option<String>,
+    /// The latents (wire) of earlier steps that a kept tensor came from: the previous step's
+    /// and each branch's residual step, to rebuild them on a miss.
+    pub history: std::collections::BTreeMap<usize, v1::Tensor>,
 }
 
 fn invalid(msg: impl Into<String>) -> ControllerError {
@@ -347,6 +365,10 @@ impl Session {
             created: Instant::now(),
             decode_size: None,
             calibration: None,
+            resident: Resident {
+                on: defaults.resident_tensors,
+                ..Resident::default()
+            },
         })
     }
 
@@ -379,7 +401,10 @@ impl Session {
         if restart {
             self.step = 0;
             self.latents = self.initial_latents.clone();
+            self.resident.history.clear();
         }
+        self.resident.generation += 1;
+        self.resident.conditioned = None;
     }
 
     /// Bytes held: latents (current and initial), branch inputs and cache state.

@@ -5,151 +5,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
 use teaserve_proto::v1::{self, DType, generate_event};
 use teaserve_telemetry::{LogFormat, OtelConfig};
 use teaserve_tests::{Fixture, TestDenoiser};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_stream::StreamExt as _;
 
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0.lock().unwrap().push(req.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// One received span, flattened.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    name: String,
-    trace_id: String,
-    id: Vec<u8>,
-    parent: Vec<u8>,
-    attrs: HashMap<String, Value>,
-}
-
-impl Span {
-    fn str(&self, k: &str) -> Option<&str> {
-        match self.attrs.get(k)? {
-            Value::StringValue(s) => Some(s),
-            _ => None,
-        }
-    }
-    fn f64(&self, k: &str) -> Option<f64> {
-        match self.attrs.get(k)? {
-            Value::DoubleValue(v) => Some(*v),
-            Value::IntValue(v) => Some(*v as f64),
-            _ => None,
-        }
-    }
-    fn bool(&self, k: &str) -> Option<bool> {
-        match self.attrs.get(k)? {
-            Value::BoolValue(v) => Some(*v),
-            _ => None,
-        }
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn spans(c: &Collector) -> Vec<Span> {
-    let mut out = Vec::new();
-    for req in c.0.lock().unwrap().iter() {
-        for rs in &req.resource_spans {
-            let service = rs
-                .resource
-                .as_ref()
-                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
-                .and_then(|kv| kv.value.as_ref()?.value.clone())
-                .map(|v| match v {
-                    Value::StringValue(s) => s,
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for ss in &rs.scope_spans {
-                for s in &ss.spans {
-                    out.push(Span {
-                        service: service.clone(),
-                        name: s.name.clone(),
-                        trace_id: hex(&s.trace_id),
-                        id: s.span_id.clone(),
-                        parent: s.parent_span_id.clone(),
-                        attrs: s
-                            .attributes
-                            .iter()
-                            .filter_map(|kv| {
-                                Some((kv.key.clone(), kv.value.as_ref()?.value.clone()?))
-                            })
-                            .collect(),
-                    });
-                }
-            }
-        }
-    }
-    out
-}
-
-async fn http_get(addr: &str, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// Sums the samples of a counter whose labels contain every `label="value"` given.
-fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+mod common;
+use common::{Span, counter, http_get, spans, start_collector, start_controller};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     // The collector.
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let otlp = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (collector, otlp) = start_collector().await;
 
     // This process plays the denoiser, exporting through the same telemetry code.
     let telemetry = teaserve_telemetry::init(
@@ -163,36 +34,13 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     let fx = Fixture::load("flux-tiny");
     let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
 
-    // The real controller binary.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cache-controller"))
-        .args(["--listen", "127.0.0.1:0", "--denoiser", &denoiser.url()])
-        .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
-        .args(["--shutdown-grace-secs", "1"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp)
-        .env("OTEL_SERVICE_NAME", "cache-controller")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut grpc, mut metrics) = (None, None);
-    while grpc.is_none() || metrics.is_none() {
-        let line = lines.next().expect("controller exited early").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        let addr = v["fields"]["addr"].as_str().map(|a| {
-            a.trim_start_matches("Some(")
-                .trim_end_matches(')')
-                .to_string()
-        });
-        match v["fields"]["message"].as_str() {
-            Some("cache-controller listening") => grpc = addr,
-            Some("metrics listening on /metrics") => metrics = addr,
-            _ => {}
-        }
-    }
-    let (grpc, metrics) = (grpc.unwrap(), metrics.unwrap());
-    std::thread::spawn(move || for _ in lines {});
+    // The real controller binary, in the stateless wire mode (the stage calls are what this
+    // test follows; tracing_resident.rs follows resident mode).
+    let (mut child, grpc, metrics) = start_controller(
+        &denoiser.url(),
+        &otlp,
+        &["--resident-tensors", "false"],
+    );
 
     // A CFG generation with TeaCache, continuing the client's own trace.
     let mut inputs = fx.wire_inputs("", DType::F32);
@@ -418,6 +266,8 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     let step_of = |s: &Span| s.f64("step").unwrap() as u32;
     for s in &step_spans {
         assert!(ancestor(s, &|p| p.name == "generate").is_some());
+        assert_eq!(s.str("path"), Some("wire"));
+        assert!(s.f64("bytes").unwrap_or(0.0) > 0.0, "no bytes on the step span");
     }
 
     // One teacache.decide per branch per step, whose numbers equal the StepEvents.

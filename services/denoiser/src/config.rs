@@ -74,6 +74,14 @@ pub struct Args {
     /// Calls that may wait for the compute thread; more get RESOURCE_EXHAUSTED.
     #[arg(long, env = "TEASERVE_QUEUE_DEPTH", default_value_t = 64)]
     pub queue_depth: usize,
+    /// Bytes of resident tensors (ResidentStep: conditioning, streams, indicators, residuals
+    /// kept per session branch) this denoiser keeps; least recently used sessions are evicted
+    /// past it (and rebuilt by the controller when used again). 0 turns resident mode off.
+    #[arg(long, env = "TEASERVE_RESIDENT_BYTES", default_value_t = 4 << 30)]
+    pub resident_bytes: u64,
+    /// Seconds a session's resident tensors survive without a call.
+    #[arg(long, env = "TEASERVE_RESIDENT_TTL_SECS", default_value_t = 600.0)]
+    pub resident_ttl_secs: f64,
     /// Stack concurrent RunBlocks requests of different sessions into one batch when their
     /// shapes allow (results are split back; outputs equal unbatched ones).
     #[arg(long, env = "TEASERVE_CROSS_SESSION_BATCHING", default_value_t = true, action = clap::ArgAction::Set)]
@@ -197,6 +205,8 @@ impl Args {
                 max_tokens: self.max_tokens,
             },
             queue_depth: self.queue_depth,
+            resident_bytes: self.resident_bytes,
+            resident_ttl: std::time::Duration::from_secs_f64(self.resident_ttl_secs.max(0.0)),
             batch_window: self
                 .cross_session_batching
                 .then(|| std::time::Duration::from_secs_f64(self.batch_window_ms / 1e3)),

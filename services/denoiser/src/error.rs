@@ -30,6 +30,10 @@ pub enum DenoiserError {
     /// The model is not loaded yet, or the worker is shutting down (UNAVAILABLE).
     #[error("{0}")]
     Unavailable(String),
+    /// A resident step found a kept tensor missing: FAILED_PRECONDITION marked
+    /// `teaserve-resident-miss` (the caller resends the step with what rebuilds it).
+    #[error("resident tensors missing here: {0}; resend the step with rebuild")]
+    ResidentMiss(String),
     /// The compute thread caught a panic; the worker keeps serving (INTERNAL).
     #[error("model computation panicked: {0}")]
     Panic(String),
@@ -57,6 +61,14 @@ impl From<DenoiserError> for Status {
                 Status::with_metadata(tonic::Code::Unavailable, msg, md)
             }
             DenoiserError::Unavailable(_) => Status::unavailable(msg),
+            DenoiserError::ResidentMiss(_) => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                md.insert(
+                    teaserve_proto::serving::RESIDENT_MISS_METADATA,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                Status::with_metadata(tonic::Code::FailedPrecondition, msg, md)
+            }
             DenoiserError::Load(_)
             | DenoiserError::Compute(_)
             | DenoiserError::Encode(_)

@@ -10,6 +10,8 @@ pub mod error;
 pub mod loader;
 pub mod models;
 pub mod registry;
+pub mod resident;
+mod resident_step;
 pub mod server;
 pub mod spec;
 #[cfg(test)]

@@ -32,6 +32,7 @@ use crate::batcher::{BatchLabels, Batcher, batch_rows};
 use crate::engine::Engine;
 use crate::error::DenoiserError;
 use crate::registry::{ModelAdapter, ModelInfo, Tensors, TextMode};
+use crate::resident::ResidentStore;
 use crate::spec::{Bindings, InputError, TensorSpec, check_map, check_tensor};
 
 /// Per-call limits of this worker.
@@ -59,6 +60,37 @@ pub struct DenoiserService {
     tensor_bytes: Family<TensorLabels, Counter>,
     /// Calls in flight; refuses new ones once SIGTERM started the drain.
     drain: Drain,
+    /// Tensors kept between ResidentStep calls.
+    resident: ResidentStore,
+}
+
+/// Registers the resident store's counters and gauge.
+fn register_resident_metrics(metrics: &Metrics, r: &crate::resident::ResidentMetrics) {
+    metrics.register(
+        "denoiser_resident_hits",
+        "ResidentStep calls that found every kept tensor they needed",
+        r.hits.clone(),
+    );
+    metrics.register(
+        "denoiser_resident_misses",
+        "ResidentStep calls answered with a resident miss (the controller rebuilds)",
+        r.misses.clone(),
+    );
+    metrics.register(
+        "denoiser_resident_rebuilds",
+        "kept tensors recomputed from a rebuild request",
+        r.rebuilds.clone(),
+    );
+    metrics.register(
+        "denoiser_resident_evictions",
+        "session branches evicted from the resident store (budget or time to live)",
+        r.evictions.clone(),
+    );
+    metrics.register(
+        "denoiser_resident_bytes",
+        "bytes of tensors kept in the resident store",
+        r.bytes.clone(),
+    );
 }
 
 /// Labels of the tensor byte counter.
@@ -129,6 +161,27 @@ impl Payload for v1::DecodeResponse {
         self.png.iter().map(|p| p.len() as u64).sum()
     }
 }
+impl Payload for v1::ResidentStepRequest {
+    fn payload_bytes(&self) -> u64 {
+        let t = |t: &Option<v1::Tensor>| t.as_ref().map_or(0, |t| t.data.len() as u64);
+        let r = |r: &Option<v1::RebuildInputs>| {
+            r.as_ref()
+                .map_or(0, |r| t(&r.hidden_states) + t(&r.timestep))
+        };
+        t(&self.hidden_states)
+            + t(&self.timestep)
+            + self
+                .branches
+                .iter()
+                .map(|b| map_bytes(&b.conditioning) + r(&b.previous) + r(&b.residual))
+                .sum::<u64>()
+    }
+}
+impl Payload for v1::ResidentStepResponse {
+    fn payload_bytes(&self) -> u64 {
+        self.samples.iter().map(|t| t.data.len() as u64).sum()
+    }
+}
 impl Payload for v1::PostprocessResponse {
     fn payload_bytes(&self) -> u64 {
         self.sample.as_ref().map_or(0, |t| t.data.len() as u64)
@@ -153,7 +206,14 @@ impl DenoiserService {
             model_source: Arc::new(model_source),
             tensor_bytes,
             drain: Drain::default(),
+            resident: ResidentStore::new(0, Duration::from_secs(600)),
         }
+    }
+
+    /// Keeps resident tensors in `store` (its budget 0: resident mode off).
+    pub fn with_resident(mut self, store: ResidentStore) -> Self {
+        self.resident = store;
+        self
     }
 
     fn count(&self, method: &'static str, direction: &'static str, bytes: u64) {
@@ -221,7 +281,7 @@ impl DenoiserService {
 }
 
 /// The wire dtype for results: F32 when unset; only float dtypes are accepted.
-fn output_dtype(value: i32) -> Result<DType, DenoiserError> {
+pub(crate) fn output_dtype(value: i32) -> Result<DType, DenoiserError> {
     match DType::try_from(value) {
         Ok(DType::DtypeUnspecified) => Ok(DType::F32),
         Ok(d) if codec::is_float(d) => Ok(d),
@@ -294,7 +354,12 @@ fn encode_map(map: &Tensors, dtype: DType) -> Result<TensorMap, DenoiserError> {
         .collect()
 }
 
-fn describe(info: &ModelInfo, limits: &Limits, source: &str) -> v1::DescribeResponse {
+fn describe(
+    info: &ModelInfo,
+    limits: &Limits,
+    source: &str,
+    resident_budget_bytes: u64,
+) -> v1::DescribeResponse {
     let stage = |s: &crate::registry::StageSpec| v1::StageSpec {
         inputs: s
             .inputs
@@ -327,6 +392,7 @@ fn describe(info: &ModelInfo, limits: &Limits, source: &str) -> v1::DescribeResp
         scheduler_config_json: info.scheduler_config_json.clone(),
         guidance_embeds: info.guidance_embeds,
         max_sequence_length: u32::try_from(info.max_sequence_length).unwrap_or(u32::MAX),
+        resident_budget_bytes,
     }
 }
 
@@ -339,7 +405,7 @@ pub fn device_name(device: &candle_core::Device) -> String {
     }
 }
 
-fn preprocess(
+pub(crate) fn preprocess(
     model: &dyn ModelAdapter,
     req: v1::PreprocessRequest,
     limits: Limits,
@@ -397,7 +463,7 @@ fn check_run_blocks(
     check_limits(&bindings, limits)
 }
 
-fn run_blocks(
+pub(crate) fn run_blocks(
     model: &dyn ModelAdapter,
     req: v1::RunBlocksRequest,
     limits: Limits,
@@ -496,7 +562,7 @@ pub(crate) fn run_blocks_group(
         .collect()
 }
 
-fn postprocess(
+pub(crate) fn postprocess(
     model: &dyn ModelAdapter,
     req: v1::PostprocessRequest,
     limits: Limits,
@@ -660,6 +726,7 @@ impl Denoiser for DenoiserService {
             engine.info(),
             &self.limits,
             &self.model_source,
+            self.resident.budget(),
         )))
     }
 
@@ -692,6 +759,40 @@ impl Denoiser for DenoiserService {
     ) -> Result<Response<v1::PostprocessResponse>, Status> {
         self.dispatch("postprocess", req, postprocess).await
     }
+
+    async fn resident_step(
+        &self,
+        req: Request<v1::ResidentStepRequest>,
+    ) -> Result<Response<v1::ResidentStepResponse>, Status> {
+        if self.resident.budget() == 0 {
+            return Err(Status::failed_precondition(
+                "resident mode is off on this denoiser (--resident-bytes 0); use the stage RPCs",
+            ));
+        }
+        let _in_flight = self.drain.enter()?;
+        let limits = self.limits;
+        let req = req.into_inner();
+        self.count("resident_step", "in", req.payload_bytes());
+        let store = self.resident.clone();
+        let out = self
+            .engine()?
+            .run("resident_step", move |m| {
+                crate::resident_step::resident_step(m, &store, req, limits)
+            })
+            .await?;
+        self.count("resident_step", "out", out.payload_bytes());
+        Ok(Response::new(out))
+    }
+
+    async fn release_session(
+        &self,
+        req: Request<v1::ReleaseSessionRequest>,
+    ) -> Result<Response<v1::ReleaseSessionResponse>, Status> {
+        let id = req.into_inner().session_id;
+        Ok(Response::new(v1::ReleaseSessionResponse {
+            released_bytes: self.resident.release(&id),
+        }))
+    }
 }
 
 /// Everything [`serve`] needs besides the listener.
@@ -700,6 +801,10 @@ pub struct ServeOptions {
     pub limits: Limits,
     /// Jobs that may wait for the compute thread before calls are refused.
     pub queue_depth: usize,
+    /// Byte budget of the resident tensor store (0: resident mode off).
+    pub resident_bytes: u64,
+    /// How long an idle session's resident tensors are kept.
+    pub resident_ttl: Duration,
     /// Cross-session RunBlocks batching: `None` off, else how long to collect requests
     /// (zero: batch only what waits while the compute thread is busy).
     pub batch_window: Option<Duration>,
@@ -750,7 +855,9 @@ where
         "tensor payload bytes received (in) and sent (out), by method",
         tensor_bytes.clone(),
     );
-    let mut service = DenoiserService::new(opts.limits, opts.model_source.clone(), tensor_bytes);
+    let mut service = DenoiserService::new(opts.limits, opts.model_source.clone(), tensor_bytes)
+        .with_resident(ResidentStore::new(opts.resident_bytes, opts.resident_ttl));
+    register_resident_metrics(&opts.metrics, &service.resident.metrics);
     let drain = service.drain.clone();
     if let Some(window) = opts.batch_window {
         let batches = Family::<BatchLabels, Counter>::default();

@@ -17,8 +17,7 @@ use candle_core::Tensor;
 /// Coefficients of `poly(x) = c0 x^4 + c1 x^3 + c2 x^2 + c3 x + c4` (highest power first).
 pub type Coefficients = [f64; 5];
 
-/// Added to the denominator of the relative L1 distance.
-pub const REL_EPS: f64 = 1e-8;
+pub use teaserve_proto::signals::{REL_EPS, rel_l1};
 
 /// TeaCache settings for one session (shared by its branches).
 #[derive(Debug, Clone, PartialEq)]
@@ -38,22 +37,6 @@ pub struct TeaCacheParams {
 /// Evaluates the rescaling polynomial (Horner, highest power first).
 pub fn poly(c: &Coefficients, x: f64) -> f64 {
     c.iter().fold(0.0, |acc, &ci| acc * x + ci)
-}
-
-/// `mean(|m - prev|) / (mean(|prev|) + 1e-8)` over whole tensors, accumulated in f64.
-/// `m` and `prev` must have the same length.
-pub fn rel_l1(m: &[f32], prev: &[f32]) -> f64 {
-    let n = m.len().max(1) as f64;
-    let (diff, base) = m
-        .iter()
-        .zip(prev)
-        .fold((0.0f64, 0.0f64), |(d, b), (&x, &p)| {
-            (
-                d + (f64::from(x) - f64::from(p)).abs(),
-                b + f64::from(p).abs(),
-            )
-        });
-    (diff / n) / (base / n + REL_EPS)
 }
 
 /// Why a step computed regardless of the distance.
@@ -90,6 +73,14 @@ pub struct Decision {
     pub accumulated: f64,
 }
 
+/// The previous step's indicator as the policy remembers it.
+#[derive(Debug, Clone)]
+struct Prev {
+    step: usize,
+    shape: Vec<usize>,
+    values: Option<Arc<[f32]>>,
+}
+
 /// Per-branch TeaCache state: {cnt, accumulated, previous modulated input, residual per
 /// stream}.
 #[derive(Debug, Clone, Default)]
@@ -98,10 +89,13 @@ pub struct BranchState {
     pub cnt: u32,
     /// Accumulated rescaled distance since the last compute.
     pub accumulated: f64,
-    /// Shared, so snapshotting a state (to roll back a failed step) is cheap.
-    prev: Option<(Vec<usize>, Arc<[f32]>)>,
+    /// The previous indicator's shape, and its values (wire mode; resident mode keeps them on
+    /// the denoiser). Shared, so snapshotting a state (to roll back a failed step) is cheap.
+    prev: Option<Prev>,
     residuals: HashMap<String, Tensor>,
     consecutive_reuses: u32,
+    /// Resident mode: the step whose residual the denoiser keeps for this branch.
+    resident_residual: Option<usize>,
 }
 
 impl BranchState {
@@ -126,6 +120,60 @@ impl BranchState {
         m: &[f32],
     ) -> Decision {
         let prev = self.prev.take();
+        let same_shape = prev.as_ref().map(|p| p.shape.as_slice() == shape);
+        let decision = self.decide_with(params, step, num_steps, same_shape, || {
+            prev.as_ref()
+                .and_then(|p| p.values.as_ref())
+                .map_or(0.0, |v| rel_l1(m, v))
+        });
+        self.prev = Some(Prev {
+            step,
+            shape: shape.to_vec(),
+            values: Some(Arc::from(m)),
+        });
+        decision
+    }
+
+    /// Resident mode: decides from the signal a denoiser computed against the previous
+    /// indicator it keeps (`rel_l1`: `None` when it had none of the same shape), exactly as
+    /// [`BranchState::decide`] does from the values.
+    pub fn decide_on_signal(
+        &mut self,
+        params: &TeaCacheParams,
+        step: usize,
+        num_steps: usize,
+        shape: &[usize],
+        rel: Option<f64>,
+    ) -> Decision {
+        let prev = self.prev.take();
+        let same_shape = prev
+            .as_ref()
+            .map(|p| p.shape.as_slice() == shape && rel.is_some());
+        let decision = self.decide_with(params, step, num_steps, same_shape, || rel.unwrap_or(0.0));
+        self.prev = Some(Prev {
+            step,
+            shape: shape.to_vec(),
+            values: None,
+        });
+        decision
+    }
+
+    /// The step this branch's previous indicator came from (`None` before the first
+    /// decision or after a reset).
+    pub fn previous_step(&self) -> Option<usize> {
+        self.prev.as_ref().map(|p| p.step)
+    }
+
+    /// The decision rule: forced steps compute; otherwise `distance()` is rescaled and
+    /// accumulated. `same_shape` says whether a previous indicator of this shape exists.
+    fn decide_with(
+        &mut self,
+        params: &TeaCacheParams,
+        step: usize,
+        num_steps: usize,
+        same_shape: Option<bool>,
+        distance: impl FnOnce() -> f64,
+    ) -> Decision {
         let forced = if step == 0 {
             Some(Forced::First)
         } else if step + 1 >= num_steps {
@@ -135,15 +183,15 @@ impl BranchState {
         } else if step + params.cooldown_steps as usize >= num_steps {
             Some(Forced::Cooldown)
         } else {
-            match &prev {
+            match same_shape {
                 None => Some(Forced::First),
-                Some((s, _)) if s.as_slice() != shape => Some(Forced::ShapeChanged),
-                Some(_) => None,
+                Some(false) => Some(Forced::ShapeChanged),
+                Some(true) => None,
             }
         };
-        let decision = match (forced, &prev) {
-            (None, Some((_, p))) => {
-                let rel = rel_l1(m, p);
+        let decision = match forced {
+            None => {
+                let rel = distance();
                 let rescaled = poly(&params.coefficients, rel).abs();
                 self.accumulated += rescaled;
                 let compared = self.accumulated;
@@ -159,9 +207,9 @@ impl BranchState {
                     accumulated: compared,
                 }
             }
-            (forced, _) => Decision {
+            Some(forced) => Decision {
                 compute: true,
-                forced: forced.or(Some(Forced::First)),
+                forced: Some(forced),
                 rel_l1: None,
                 rescaled: None,
                 accumulated: 0.0,
@@ -173,7 +221,6 @@ impl BranchState {
         } else {
             self.consecutive_reuses += 1;
         }
-        self.prev = Some((shape.to_vec(), Arc::from(m)));
         self.cnt += 1;
         decision
     }
@@ -229,9 +276,23 @@ impl BranchState {
             .collect()
     }
 
+    /// Resident mode: the blocks ran at `step`, so the denoiser now keeps that residual.
+    pub fn residual_kept_from(&mut self, step: usize) {
+        self.resident_residual = Some(step);
+    }
+
+    /// Resident mode: the step of the residual the denoiser keeps (`None`: nothing to reuse).
+    pub fn resident_residual(&self) -> Option<usize> {
+        self.resident_residual
+    }
+
     /// Bytes held by this state (indicator and residuals).
     pub fn memory_bytes(&self) -> u64 {
-        let prev = self.prev.as_ref().map_or(0, |(_, v)| v.len() * 4);
+        let prev = self
+            .prev
+            .as_ref()
+            .and_then(|p| p.values.as_ref())
+            .map_or(0, |v| v.len() * 4);
         let res: usize = self
             .residuals
             .values()

@@ -1,0 +1,446 @@
+//! `ResidentStep`: one step of a session whose large tensors stay here ([`ResidentStore`]).
+//!
+//! It runs exactly the arithmetic the controller runs in wire mode, on the same wire-encoded
+//! tensors: the stages are this service's own Preprocess / RunBlocks / Postprocess handlers,
+//! the indicator and residuals are decoded to f32 on the CPU as the controller decodes them,
+//! and TeaCache's signal is [`teaserve_proto::signals::rel_l1`], the function the controller's
+//! policy uses. So a resident generation gives the same bits as a wire one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType as CDType, Device, Tensor};
+use teaserve_proto::TensorMap;
+use teaserve_proto::codec::{decode_tensor, encode_tensor};
+use teaserve_proto::v1::{self, DType, ResidentPhase};
+
+use crate::error::DenoiserError;
+use crate::registry::ModelAdapter;
+use crate::resident::{Entry, ResidentStore};
+use crate::server::{Limits, output_dtype, postprocess, preprocess, run_blocks};
+use crate::spec::InputError;
+
+/// Longest session id accepted.
+const MAX_SESSION_ID: usize = 128;
+/// Longest branch name accepted.
+const MAX_BRANCH: usize = 32;
+
+fn invalid(msg: String) -> DenoiserError {
+    InputError::Invalid(msg).into()
+}
+
+/// What a call lacked; answered as FAILED_PRECONDITION marked `teaserve-resident-miss`.
+fn miss(what: String) -> DenoiserError {
+    DenoiserError::ResidentMiss(what)
+}
+
+/// A wire tensor decoded to f32 on the CPU, as the controller decodes what it receives.
+fn decode_f32(t: &v1::Tensor) -> Result<Tensor, DenoiserError> {
+    Ok(decode_tensor(t, &Device::Cpu, usize::MAX)
+        .map_err(|e| DenoiserError::Config(format!("re-decoding a kept tensor: {e}")))?
+        .to_dtype(CDType::F32)?)
+}
+
+fn decode_streams(map: &TensorMap) -> Result<HashMap<String, Tensor>, DenoiserError> {
+    map.iter()
+        .map(|(k, v)| Ok((k.clone(), decode_f32(v)?)))
+        .collect()
+}
+
+/// Checks what the request names (ids, branches, phase) before anything runs.
+fn check(req: &v1::ResidentStepRequest, limits: &Limits) -> Result<ResidentPhase, DenoiserError> {
+    if req.session_id.is_empty() || req.session_id.len() > MAX_SESSION_ID {
+        return Err(invalid(format!(
+            "session_id must be 1 to {MAX_SESSION_ID} bytes, got {}",
+            req.session_id.len()
+        )));
+    }
+    if req.branches.is_empty() || req.branches.len() > limits.max_batch {
+        return Err(invalid(format!(
+            "ResidentStep needs 1 to {} branches, got {}",
+            limits.max_batch,
+            req.branches.len()
+        )));
+    }
+    for (i, b) in req.branches.iter().enumerate() {
+        if b.branch.is_empty() || b.branch.len() > MAX_BRANCH {
+            return Err(invalid(format!(
+                "branches[{i}].branch must be 1 to {MAX_BRANCH} bytes, got '{}'",
+                teaserve_proto::quote(&b.branch)
+            )));
+        }
+        if req.branches[..i].iter().any(|o| o.branch == b.branch) {
+            return Err(invalid(format!(
+                "branch '{}' appears twice",
+                teaserve_proto::quote(&b.branch)
+            )));
+        }
+        if let Some(k) = b
+            .conditioning
+            .keys()
+            .find(|k| *k == "hidden_states" || *k == "timestep")
+        {
+            return Err(invalid(format!(
+                "branches[{i}].conditioning must not hold '{k}': the latents and timestep are \
+                 the request's own"
+            )));
+        }
+    }
+    output_dtype(req.wire_dtype)?;
+    match ResidentPhase::try_from(req.phase) {
+        Ok(p @ (ResidentPhase::Signal | ResidentPhase::Advance | ResidentPhase::Fused)) => Ok(p),
+        _ => Err(invalid(format!(
+            "phase {} is not accepted; use SIGNAL, ADVANCE or FUSED",
+            req.phase
+        ))),
+    }
+}
+
+/// One resident step; the store is updated as the step goes.
+pub(crate) fn resident_step(
+    model: &dyn ModelAdapter,
+    store: &ResidentStore,
+    req: v1::ResidentStepRequest,
+    limits: Limits,
+) -> Result<v1::ResidentStepResponse, DenoiserError> {
+    let phase = check(&req, &limits)?;
+    let mut step = Step {
+        model,
+        store,
+        req: &req,
+        limits,
+        hits: 0,
+        rebuilt: 0,
+    };
+    let mut out = v1::ResidentStepResponse::default();
+    for b in &req.branches {
+        match phase {
+            ResidentPhase::Signal => out.signals.push(step.signal(b)?),
+            ResidentPhase::Advance => out.samples.push(step.advance(b)?),
+            _ => out.samples.push(step.fused(b)?),
+        }
+    }
+    out.resident_hits = step.hits;
+    out.rebuilt = step.rebuilt;
+    if step.rebuilt == 0 {
+        store.metrics.hits.inc();
+    } else {
+        store.metrics.rebuilds.inc_by(u64::from(step.rebuilt));
+    }
+    Ok(out)
+}
+
+/// One call's view of the request and the store.
+struct Step<'a> {
+    model: &'a dyn ModelAdapter,
+    store: &'a ResidentStore,
+    req: &'a v1::ResidentStepRequest,
+    limits: Limits,
+    hits: u32,
+    rebuilt: u32,
+}
+
+impl Step<'_> {
+    fn key(&self, b: &v1::ResidentBranch) -> (String, String) {
+        (self.req.session_id.clone(), b.branch.clone())
+    }
+
+    fn wire(&self) -> i32 {
+        self.req.wire_dtype
+    }
+
+    /// The branch's conditioning: sent with the request (then kept) or kept from before.
+    fn conditioning(
+        &mut self,
+        b: &v1::ResidentBranch,
+        entry: &mut Entry,
+    ) -> Result<Arc<TensorMap>, DenoiserError> {
+        if !b.conditioning.is_empty() {
+            let c = Arc::new(b.conditioning.clone());
+            entry.conditioning = Some(c.clone());
+            return Ok(c);
+        }
+        match &entry.conditioning {
+            Some(c) => Ok(c.clone()),
+            None => Err(self.missing(format!("the conditioning of branch '{}'", b.branch))),
+        }
+    }
+
+    fn missing(&self, what: String) -> DenoiserError {
+        self.store.metrics.misses.inc();
+        miss(what)
+    }
+
+    /// Preprocess of the branch at the given latents and timestep (the wire handler).
+    fn preprocess(
+        &self,
+        conditioning: &TensorMap,
+        hidden_states: Option<&v1::Tensor>,
+        timestep: Option<&v1::Tensor>,
+        what: &str,
+    ) -> Result<v1::PreprocessResponse, DenoiserError> {
+        let (Some(h), Some(t)) = (hidden_states, timestep) else {
+            return Err(invalid(format!(
+                "{what}: hidden_states and timestep are required"
+            )));
+        };
+        let mut inputs = conditioning.clone();
+        inputs.insert("hidden_states".into(), h.clone());
+        inputs.insert("timestep".into(), t.clone());
+        preprocess(
+            self.model,
+            v1::PreprocessRequest {
+                inputs,
+                wire_dtype: self.wire(),
+            },
+            self.limits,
+        )
+    }
+
+    /// The indicator of a Preprocess result as the controller's policy sees it.
+    fn indicator(pre: &v1::PreprocessResponse) -> Result<(Vec<usize>, Arc<[f32]>), DenoiserError> {
+        let m = pre
+            .modulated_input
+            .as_ref()
+            .ok_or_else(|| DenoiserError::Config("Preprocess returned no indicator".into()))?;
+        let m = decode_f32(m)?;
+        Ok((
+            m.dims().to_vec(),
+            Arc::from(m.flatten_all()?.to_vec1::<f32>()?),
+        ))
+    }
+
+    fn signal(&mut self, b: &v1::ResidentBranch) -> Result<v1::BranchSignal, DenoiserError> {
+        let key = self.key(b);
+        let mut entry = self.store.get(&key, self.req.generation);
+        let cond = self.conditioning(b, &mut entry)?;
+        let step = self.req.step;
+        let pre = self.preprocess(
+            &cond,
+            self.req.hidden_states.as_ref(),
+            self.req.timestep.as_ref(),
+            "SIGNAL",
+        )?;
+        let (shape, values) = Self::indicator(&pre)?;
+        let previous = match b.previous_step {
+            None => None,
+            Some(p) => Some(self.previous(b, p, &entry, &cond)?),
+        };
+        let rel_l1 = previous
+            .filter(|(s, _)| *s == shape)
+            .map(|(_, prev)| teaserve_proto::signals::rel_l1(&values, &prev));
+        entry.indicator = Some((step, shape.clone(), values));
+        entry.current = Some((step, Arc::new(pre)));
+        self.store.put(key, entry);
+        Ok(v1::BranchSignal {
+            branch: b.branch.clone(),
+            rel_l1,
+            indicator_shape: shape.iter().map(|&d| d as i64).collect(),
+        })
+    }
+
+    /// The indicator of step `p`: kept, or recomputed from `previous` with `rebuild`.
+    fn previous(
+        &mut self,
+        b: &v1::ResidentBranch,
+        p: u32,
+        entry: &Entry,
+        cond: &TensorMap,
+    ) -> Result<(Vec<usize>, Arc<[f32]>), DenoiserError> {
+        if let Some((s, shape, v)) = &entry.indicator
+            && *s == p
+        {
+            self.hits += 1;
+            return Ok((shape.clone(), v.clone()));
+        }
+        let Some(r) = b.previous.as_ref().filter(|_| self.req.rebuild) else {
+            return Err(self.missing(format!(
+                "the modulated input of step {p} (branch '{}')",
+                b.branch
+            )));
+        };
+        self.rebuilt += 1;
+        let pre = self.preprocess(
+            cond,
+            r.hidden_states.as_ref(),
+            r.timestep.as_ref(),
+            "previous",
+        )?;
+        Self::indicator(&pre)
+    }
+
+    /// This step's Preprocess result: kept from SIGNAL, or recomputed with `rebuild`.
+    fn current(
+        &mut self,
+        b: &v1::ResidentBranch,
+        entry: &Entry,
+        cond: &TensorMap,
+    ) -> Result<Arc<v1::PreprocessResponse>, DenoiserError> {
+        let step = self.req.step;
+        if let Some((s, pre)) = &entry.current
+            && *s == step
+        {
+            self.hits += 1;
+            return Ok(pre.clone());
+        }
+        if !self.req.rebuild {
+            return Err(self.missing(format!(
+                "the streams of step {step} (branch '{}')",
+                b.branch
+            )));
+        }
+        self.rebuilt += 1;
+        Ok(Arc::new(self.preprocess(
+            cond,
+            self.req.hidden_states.as_ref(),
+            self.req.timestep.as_ref(),
+            "ADVANCE with rebuild",
+        )?))
+    }
+
+    /// The blocks over a Preprocess result, and the residual `out - in` per stream (f32).
+    fn blocks(
+        &self,
+        pre: &v1::PreprocessResponse,
+    ) -> Result<(v1::RunBlocksResponse, HashMap<String, Tensor>), DenoiserError> {
+        let out = run_blocks(
+            self.model,
+            v1::RunBlocksRequest {
+                streams: pre.streams.clone(),
+                context: pre.context.clone(),
+                wire_dtype: self.wire(),
+            },
+            self.limits,
+        )?;
+        let inputs = decode_streams(&pre.streams)?;
+        let mut residual = HashMap::new();
+        for (name, o) in decode_streams(&out.streams)? {
+            if let Some(i) = inputs.get(&name) {
+                residual.insert(name, (o - i)?);
+            }
+        }
+        Ok((out, residual))
+    }
+
+    /// The residual kept from `residual_step`, or recomputed from `residual` with `rebuild`.
+    fn residual(
+        &mut self,
+        b: &v1::ResidentBranch,
+        entry: &Entry,
+        cond: &TensorMap,
+    ) -> Result<Arc<HashMap<String, Tensor>>, DenoiserError> {
+        let Some(want) = b.residual_step else {
+            return Err(invalid(format!(
+                "branch '{}' reuses a residual but names no residual_step",
+                b.branch
+            )));
+        };
+        if let Some((s, r)) = &entry.residual
+            && *s == want
+        {
+            self.hits += 1;
+            return Ok(r.clone());
+        }
+        let Some(inputs) = b.residual.as_ref().filter(|_| self.req.rebuild) else {
+            return Err(self.missing(format!(
+                "the residual of step {want} (branch '{}')",
+                b.branch
+            )));
+        };
+        self.rebuilt += 1;
+        let pre = self.preprocess(
+            cond,
+            inputs.hidden_states.as_ref(),
+            inputs.timestep.as_ref(),
+            "residual",
+        )?;
+        Ok(Arc::new(self.blocks(&pre)?.1))
+    }
+
+    fn postprocess(
+        &self,
+        hidden: v1::Tensor,
+        pre: &v1::PreprocessResponse,
+    ) -> Result<v1::Tensor, DenoiserError> {
+        postprocess(
+            self.model,
+            v1::PostprocessRequest {
+                hidden_states: Some(hidden),
+                context: pre.context.clone(),
+                wire_dtype: self.wire(),
+            },
+            self.limits,
+        )?
+        .sample
+        .ok_or_else(|| DenoiserError::Config("Postprocess returned no sample".into()))
+    }
+
+    fn advance(&mut self, b: &v1::ResidentBranch) -> Result<v1::Tensor, DenoiserError> {
+        let key = self.key(b);
+        let mut entry = self.store.get(&key, self.req.generation);
+        let cond = self.conditioning(b, &mut entry)?;
+        let pre = self.current(b, &entry, &cond)?;
+        let hidden = if b.compute {
+            let (out, residual) = self.blocks(&pre)?;
+            entry.residual = Some((self.req.step, Arc::new(residual)));
+            out.streams.get("hidden_states").cloned().ok_or_else(|| {
+                DenoiserError::Config("RunBlocks returned no hidden_states".into())
+            })?
+        } else {
+            let residual = self.residual(b, &entry, &cond)?;
+            let inputs = decode_streams(&pre.streams)?;
+            let (Some(i), Some(r)) = (inputs.get("hidden_states"), residual.get("hidden_states"))
+            else {
+                return Err(miss(format!(
+                    "a hidden_states residual for branch '{}'",
+                    b.branch
+                )));
+            };
+            if i.dims() != r.dims() {
+                return Err(miss(format!(
+                    "the kept residual of branch '{}' has shape {:?}, the stream {:?}",
+                    b.branch,
+                    r.dims(),
+                    i.dims()
+                )));
+            }
+            let wire = DType::try_from(self.wire()).unwrap_or(DType::F32);
+            let wire = if wire == DType::DtypeUnspecified {
+                DType::F32
+            } else {
+                wire
+            };
+            encode_tensor(&(i + r)?, wire)?
+        };
+        let sample = self.postprocess(hidden, &pre)?;
+        self.store.put(key, entry);
+        Ok(sample)
+    }
+
+    fn fused(&mut self, b: &v1::ResidentBranch) -> Result<v1::Tensor, DenoiserError> {
+        let key = self.key(b);
+        let mut entry = self.store.get(&key, self.req.generation);
+        let cond = self.conditioning(b, &mut entry)?;
+        self.store.put(key, entry);
+        let pre = self.preprocess(
+            &cond,
+            self.req.hidden_states.as_ref(),
+            self.req.timestep.as_ref(),
+            "FUSED",
+        )?;
+        let out = run_blocks(
+            self.model,
+            v1::RunBlocksRequest {
+                streams: pre.streams.clone(),
+                context: pre.context.clone(),
+                wire_dtype: self.wire(),
+            },
+            self.limits,
+        )?;
+        let hidden =
+            out.streams.get("hidden_states").cloned().ok_or_else(|| {
+                DenoiserError::Config("RunBlocks returned no hidden_states".into())
+            })?;
+        self.postprocess(hidden, &pre)
+    }
+}
