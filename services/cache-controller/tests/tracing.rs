@@ -36,11 +36,8 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
 
     // The real controller binary, in the stateless wire mode (the stage calls are what this
     // test follows; tracing_resident.rs follows resident mode).
-    let (mut child, grpc, metrics) = start_controller(
-        &denoiser.url(),
-        &otlp,
-        &["--resident-tensors", "false"],
-    );
+    let (mut child, grpc, metrics) =
+        start_controller(&denoiser.url(), &otlp, &["--resident-tensors", "false"]);
 
     // A CFG generation with TeaCache, continuing the client's own trace.
     let mut inputs = fx.wire_inputs("", DType::F32);
@@ -267,7 +264,10 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     for s in &step_spans {
         assert!(ancestor(s, &|p| p.name == "generate").is_some());
         assert_eq!(s.str("path"), Some("wire"));
-        assert!(s.f64("bytes").unwrap_or(0.0) > 0.0, "no bytes on the step span");
+        assert!(
+            s.f64("bytes").unwrap_or(0.0) > 0.0,
+            "no bytes on the step span"
+        );
     }
 
     // One teacache.decide per branch per step, whose numbers equal the StepEvents.

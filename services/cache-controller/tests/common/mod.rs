@@ -132,7 +132,6 @@ pub fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-
 /// Serves a collector on loopback; returns it and its OTLP endpoint URL.
 pub async fn start_collector() -> (Collector, String) {
     let collector = Collector::default();

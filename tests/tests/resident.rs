@@ -1,0 +1,289 @@
+//! Resident mode (the controller's default): the denoisers keep each session's large tensors
+//! and only latents, signals and predictions travel. Checked against the stateless wire mode
+//! on the same denoiser: bit-identical latents and decisions (FLUX and Qwen-Image with true
+//! CFG, TeaCache on and off), with a store too small to keep anything (every call misses and
+//! is rebuilt), and when the replica holding a session is killed mid-generation. The miss
+//! status never reaches the client; call counts and metrics say what happened.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read as _, Write as _};
+
+use teaserve_proto::v1::{self, DType, generate_event};
+use teaserve_proto::{TensorMap, encode_tensor};
+use teaserve_tests::{
+    Fixture, KillableDenoiser, RecordingProxy, TestController, TestDenoiser, decode, max_abs_diff,
+};
+use tokio_stream::StreamExt as _;
+
+/// A FLUX request with true CFG (the negative text from the fixture's batch-2 case).
+fn flux_request(fx: &Fixture, adapter: &str, thresh: f64, steps: u32) -> v1::GenerateRequest {
+    let mut inputs = fx.wire_inputs("", DType::F32);
+    inputs.remove("timestep");
+    let neg = fx
+        .get("b2.in.encoder_hidden_states")
+        .narrow(0, 1, 1)
+        .unwrap();
+    v1::GenerateRequest {
+        model_class_name: "FluxPipeline".into(),
+        cache_adapter: adapter.into(),
+        cache_config: Some(v1::CacheConfig {
+            rel_l1_thresh: Some(thresh),
+            ..Default::default()
+        }),
+        num_inference_steps: steps,
+        inputs,
+        negative_inputs: TensorMap::from([(
+            "encoder_hidden_states".to_string(),
+            encode_tensor(&neg, DType::F32).unwrap(),
+        )]),
+        true_cfg_scale: Some(3.0),
+        ..Default::default()
+    }
+}
+
+/// A Qwen-Image request with true CFG and the norm rescale (negative text with padding).
+fn qwen_request(fx: &Fixture, adapter: &str, thresh: f64, steps: u32) -> v1::GenerateRequest {
+    let mut inputs = fx.wire_inputs("", DType::F32);
+    inputs.remove("timestep");
+    let second = |k: &str| fx.get(k).narrow(0, 1, 1).unwrap();
+    v1::GenerateRequest {
+        model_class_name: "QwenImagePipeline".into(),
+        cache_adapter: adapter.into(),
+        cache_config: Some(v1::CacheConfig {
+            rel_l1_thresh: Some(thresh),
+            ..Default::default()
+        }),
+        num_inference_steps: steps,
+        inputs,
+        negative_inputs: TensorMap::from([
+            (
+                "encoder_hidden_states".to_string(),
+                encode_tensor(&second("b2.in.encoder_hidden_states"), DType::F32).unwrap(),
+            ),
+            (
+                "encoder_hidden_states_mask".to_string(),
+                encode_tensor(
+                    &second("b2.in.encoder_hidden_states_mask"),
+                    DType::DtypeUnspecified,
+                )
+                .unwrap(),
+            ),
+        ]),
+        true_cfg_scale: Some(4.0),
+        cfg_renorm: Some(true),
+        ..Default::default()
+    }
+}
+
+struct Run {
+    steps: Vec<v1::StepEvent>,
+    result: v1::GenerateResult,
+}
+
+/// Runs a generation to its end; `on_step(i)` after step event `i`.
+async fn generate(
+    ctl: &TestController,
+    req: v1::GenerateRequest,
+    mut on_step: impl FnMut(usize),
+) -> Result<Run, tonic::Status> {
+    let mut stream = ctl.client().await.generate(req).await?.into_inner();
+    let mut steps = Vec::new();
+    while let Some(ev) = stream.next().await {
+        match ev?.event {
+            Some(generate_event::Event::Step(s)) => {
+                on_step(steps.len());
+                steps.push(s);
+            }
+            Some(generate_event::Event::Result(result)) => return Ok(Run { steps, result }),
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal("no result"))
+}
+
+/// Asserts two runs are bit-identical: latents and every decision's numbers.
+fn same(what: &str, a: &Run, b: &Run) {
+    let d = max_abs_diff(
+        &decode(a.result.latents.as_ref().unwrap()),
+        &decode(b.result.latents.as_ref().unwrap()),
+    );
+    assert_eq!(d, 0.0, "{what}: latents differ by {d}");
+    let decisions = |r: &Run| -> Vec<Vec<v1::BranchDecision>> {
+        r.steps.iter().map(|s| s.branches.clone()).collect()
+    };
+    assert_eq!(decisions(a), decisions(b), "{what}: decisions differ");
+    assert_eq!(
+        (a.result.computed_steps, a.result.reused_steps),
+        (b.result.computed_steps, b.result.reused_steps)
+    );
+}
+
+const WIRE: [&str; 2] = ["--resident-tensors", "false"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
+    for (fixture, request) in [
+        (
+            "flux-tiny",
+            flux_request as fn(&Fixture, &str, f64, u32) -> v1::GenerateRequest,
+        ),
+        ("qwen-image-tiny", qwen_request),
+    ] {
+        let fx = Fixture::load(fixture);
+        let d = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+        let (url, proxy) = RecordingProxy::start(&d).await;
+        let resident = TestController::start(&["--denoiser", &url]).await;
+        let wire = TestController::start(&["--denoiser", &url, WIRE[0], WIRE[1]]).await;
+        let steps = 10;
+        let mut reused = 0;
+        for (adapter, thresh) in [("none", 0.0), ("tea_cache", 0.3), ("tea_cache", 0.8)] {
+            let req = request(&fx, adapter, thresh, steps);
+            proxy.clear();
+            let w = generate(&wire, req.clone(), |_| {}).await.unwrap();
+            assert_eq!(proxy.log.lock().unwrap().resident_steps, 0);
+            proxy.clear();
+            let r = generate(&resident, req, |_| {}).await.unwrap();
+            let log = proxy.log.lock().unwrap();
+            // One call per step with caching off, two with TeaCache; no stage calls.
+            let per_step = if adapter == "none" { 1 } else { 2 };
+            assert_eq!(
+                log.resident_steps,
+                per_step * steps as usize,
+                "{fixture} {adapter}"
+            );
+            assert_eq!((log.preprocess, log.run_blocks, log.postprocess), (0, 0, 0));
+            assert_eq!(log.resident_rebuilds, 0, "one healthy replica: no misses");
+            drop(log);
+            same(&format!("{fixture} {adapter} {thresh}"), &r, &w);
+            reused += r.result.reused_steps;
+            eprintln!(
+                "{fixture} {adapter} {thresh}: resident == wire, {} computed / {} reused",
+                r.result.computed_steps, r.result.reused_steps
+            );
+        }
+        assert!(reused > 0, "{fixture}: TeaCache reused nothing");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_too_small_for_a_session_still_gives_the_same_bits() {
+    let fx = Fixture::load("qwen-image-tiny");
+    // One byte: every tensor is evicted as soon as it is kept, so every call misses.
+    let tiny =
+        TestDenoiser::start(&["--model", fx.dir.to_str().unwrap(), "--resident-bytes", "1"]).await;
+    let (url, proxy) = RecordingProxy::start(&tiny).await;
+    let ctl = TestController::start(&["--denoiser", &url]).await;
+    let normal = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let wire = TestController::start(&["--denoiser", &normal.url(), WIRE[0], WIRE[1]]).await;
+    for (adapter, thresh) in [("tea_cache", 0.3), ("none", 0.0)] {
+        let req = qwen_request(&fx, adapter, thresh, 8);
+        proxy.clear();
+        let r = generate(&ctl, req.clone(), |_| {}).await.unwrap();
+        let w = generate(&wire, req, |_| {}).await.unwrap();
+        same(&format!("evicting store, {adapter}"), &r, &w);
+        let log = proxy.log.lock().unwrap();
+        eprintln!(
+            "evicting store, {adapter}: {} ResidentStep calls, {} rebuilds, {} reused",
+            log.resident_steps, log.resident_rebuilds, r.result.reused_steps
+        );
+        if adapter == "tea_cache" {
+            assert!(r.result.reused_steps > 0);
+            // Every step after the first misses its conditioning at least.
+            assert!(
+                log.resident_rebuilds >= 7,
+                "{} rebuilds",
+                log.resident_rebuilds
+            );
+        }
+    }
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// `GET /metrics` (blocking; loopback, short).
+fn metrics(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The value of a metric line starting with `name` (0 when absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_replica_that_holds_a_session_changes_nothing() {
+    let fx = Fixture::load("flux-tiny");
+    let model = fx.dir.to_str().unwrap().to_string();
+    let (ma, mb) = (free_port(), free_port());
+    let mut a =
+        KillableDenoiser::start(&["--model", &model, "--metrics-listen", &ma], "127.0.0.1:0").await;
+    let mut b =
+        KillableDenoiser::start(&["--model", &model, "--metrics-listen", &mb], "127.0.0.1:0").await;
+    let cm = free_port();
+    let ctl = TestController::start(&[
+        "--denoiser",
+        &a.url(),
+        "--denoiser",
+        &b.url(),
+        "--metrics-listen",
+        &cm,
+    ])
+    .await;
+    let reference = TestDenoiser::start(&["--model", &model]).await;
+    let wire = TestController::start(&["--denoiser", &reference.url(), WIRE[0], WIRE[1]]).await;
+    let req = flux_request(&fx, "tea_cache", 0.6, 12);
+    let want = generate(&wire, req.clone(), |_| {}).await.unwrap();
+    let mut killed = None;
+    let got = generate(&ctl, req, |i| {
+        if i == 4 {
+            // The replica holding the session's tensors is the one with resident bytes.
+            let held = |m: &str| metric(&metrics(m), "teaserve_denoiser_resident_bytes");
+            let (ha, hb) = (held(&ma), held(&mb));
+            assert!(
+                (ha > 0.0) != (hb > 0.0),
+                "affinity: one holder ({ha}, {hb})"
+            );
+            if ha > 0.0 {
+                a.kill();
+                killed = Some("a");
+            } else {
+                b.kill();
+                killed = Some("b");
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the generation failed after its replica died: {e}"));
+    same("holder killed after step 5", &got, &want);
+    assert!(got.result.reused_steps > 0);
+    let survivor = if killed == Some("a") { &mb } else { &ma };
+    let text = metrics(survivor);
+    assert!(
+        metric(&text, "teaserve_denoiser_resident_misses") >= 1.0,
+        "the survivor saw the session first as a miss:\n{text}"
+    );
+    assert!(metric(&text, "teaserve_denoiser_resident_rebuilds") >= 1.0);
+    let ctl_metrics = metrics(&cm);
+    assert!(
+        metric(
+            &ctl_metrics,
+            "teaserve_controller_step_paths_total{path=\"rebuild\"}"
+        ) >= 1.0,
+        "{ctl_metrics}"
+    );
+    eprintln!("killed {killed:?} after step 5 of 12: bit-identical to the wire run");
+}
