@@ -113,14 +113,20 @@ pub fn nodelay_incoming(
     })
 }
 
+/// HTTP/2 frame size both services and the controller's channels use (the protocol's
+/// largest is 16 MiB - 1; 4 MiB measured 1.5x faster than 16 KiB on MB-sized messages).
+pub const MAX_FRAME_SIZE: u32 = 4 << 20;
+
 /// A tonic server builder tuned for large tensor messages: HTTP/2 windows sized to the
-/// message limit (capped at 64 MiB) and keep-alive pings so a dead peer is noticed. Callers
-/// add their layers and services.
+/// message limit (capped at 64 MiB), large frames, and keep-alive pings so a dead peer is
+/// noticed. Callers add their layers and services.
 pub fn grpc_server(max_message_bytes: usize) -> tonic::transport::Server {
     let window = u32::try_from(max_message_bytes.min(64 << 20)).unwrap_or(u32::MAX);
     tonic::transport::Server::builder()
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
+        // Large frames: MB-sized tensors move in far fewer frames than the 16 KiB default.
+        .max_frame_size(MAX_FRAME_SIZE)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
 }

@@ -41,6 +41,10 @@ pub enum Section {
     Wire,
     /// Throughput of 1 vs 2 denoisers under concurrent generations.
     Scaling,
+    /// The split at real widths: bytes per step and overhead of wire vs resident mode on a
+    /// synthetic FLUX 3072 wide, the recovery cost of a miss, and the protocol's bytes at
+    /// FLUX.1-dev 1024x1024 and Qwen-Image 1328x1328.
+    RealWidth,
 }
 
 /// Options of `teaserve bench`.
@@ -50,7 +54,7 @@ pub struct BenchArgs {
     #[arg(long, env = "TEASERVE_BENCH_OUT_DIR", default_value = "bench-results")]
     out_dir: PathBuf,
     /// Sections to run (comma-separated).
-    #[arg(long, env = "TEASERVE_BENCH_SECTIONS", value_enum, value_delimiter = ',', default_values_t = [Section::Overhead, Section::Cache, Section::Wire, Section::Scaling])]
+    #[arg(long, env = "TEASERVE_BENCH_SECTIONS", value_enum, value_delimiter = ',', default_values_t = [Section::Overhead, Section::Cache, Section::Wire, Section::Scaling, Section::RealWidth])]
     sections: Vec<Section>,
     /// Denoising steps per generation.
     #[arg(
@@ -218,8 +222,25 @@ impl BenchModel {
 
     /// The synthetic FLUX, written to `dir` with random weights (16x16 tokens, 32 text).
     fn synthetic(dir: &Path) -> anyhow::Result<Self> {
+        Self::synthetic_with(
+            dir,
+            synthetic_config(),
+            16,
+            32,
+            "synthetic FLUX (256 tokens, 2+4 blocks, width 256, random weights)",
+        )
+    }
+
+    /// A FLUX of `json`'s architecture with random weights written to `dir`, on a
+    /// `side x side` token grid with `text` text tokens.
+    fn synthetic_with(
+        dir: &Path,
+        json: serde_json::Value,
+        side: usize,
+        text: usize,
+        name: &'static str,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let json = synthetic_config();
         let cfg: Config = serde_json::from_value(json.clone())?;
         let varmap = VarMap::new();
         Flux::new(
@@ -239,9 +260,9 @@ impl BenchModel {
             &Device::Cpu,
         )?;
         let flux = Flux::new(&cfg, vb)?;
-        let (inputs, latents) = native_inputs(&cfg, 16, 32)?;
+        let (inputs, latents) = native_inputs(&cfg, side, text)?;
         Ok(Self {
-            name: "synthetic FLUX (256 tokens, 2+4 blocks, width 256, random weights)",
+            name,
             dir: Some(dir.to_path_buf()),
             model_type: "FluxPipeline",
             flux,
@@ -336,18 +357,56 @@ struct Stack {
     metrics_port: u16,
 }
 
+/// How the controller moves tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// `--resident-tensors false`: every call carries everything.
+    Wire,
+    /// The default: large tensors stay on the denoiser.
+    Resident,
+}
+
+impl Mode {
+    const BOTH: [Mode; 2] = [Mode::Wire, Mode::Resident];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Wire => "wire",
+            Mode::Resident => "resident",
+        }
+    }
+
+    fn controller_args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Wire => &["--resident-tensors", "false"],
+            Mode::Resident => &[],
+        }
+    }
+}
+
 async fn stack(
     model_dir: Option<&Path>,
     model_type: &str,
     denoisers: usize,
     envs: &[(&str, &str)],
 ) -> anyhow::Result<Stack> {
+    stack_with(model_dir, model_type, denoisers, envs, Mode::Resident, &[]).await
+}
+
+async fn stack_with(
+    model_dir: Option<&Path>,
+    model_type: &str,
+    denoisers: usize,
+    envs: &[(&str, &str)],
+    mode: Mode,
+    denoiser_args: &[&str],
+) -> anyhow::Result<Stack> {
     let (denoiser_bin, controller_bin) = sibling_binaries()?;
     let mut fleet = Vec::new();
     let mut flags: Vec<String> = Vec::new();
     for _ in 0..denoisers {
         let dir = model_dir.map(|d| d.to_string_lossy().into_owned());
-        let mut args: Vec<&str> = Vec::new();
+        let mut args: Vec<&str> = denoiser_args.to_vec();
         if let Some(d) = &dir {
             args.extend(["--model", d.as_str()]);
         }
@@ -359,6 +418,7 @@ async fn stack(
     let metrics_port = free_port()?;
     let metrics = format!("127.0.0.1:{metrics_port}");
     flags.extend(["--metrics-listen".into(), metrics]);
+    flags.extend(mode.controller_args().iter().map(|a| a.to_string()));
     let args: Vec<&str> = flags.iter().map(String::as_str).collect();
     let (controller, addr) = start(&controller_bin, &args, &[], "cache-controller listening")?;
     let mut client = connect(&addr).await?;
@@ -499,37 +559,46 @@ impl Report {
 async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyhow::Result<()> {
     r.line("## Split overhead: services vs one in-process forward loop\n");
     r.line(format!(
-        "Caching off, {} steps, same inputs and sigmas; median of {} runs. The services run \
-         Preprocess / RunBlocks / Postprocess over loopback gRPC with the controller's Euler \
-         step; the reference calls the same model's monolithic `forward` in this process.\n",
+        "Caching off, {} steps, same inputs and sigmas; median of {} runs. Wire mode runs \
+         Preprocess / RunBlocks / Postprocess over loopback gRPC; resident mode (the default) \
+         one ResidentStep call per step with the tensors kept on the denoiser; both with the \
+         controller's Euler step. The reference calls the same model's monolithic `forward` in \
+         this process.\n",
         a.steps, a.repeats
     ));
-    r.line("| model | in-process | services | ratio (target <= 1.05x) | max abs diff of latents |");
-    r.line("|---|---|---|---|---|");
+    r.line("| model | mode | in-process | services | ratio (target <= 1.03x) | max abs diff of latents |");
+    r.line("|---|---|---|---|---|---|");
     for m in models {
-        let mut s = stack(m.dir.as_deref(), m.model_type, 1, &[]).await?;
-        let req = m.request(a.steps, "none", 0.2, DType::F32)?;
-        generate(&mut s.client, req.clone()).await?; // warm-up
-        m.in_process(a.steps)?;
-        let (mut split, mut mono) = (Vec::new(), Vec::new());
-        let mut diff = 0.0f32;
-        for _ in 0..a.repeats.max(1) {
-            let t = Instant::now();
-            let want = m.in_process(a.steps)?;
-            mono.push(t.elapsed().as_secs_f64() * 1e3);
-            let run = generate(&mut s.client, req.clone()).await?;
-            split.push(run.wall_ms);
-            diff = diff.max(max_abs_diff(&run.latents, &want)?);
+        for mode in Mode::BOTH {
+            let mut s = stack_with(m.dir.as_deref(), m.model_type, 1, &[], mode, &[]).await?;
+            let req = m.request(a.steps, "none", 0.2, DType::F32)?;
+            generate(&mut s.client, req.clone()).await?; // warm-up
+            m.in_process(a.steps)?;
+            let (mut split, mut mono) = (Vec::new(), Vec::new());
+            let mut diff = 0.0f32;
+            for _ in 0..a.repeats.max(1) {
+                let t = Instant::now();
+                let want = m.in_process(a.steps)?;
+                mono.push(t.elapsed().as_secs_f64() * 1e3);
+                let run = generate(&mut s.client, req.clone()).await?;
+                split.push(run.wall_ms);
+                diff = diff.max(max_abs_diff(&run.latents, &want)?);
+            }
+            let (split, mono) = (median(split), median(mono));
+            r.line(format!(
+                "| {} | {} | {mono:.1} ms ({:.2} ms/step) | {split:.1} ms | **{:.3}x** | {diff:.1e} |",
+                m.name,
+                mode.name(),
+                mono / f64::from(a.steps),
+                split / mono
+            ));
+            r.summary.push(format!(
+                "split overhead, {}, {}: {:.3}x",
+                m.name,
+                mode.name(),
+                split / mono
+            ));
         }
-        let (split, mono) = (median(split), median(mono));
-        r.line(format!(
-            "| {} | {mono:.1} ms ({:.2} ms/step) | {split:.1} ms | **{:.3}x** | {diff:.1e} |",
-            m.name,
-            mono / f64::from(a.steps),
-            split / mono
-        ));
-        r.summary
-            .push(format!("split overhead, {}: {:.3}x", m.name, split / mono));
     }
     r.line("");
     Ok(())
@@ -610,41 +679,54 @@ async fn cache(
     }
     r.line("");
 
-    // Cache efficiency where a step costs tens of milliseconds.
-    let mut s = stack(synthetic.dir.as_deref(), synthetic.model_type, 1, &[]).await?;
-    let off_req = synthetic.request(a.steps, "none", 0.2, DType::F32)?;
-    generate(&mut s.client, off_req.clone()).await?;
-    let (off, _) = timed(&mut s.client, &off_req, a.repeats).await?;
+    // Cache efficiency where a step costs tens of milliseconds, in both modes.
     r.line(format!(
-        "Cache efficiency on the {}, {} steps. Its weights are random, so TeaCache runs with \
-         identity rescaling (coefficients [0, 0, 0, 1, 0]: the raw input rel-L1 is \
-         accumulated); the decisions are arbitrary, the point is how much of what a skipped \
-         step should save arrives:\n",
-        synthetic.name, a.steps
+        "Cache efficiency on the {}, {} steps, median of {} runs. Its weights are random, so \
+         TeaCache runs with identity rescaling (coefficients [0, 0, 0, 1, 0]: the raw input \
+         rel-L1 is accumulated); the decisions are arbitrary, the point is how much of what a \
+         skipped step should save arrives:\n",
+        synthetic.name, a.steps, a.repeats
     ));
-    r.line("| threshold | computed | speedup | ideal | efficiency (target >= 0.95) |");
-    r.line("|---|---|---|---|---|");
-    for t in [0.2, 0.4, 0.8] {
-        let req = synthetic.request_with(
-            a.steps,
-            "tea_cache",
-            t,
-            vec![0.0, 0.0, 0.0, 1.0, 0.0],
-            DType::F32,
-        )?;
-        let (on, run) = timed(&mut s.client, &req, a.repeats).await?;
-        let ideal = f64::from(a.steps) / f64::from(run.computed.max(1));
-        let speedup = off / on;
-        r.line(format!(
-            "| {t} | {} / {} | {speedup:.2}x | {ideal:.2}x | **{:.3}** |",
-            run.computed,
-            a.steps,
-            speedup / ideal
-        ));
-        r.summary.push(format!(
-            "cache efficiency, synthetic FLUX at {t}: {:.3} ({speedup:.2}x of ideal {ideal:.2}x)",
-            speedup / ideal
-        ));
+    r.line("| mode | threshold | computed | speedup | ideal | efficiency (target >= 0.97) |");
+    r.line("|---|---|---|---|---|---|");
+    for mode in Mode::BOTH {
+        let mut s = stack_with(
+            synthetic.dir.as_deref(),
+            synthetic.model_type,
+            1,
+            &[],
+            mode,
+            &[],
+        )
+        .await?;
+        let off_req = synthetic.request(a.steps, "none", 0.2, DType::F32)?;
+        generate(&mut s.client, off_req.clone()).await?;
+        let (off, _) = timed(&mut s.client, &off_req, a.repeats).await?;
+        for t in [0.2, 0.4, 0.8] {
+            let req = synthetic.request_with(
+                a.steps,
+                "tea_cache",
+                t,
+                vec![0.0, 0.0, 0.0, 1.0, 0.0],
+                DType::F32,
+            )?;
+            let (on, run) = timed(&mut s.client, &req, a.repeats).await?;
+            let ideal = f64::from(a.steps) / f64::from(run.computed.max(1));
+            let speedup = off / on;
+            r.line(format!(
+                "| {} | {t} | {} / {} | {speedup:.2}x | {ideal:.2}x | **{:.3}** |",
+                mode.name(),
+                run.computed,
+                a.steps,
+                speedup / ideal
+            ));
+            r.summary.push(format!(
+                "cache efficiency, synthetic FLUX, {} at {t}: {:.3} ({speedup:.2}x of ideal \
+                 {ideal:.2}x)",
+                mode.name(),
+                speedup / ideal
+            ));
+        }
     }
     r.line("");
     Ok(points)
@@ -653,7 +735,7 @@ async fn cache(
 async fn wire(a: &BenchArgs, synthetic: &BenchModel, r: &mut Report) -> anyhow::Result<()> {
     r.line("## Wire dtype: F32 vs BF16\n");
     r.line(format!(
-        "Caching off, {} steps; tensor bytes exchanged with the denoiser per step (both \
+        "Wire mode (`--resident-tensors false`), caching off, {} steps; tensor bytes exchanged with the denoiser per step (both \
          directions, from the controller's metrics), median wall time of {} runs, and the \
          quality of the BF16 result against F32.\n",
         a.steps, a.repeats
@@ -669,7 +751,7 @@ async fn wire(a: &BenchArgs, synthetic: &BenchModel, r: &mut Report) -> anyhow::
             synthetic.model_type,
         ),
     ] {
-        let mut s = stack(dir, model_type, 1, &[]).await?;
+        let mut s = stack_with(dir, model_type, 1, &[], Mode::Wire, &[]).await?;
         let mut f32_run: Option<Run> = None;
         for wire in [DType::F32, DType::Bf16] {
             let req = match dir {
@@ -771,6 +853,210 @@ async fn scaling(a: &BenchArgs, synthetic: &BenchModel, r: &mut Report) -> anyho
     Ok(())
 }
 
+/// The synthetic FLUX at real widths (FLUX.1-dev's 3072 hidden, 24 heads of 128, T5's 4096
+/// text width, CLIP's 768 pooled width) with one block of each kind.
+fn real_width_config() -> serde_json::Value {
+    serde_json::json!({
+        "_class_name": "FluxTransformer2DModel",
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "guidance_embeds": false,
+        "axes_dims_rope": [16, 56, 56],
+    })
+}
+
+/// Tensor bytes one step moves per CFG branch, from the shapes: `n` image tokens of `c`
+/// latent channels, `t` text tokens of width `text`, `pooled` wide pooled text (0: none),
+/// transformer width `d`, `e` bytes per element on the wire (positions and the timestep in
+/// f32). Returns (wire mode, resident mode): wire mode's calls are the same whether the blocks
+/// run or caching is off (Preprocess returns the indicator either way); resident mode moves
+/// the latents in and the prediction out (and scalars), the conditioning once per session.
+fn protocol_bytes(n: u64, t: u64, c: u64, text: u64, pooled: u64, d: u64, e: u64) -> (u64, u64) {
+    let ids = (n + t) * 3 * 4;
+    let latents = n * c * e;
+    let inputs = latents + t * text * e + pooled * e + ids + 4;
+    let context = d * 4 + ids; // temb (full precision) and the positions
+    let streams = (n + t) * d * e;
+    let preprocess = inputs + n * d * e + streams + context;
+    let run_blocks = 2 * streams + context;
+    let postprocess = n * d * e + context + latents;
+    let wire = preprocess + run_blocks + postprocess;
+    let resident = latents + 4 + latents;
+    (wire, resident)
+}
+
+async fn real_width(a: &BenchArgs, scratch: &Path, r: &mut Report) -> anyhow::Result<()> {
+    let steps = 8u32;
+    let dir = scratch.join("real-width-flux");
+    let m = BenchModel::synthetic_with(
+        &dir,
+        real_width_config(),
+        4,
+        16,
+        "synthetic FLUX at real widths (3072 wide, 24 heads of 128, 1+1 blocks, 16 image + 16 text tokens, random weights)",
+    )?;
+    r.line("## The split at real widths: wire vs resident\n");
+    r.line(format!(
+        "The {}, caching off and TeaCache (identity rescaling, threshold 0.4), {steps} steps, \
+         F32 on the wire, median of {} runs. Bytes per step are the tensor payloads the \
+         controller exchanged with the denoiser (its metrics), over the whole generation \
+         (resident mode's conditioning, sent once, included); overhead is against the \
+         in-process forward loop.\n",
+        m.name, a.repeats
+    ));
+    r.line("| mode | caching | bytes / step | resident / wire | wall / step | overhead vs in-process |");
+    r.line("|---|---|---|---|---|---|");
+    m.in_process(steps)?;
+    let mut mono = Vec::new();
+    for _ in 0..a.repeats.max(1) {
+        let t = Instant::now();
+        m.in_process(steps)?;
+        mono.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mono = median(mono);
+    let mut wire_bytes = [0.0f64; 2];
+    for mode in Mode::BOTH {
+        let mut s = stack_with(m.dir.as_deref(), m.model_type, 1, &[], mode, &[]).await?;
+        for (k, (adapter, label)) in [("none", "off"), ("tea_cache", "TeaCache 0.4")]
+            .into_iter()
+            .enumerate()
+        {
+            let req = m.request_with(
+                steps,
+                adapter,
+                0.4,
+                vec![0.0, 0.0, 0.0, 1.0, 0.0],
+                DType::F32,
+            )?;
+            generate(&mut s.client, req.clone()).await?;
+            let before = traffic(s.metrics_port)?;
+            let (wall, _) = timed(&mut s.client, &req, a.repeats).await?;
+            let per_step =
+                (traffic(s.metrics_port)? - before) / (a.repeats.max(1) as f64 * f64::from(steps));
+            let ratio = match mode {
+                Mode::Wire => {
+                    wire_bytes[k] = per_step;
+                    "-".to_string()
+                }
+                Mode::Resident => format!("**{:.2}%**", 100.0 * per_step / wire_bytes[k]),
+            };
+            r.line(format!(
+                "| {} | {label} | {:.1} KiB | {ratio} | {:.1} ms | {:.3}x |",
+                mode.name(),
+                per_step / 1024.0,
+                wall / f64::from(steps),
+                wall / mono
+            ));
+            r.summary.push(format!(
+                "real width, {}, caching {label}: {:.1} KiB/step{}, overhead {:.3}x",
+                mode.name(),
+                per_step / 1024.0,
+                if mode == Mode::Resident {
+                    format!(" ({ratio} of wire)").replace("**", "")
+                } else {
+                    String::new()
+                },
+                wall / mono
+            ));
+        }
+    }
+    r.line("");
+
+    // Recovery: every call lands on a replica that has nothing (a 1-byte store evicts all),
+    // so every step is a miss and a rebuild.
+    let req = m.request_with(
+        steps,
+        "tea_cache",
+        0.4,
+        vec![0.0, 0.0, 0.0, 1.0, 0.0],
+        DType::F32,
+    )?;
+    let mut walls = Vec::new();
+    for (label, args) in [
+        ("kept", &[][..]),
+        ("missed every step", &["--resident-bytes", "1"][..]),
+    ] {
+        let mut s =
+            stack_with(m.dir.as_deref(), m.model_type, 1, &[], Mode::Resident, args).await?;
+        generate(&mut s.client, req.clone()).await?;
+        let (wall, run) = timed(&mut s.client, &req, a.repeats).await?;
+        walls.push((label, wall, run.computed));
+    }
+    r.line(
+        "Recovery cost: the same TeaCache generation with the session's tensors kept, and on a \
+            denoiser whose store keeps nothing (every call misses; the controller resends it with \
+            the latents to rebuild, and the denoiser recomputes the previous indicator and, on \
+            reused steps, the residual):\n",
+    );
+    r.line("| resident tensors | computed | wall / step | vs kept |");
+    r.line("|---|---|---|---|");
+    let kept = walls.first().map_or(f64::NAN, |w| w.1);
+    for (label, wall, computed) in &walls {
+        r.line(format!(
+            "| {label} | {computed} / {steps} | {:.1} ms | {:.2}x |",
+            wall / f64::from(steps),
+            wall / kept
+        ));
+    }
+    if let Some((_, wall, _)) = walls.get(1) {
+        r.summary.push(format!(
+            "recovery: a generation missing its resident tensors every step takes {:.2}x the kept one",
+            wall / kept
+        ));
+    }
+    r.line("");
+
+    // What the protocol would move at real sizes, per CFG branch and step (BF16 on the wire,
+    // as those models compute in BF16).
+    r.line(
+        "Bytes per step and CFG branch the protocol moves at real sizes, computed from the \
+            shapes (BF16 on the wire, the default for BF16 models; positions, the timestep and \
+            `temb` in F32; text at its longest, 512 tokens):\n",
+    );
+    r.line("| model | image tokens | wire mode | resident mode | resident / wire |");
+    r.line("|---|---|---|---|---|");
+    for (name, n, text, pooled) in [
+        ("FLUX.1-dev 1024x1024", 4096u64, 4096u64, 768u64),
+        ("Qwen-Image 1328x1328", 83 * 83, 3584, 0),
+    ] {
+        let (wire, resident) = protocol_bytes(n, 512, 64, text, pooled, 3072, 2);
+        r.line(format!(
+            "| {name} | {n} | {:.1} MB | {:.2} MB | {:.2}% |",
+            wire as f64 / 1e6,
+            resident as f64 / 1e6,
+            100.0 * resident as f64 / wire as f64
+        ));
+        r.summary.push(format!(
+            "{name}: {:.1} MB/step/branch on the wire vs {:.2} MB resident",
+            wire as f64 / 1e6,
+            resident as f64 / 1e6
+        ));
+    }
+    r.line("");
+    Ok(())
+}
+
+/// Tensor bytes the controller exchanged with denoisers so far (both directions).
+fn traffic(port: u16) -> anyhow::Result<f64> {
+    let text = scrape(port)?;
+    Ok(["to_denoiser", "from_denoiser"]
+        .iter()
+        .map(|d| {
+            metric(
+                &text,
+                &format!("teaserve_controller_tensor_bytes_total{{direction=\"{d}\"}}"),
+            )
+            .unwrap_or(0.0)
+        })
+        .sum())
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -816,6 +1102,7 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<()> {
             Section::Cache => points = cache(a, &synthetic, &mut r).await?,
             Section::Wire => wire(a, &synthetic, &mut r).await?,
             Section::Scaling => scaling(a, &synthetic, &mut r).await?,
+            Section::RealWidth => real_width(a, &scratch, &mut r).await?,
         }
     }
     if !points.is_empty() {

@@ -191,6 +191,14 @@ async fn step_once(
         (Some(a), Some(b)) => (*a, *b),
         _ => return Err(ControllerError::Internal("sigma schedule too short".into())),
     };
+    let model_type = session.model_type.clone();
+    let describe = pool.describe_for(&model_type).await?;
+    if !session.wire_dtype_given
+        && let Ok(d @ (DType::Bf16 | DType::F16)) = DType::try_from(describe.dtype)
+    {
+        // Unset: the model's own half-precision dtype, since it computes in it anyway.
+        session.wire_dtype = d;
+    }
     let wire = session.wire_dtype;
     let batch = session.latents.dim(0)?;
     let latents_wire = encode_tensor(&session.latents, wire)?;
@@ -203,8 +211,6 @@ async fn step_once(
         DType::F32,
     )?;
 
-    let model_type = session.model_type.clone();
-    let describe = pool.describe_for(&model_type).await?;
     let at = StepAt {
         i,
         n,

@@ -365,7 +365,8 @@ impl DenoiserPool {
             .keep_alive_timeout(opts.keepalive_timeout)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(Some(16 << 20))
-            .initial_connection_window_size(Some(64 << 20));
+            .initial_connection_window_size(Some(64 << 20))
+            .max_frame_size(teaserve_proto::serving::MAX_FRAME_SIZE);
         let channel = endpoint.connect_lazy();
         let metadata = DenoiserMetadata {
             authorization: opts.security.authorization.clone(),

@@ -178,12 +178,40 @@ async fn finish(
     wall_ms: f64,
 ) -> Result<v1::GenerateResult, ControllerError> {
     let mut result = orchestrator::result(session, wall_ms)?;
+    release_resident(session, pool);
     if let (Some(size), Some(latents)) = (session.decode_size, &result.latents) {
         result.image_png = text_mode::decode(latents, size, &session.model_type, pool)
             .await?
             .into();
     }
     Ok(result)
+}
+
+/// Frees a finished session's resident tensors on the replica holding them, in the
+/// background (best effort: the replica's time to live frees them otherwise).
+fn release_resident(session: &Session, pool: &DenoiserPool) {
+    let Some(endpoint) = session.resident.endpoint.clone() else {
+        return;
+    };
+    let (pool, model_type) = (pool.clone(), session.model_type.clone());
+    let req = v1::ReleaseSessionRequest {
+        session_id: session.id.clone(),
+    };
+    tokio::spawn(async move {
+        let released = pool
+            .call_prefer(
+                &model_type,
+                "ReleaseSession",
+                "",
+                Some(&endpoint),
+                req,
+                |mut c, r| async move { c.release_session(r).await },
+            )
+            .await;
+        if let Err(e) = released {
+            tracing::debug!(error = %e, "releasing resident tensors failed; their TTL frees them");
+        }
+    });
 }
 
 /// Removes a session from the store when dropped (a Generate that ends in any way).

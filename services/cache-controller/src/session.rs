@@ -65,6 +65,9 @@ pub struct Session {
     pub cfg_renorm: bool,
     /// Wire dtype for latents and streams.
     pub wire_dtype: DType,
+    /// The request set `wire_dtype`; unset, it follows the model's dtype where that is BF16 /
+    /// F16 (F32 otherwise).
+    pub wire_dtype_given: bool,
     /// Stack the CFG branches into one RunBlocks call when both compute and shapes allow.
     pub batch_branches: bool,
     /// When the session was created.
@@ -116,7 +119,8 @@ fn check_tensors(field: &str, map: &TensorMap, max_bytes: usize) -> Result<(), C
     Ok(())
 }
 
-/// The wire dtype a request asks for (F32 when unset); INVALID_ARGUMENT for non-float ones.
+/// The wire dtype a request asks for (F32 when unset, until the model's dtype is known);
+/// INVALID_ARGUMENT for non-float ones.
 fn wire_dtype(req: &v1::GenerateRequest) -> Result<DType, ControllerError> {
     match DType::try_from(req.wire_dtype) {
         Ok(DType::DtypeUnspecified) => Ok(DType::F32),
@@ -361,6 +365,7 @@ impl Session {
                 .cfg_renorm
                 .unwrap_or_else(|| models::lookup(model_class_name).is_some_and(|m| m.cfg_renorm)),
             wire_dtype,
+            wire_dtype_given: req.wire_dtype != DType::DtypeUnspecified as i32,
             batch_branches: defaults.batch_cfg_branches,
             created: Instant::now(),
             decode_size: None,
