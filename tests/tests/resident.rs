@@ -287,3 +287,98 @@ async fn killing_the_replica_that_holds_a_session_changes_nothing() {
     );
     eprintln!("killed {killed:?} after step 5 of 12: bit-identical to the wire run");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
+    let fx = Fixture::load("flux-tiny");
+    let d = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let mut c = d.client().await;
+    let mut conditioning = fx.wire_inputs("", DType::F32);
+    let hidden = conditioning.remove("hidden_states").unwrap();
+    let timestep = conditioning.remove("timestep").unwrap();
+    let good = v1::ResidentStepRequest {
+        session_id: "s1".into(),
+        generation: 0,
+        step: 0,
+        phase: v1::ResidentPhase::Signal as i32,
+        hidden_states: Some(hidden.clone()),
+        timestep: Some(timestep.clone()),
+        branches: vec![v1::ResidentBranch {
+            branch: "positive".into(),
+            conditioning: conditioning.clone(),
+            ..Default::default()
+        }],
+        wire_dtype: DType::F32 as i32,
+        rebuild: false,
+    };
+    type Edit = fn(&mut v1::ResidentStepRequest);
+    let cases: [(Edit, &str); 6] = [
+        (
+            |r| r.session_id.clear(),
+            "session_id must be 1 to 128 bytes",
+        ),
+        (
+            |r| r.session_id = "x".repeat(500),
+            "session_id must be 1 to 128 bytes",
+        ),
+        (|r| r.phase = 0, "phase 0 is not accepted"),
+        (
+            |r| {
+                let b = r.branches[0].clone();
+                r.branches.push(b);
+            },
+            "appears twice",
+        ),
+        (
+            |r| {
+                let h = r.hidden_states.clone().unwrap();
+                r.branches[0].conditioning.insert("hidden_states".into(), h);
+            },
+            "must not hold 'hidden_states'",
+        ),
+        (
+            |r| r.hidden_states = None,
+            "hidden_states and timestep are required",
+        ),
+    ];
+    for (edit, says) in cases {
+        let mut req = good.clone();
+        edit(&mut req);
+        let err = c.resident_step(req).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains(says), "{says}: {}", err.message());
+        assert!(err.message().len() < 1000);
+    }
+    // A step that needs what was never kept is a marked miss, not an error of the input.
+    let mut advance = good.clone();
+    advance.session_id = "never-seen".into();
+    advance.phase = v1::ResidentPhase::Advance as i32;
+    advance.branches[0].conditioning.clear();
+    advance.branches[0].compute = true;
+    let err = c.resident_step(advance.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(teaserve_proto::serving::is_resident_miss(&err), "{err:?}");
+    // The same step with rebuild succeeds.
+    advance.rebuild = true;
+    advance.branches[0].conditioning = conditioning;
+    let ok = c.resident_step(advance).await.unwrap().into_inner();
+    assert_eq!(ok.samples.len(), 1);
+    assert_eq!(ok.rebuilt, 1);
+    // The service is unharmed, and a denoiser with resident mode off says so.
+    c.resident_step(good.clone()).await.unwrap();
+    let off =
+        TestDenoiser::start(&["--model", fx.dir.to_str().unwrap(), "--resident-bytes", "0"]).await;
+    let err = off.client().await.resident_step(good).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message().contains("resident mode is off"),
+        "{}",
+        err.message()
+    );
+    assert!(!teaserve_proto::serving::is_resident_miss(&err));
+}

@@ -217,7 +217,7 @@ async fn step_once(
         latents: latents_wire,
         timestep,
     };
-    let (decisions, preds) = if crate::resident::applies(session, &describe) {
+    let (decisions, preds) = if crate::resident::applies(session, &describe, pool) {
         crate::resident::step(session, pool, metrics, counts, &at).await?
     } else {
         wire_step(session, pool, metrics, counts, &describe, &at).await?

@@ -439,6 +439,25 @@ impl DenoiserPool {
         })
     }
 
+    /// Whether every described denoiser with the transformer of `model_type` keeps resident
+    /// tensors (`ResidentStep`); one that does not (`--resident-bytes 0`, or an older
+    /// version during a rolling update) keeps the model's sessions in wire mode.
+    pub fn resident_capable(&self, model_type: &str) -> bool {
+        let mut any = false;
+        for m in self.members() {
+            if let Some(d) = m.described()
+                && d.model_type == model_type
+                && (d.components.is_empty() || d.components.iter().any(|c| c == "transformer"))
+            {
+                if d.resident_budget_bytes == 0 {
+                    return false;
+                }
+                any = true;
+            }
+        }
+        any
+    }
+
     /// The model types the reached denoiser endpoints serve, sorted and deduplicated; probes
     /// the endpoints whose model is not known yet first.
     pub async fn served_model_types(&self) -> Vec<String> {

@@ -24,9 +24,16 @@ use crate::pool::DenoiserPool;
 use crate::session::Session;
 
 /// Whether this step runs in resident mode: the session wants it, it is not a calibration
-/// (which needs the tensors here), and the model's denoisers keep resident tensors.
-pub(crate) fn applies(session: &Session, describe: &v1::DescribeResponse) -> bool {
-    session.resident.on && session.calibration.is_none() && describe.resident_budget_bytes > 0
+/// (which needs the tensors here), and every denoiser of the model keeps resident tensors.
+pub(crate) fn applies(
+    session: &Session,
+    describe: &v1::DescribeResponse,
+    pool: &DenoiserPool,
+) -> bool {
+    session.resident.on
+        && session.calibration.is_none()
+        && describe.resident_budget_bytes > 0
+        && pool.resident_capable(&session.model_type)
 }
 
 /// Runs step `at` in resident mode; returns each branch's decision and prediction.

@@ -119,7 +119,8 @@ impl BranchState {
         shape: &[usize],
         m: &[f32],
     ) -> Decision {
-        let prev = self.prev.take();
+        // A previous indicator kept only on a denoiser (resident mode) cannot be compared here.
+        let prev = self.prev.take().filter(|p| p.values.is_some());
         let same_shape = prev.as_ref().map(|p| p.shape.as_slice() == shape);
         let decision = self.decide_with(params, step, num_steps, same_shape, || {
             prev.as_ref()
@@ -516,5 +517,35 @@ mod tests {
         assert_eq!(s.memory_bytes(), 12);
         let wrong = HashMap::from([("h".to_string(), t(&[1.0]))]);
         assert!(s.apply_residuals(&wrong).is_err());
+    }
+
+    /// Resident mode decides from the denoiser's signal exactly as wire mode decides from the
+    /// values: same decisions and numbers for the same sequence of indicators.
+    #[test]
+    fn deciding_on_signals_equals_deciding_on_values() {
+        let params = TeaCacheParams {
+            rel_l1_thresh: 0.3,
+            coefficients: IDENTITY,
+            warmup_steps: 0,
+            cooldown_steps: 1,
+            max_consecutive_reuses: Some(3),
+        };
+        let n = 12;
+        let series: Vec<Vec<f32>> = (0..n)
+            .map(|i| (0..8).map(|k| 1.0 + 0.07 * (i * k % 5) as f32).collect())
+            .collect();
+        let (mut wire, mut resident) = (BranchState::new(), BranchState::new());
+        let mut prev: Option<&Vec<f32>> = None;
+        for (i, m) in series.iter().enumerate() {
+            let a = wire.decide(&params, i, n, &[8], m);
+            assert_eq!(resident.previous_step(), i.checked_sub(1));
+            let signal = prev.map(|p| rel_l1(m, p));
+            let b = resident.decide_on_signal(&params, i, n, &[8], signal);
+            assert_eq!(a, b, "step {i}");
+            prev = Some(m);
+        }
+        // A resident-mode state cannot be continued in wire mode: the next step computes.
+        let d = resident.decide(&params, 5, n, &[8], &series[5]);
+        assert_eq!(d.forced, Some(Forced::First));
     }
 }
