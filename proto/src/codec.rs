@@ -261,6 +261,23 @@ pub fn map_bytes(map: &TensorMap) -> u64 {
     map.values().map(|t| t.data.len() as u64).sum()
 }
 
+/// Payload bytes of a `ResidentStep` request: its latents and timestep, and every branch's
+/// conditioning and rebuild inputs.
+pub fn resident_step_bytes(req: &v1::ResidentStepRequest) -> u64 {
+    let t = |t: &Option<v1::Tensor>| t.as_ref().map_or(0, |t| t.data.len() as u64);
+    let r = |r: &Option<v1::RebuildInputs>| {
+        r.as_ref()
+            .map_or(0, |r| t(&r.hidden_states) + t(&r.timestep))
+    };
+    t(&req.hidden_states)
+        + t(&req.timestep)
+        + req
+            .branches
+            .iter()
+            .map(|b| map_bytes(&b.conditioning) + r(&b.previous) + r(&b.residual))
+            .sum::<u64>()
+}
+
 /// Stacks wire tensors along their first (batch) dimension without decoding them: same dtype
 /// and trailing dimensions required. Row-major layout makes this a byte concatenation.
 pub fn concat_batch(parts: &[&v1::Tensor]) -> Result<v1::Tensor, CodecError> {

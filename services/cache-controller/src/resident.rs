@@ -12,7 +12,7 @@
 
 use candle_core::{DType as CDType, Device, Tensor};
 use teaserve_proto::TensorMap;
-use teaserve_proto::codec::{decode_tensor, encode_tensor, map_bytes};
+use teaserve_proto::codec::{decode_tensor, encode_tensor, resident_step_bytes};
 use teaserve_proto::v1::{self, DType, ResidentPhase};
 
 use crate::cache_config::CachePlan;
@@ -205,7 +205,7 @@ impl Caller<'_> {
         req: v1::ResidentStepRequest,
     ) -> Result<v1::ResidentStepResponse, ControllerError> {
         let sent_conditioning = req.branches.iter().any(|b| !b.conditioning.is_empty());
-        self.traffic.add("to_denoiser", request_bytes(&req));
+        self.traffic.add("to_denoiser", resident_step_bytes(&req));
         let branches: Vec<&str> = session
             .branches
             .iter()
@@ -234,21 +234,6 @@ impl Caller<'_> {
         session.resident.endpoint = Some(called.endpoint);
         Ok(resp)
     }
-}
-
-fn request_bytes(req: &v1::ResidentStepRequest) -> u64 {
-    let t = |t: &Option<v1::Tensor>| t.as_ref().map_or(0, |t| t.data.len() as u64);
-    let r = |r: &Option<v1::RebuildInputs>| {
-        r.as_ref()
-            .map_or(0, |r| t(&r.hidden_states) + t(&r.timestep))
-    };
-    t(&req.hidden_states)
-        + t(&req.timestep)
-        + req
-            .branches
-            .iter()
-            .map(|b| map_bytes(&b.conditioning) + r(&b.previous) + r(&b.residual))
-            .sum::<u64>()
 }
 
 /// The timestep tensor of step `k` for a batch of `batch`, as the wire path makes it.

@@ -298,12 +298,12 @@ impl Step<'_> {
         )?))
     }
 
-    /// The blocks over a Preprocess result, and the residual `out - in` per stream (f32).
-    fn blocks(
+    /// RunBlocks (the wire handler) over a Preprocess result.
+    fn run_blocks(
         &self,
         pre: &v1::PreprocessResponse,
-    ) -> Result<(v1::RunBlocksResponse, HashMap<String, Tensor>), DenoiserError> {
-        let out = run_blocks(
+    ) -> Result<v1::RunBlocksResponse, DenoiserError> {
+        run_blocks(
             self.model,
             v1::RunBlocksRequest {
                 streams: pre.streams.clone(),
@@ -311,7 +311,15 @@ impl Step<'_> {
                 wire_dtype: self.wire(),
             },
             self.limits,
-        )?;
+        )
+    }
+
+    /// The blocks over a Preprocess result, and the residual `out - in` per stream (f32).
+    fn blocks(
+        &self,
+        pre: &v1::PreprocessResponse,
+    ) -> Result<(v1::RunBlocksResponse, HashMap<String, Tensor>), DenoiserError> {
+        let out = self.run_blocks(pre)?;
         let inputs = decode_streams(&pre.streams)?;
         let mut residual = HashMap::new();
         for (name, o) in decode_streams(&out.streams)? {
@@ -428,15 +436,7 @@ impl Step<'_> {
             self.req.timestep.as_ref(),
             "FUSED",
         )?;
-        let out = run_blocks(
-            self.model,
-            v1::RunBlocksRequest {
-                streams: pre.streams.clone(),
-                context: pre.context.clone(),
-                wire_dtype: self.wire(),
-            },
-            self.limits,
-        )?;
+        let out = self.run_blocks(&pre)?;
         let hidden =
             out.streams.get("hidden_states").cloned().ok_or_else(|| {
                 DenoiserError::Config("RunBlocks returned no hidden_states".into())

@@ -163,18 +163,7 @@ impl Payload for v1::DecodeResponse {
 }
 impl Payload for v1::ResidentStepRequest {
     fn payload_bytes(&self) -> u64 {
-        let t = |t: &Option<v1::Tensor>| t.as_ref().map_or(0, |t| t.data.len() as u64);
-        let r = |r: &Option<v1::RebuildInputs>| {
-            r.as_ref()
-                .map_or(0, |r| t(&r.hidden_states) + t(&r.timestep))
-        };
-        t(&self.hidden_states)
-            + t(&self.timestep)
-            + self
-                .branches
-                .iter()
-                .map(|b| map_bytes(&b.conditioning) + r(&b.previous) + r(&b.residual))
-                .sum::<u64>()
+        codec::resident_step_bytes(self)
     }
 }
 impl Payload for v1::ResidentStepResponse {
