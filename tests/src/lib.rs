@@ -567,6 +567,9 @@ pub struct RecordingProxy {
     /// The next this-many compute calls (RunBlocks, ResidentStep) fail with UNAVAILABLE (a
     /// lost connection, as the caller sees it) without reaching the denoiser.
     pub fail_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
+    /// ResidentStep answers UNIMPLEMENTED, as a denoiser from before resident mode does
+    /// (while Describe still reports the upstream's resident store).
+    pub resident_unimplemented: Arc<std::sync::atomic::AtomicBool>,
     /// The next this-many compute calls (RunBlocks, ResidentStep) are refused exactly as a
     /// denoiser whose compute queue is full refuses them (its own error mapping's status).
     pub queue_full_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
@@ -580,6 +583,7 @@ impl RecordingProxy {
             log: Arc::new(Mutex::new(Recorded::default())),
             fail_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             queue_full_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            resident_unimplemented: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -689,6 +693,14 @@ impl Denoiser for RecordingProxy {
         &self,
         req: Request<v1::ResidentStepRequest>,
     ) -> Result<Response<v1::ResidentStepResponse>, Status> {
+        if self
+            .resident_unimplemented
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(Status::unimplemented(
+                "Method not found: teaserve.v1.Denoiser/ResidentStep",
+            ));
+        }
         self.injected_fault()?;
         let req = req.into_inner();
         {

@@ -382,3 +382,40 @@ async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
     );
     assert!(!teaserve_proto::serving::is_resident_miss(&err));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_resident_mode_turns_the_session_to_wire_mode() {
+    let fx = Fixture::load("flux-tiny");
+    let d = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let (url, proxy) = RecordingProxy::start(&d).await;
+    let ctl = TestController::start(&["--denoiser", &url]).await;
+    let wire = TestController::start(&["--denoiser", &d.url(), WIRE[0], WIRE[1]]).await;
+    let req = flux_request(&fx, "tea_cache", 0.6, 10);
+    let want = generate(&wire, req.clone(), |_| {}).await.unwrap();
+    // From the first step: the whole generation runs in wire mode, the same bits.
+    proxy
+        .resident_unimplemented
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = generate(&ctl, req.clone(), |_| {}).await.unwrap();
+    same("old replica from the start", &got, &want);
+    assert!(proxy.log.lock().unwrap().preprocess > 0);
+    // From the middle (a rolling update replacing the replica): the generation completes;
+    // the step that switched computes (the previous indicator was kept on the denoiser).
+    proxy
+        .resident_unimplemented
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let flag = proxy.resident_unimplemented.clone();
+    let got = generate(&ctl, req, move |i| {
+        if i == 4 {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.steps.len(), 10);
+    let switched = &got.steps[5];
+    assert!(
+        switched.branches.iter().all(|b| b.computed && b.forced),
+        "{switched:?}"
+    );
+}

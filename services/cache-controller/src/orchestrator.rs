@@ -125,9 +125,28 @@ pub async fn run_step(
         // Tensor payload bytes to and from denoisers in this step.
         bytes = tracing::field::Empty,
     );
-    let result = step_once(session, pool, metrics, counts)
-        .instrument(span)
+    let mut result = step_once(session, pool, metrics, counts)
+        .instrument(span.clone())
         .await;
+    if let Err(e) = &result
+        && session.resident.on
+        && crate::resident::unsupported(e)
+    {
+        // A replica without resident mode (an older version joining during a rolling
+        // update): this session finishes in wire mode, from this very step.
+        tracing::warn!(
+            session_id = %session.id,
+            error = %e,
+            "a denoiser does not keep resident tensors; the session continues in wire mode"
+        );
+        for (b, state) in session.branches.iter_mut().zip(&snapshot) {
+            b.state = state.clone();
+        }
+        session.resident.on = false;
+        result = step_once(session, pool, metrics, counts)
+            .instrument(span)
+            .await;
+    }
     if result.is_err() {
         for (b, state) in session.branches.iter_mut().zip(snapshot) {
             b.state = state;

@@ -36,6 +36,24 @@ pub(crate) fn applies(
         && pool.resident_capable(&session.model_type)
 }
 
+/// Whether a failed resident call says the replica cannot do resident mode at all (an older
+/// version: UNIMPLEMENTED; or `--resident-bytes 0`), rather than failing this one call.
+pub(crate) fn unsupported(e: &ControllerError) -> bool {
+    match e {
+        ControllerError::Denoiser {
+            method: "ResidentStep",
+            code,
+            message,
+            ..
+        } => {
+            *code == tonic::Code::Unimplemented
+                || (*code == tonic::Code::FailedPrecondition
+                    && message.contains("resident mode is off"))
+        }
+        _ => false,
+    }
+}
+
 /// Runs step `at` in resident mode; returns each branch's decision and prediction.
 pub(crate) async fn step(
     session: &mut Session,
