@@ -141,6 +141,9 @@ async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
         "false",
     ])
     .await;
+    // Resident mode (the default): the branches run one after the other on the denoiser, so
+    // it gives exactly what separate wire calls give.
+    let resident = TestController::start(&["--denoiser", &url]).await;
     let mut c = ctl.client().await;
     // TeaCache off, and on at a threshold below every step's accumulated distance (so it
     // computes every step, through the TeaCache path).
@@ -161,9 +164,26 @@ async fn a_prompt_and_negative_prompt_become_the_pipelines_picture() {
                 steps,
                 "one call per step"
             );
-            let apart = generate_run(&mut unbatched.client().await, req)
+            let apart = generate_run(&mut unbatched.client().await, req.clone())
                 .await
                 .unwrap();
+            let kept = generate_run(&mut resident.client().await, req)
+                .await
+                .unwrap();
+            assert_eq!(
+                max_abs_diff(
+                    &decode(kept.result.latents.as_ref().unwrap()),
+                    &decode(apart.result.latents.as_ref().unwrap())
+                ),
+                0.0,
+                "{case} {adapter}: resident mode differs from separate wire calls"
+            );
+            assert_eq!(
+                png_pixels(&kept.result.image_png).to_vec3::<f32>().unwrap(),
+                png_pixels(&apart.result.image_png)
+                    .to_vec3::<f32>()
+                    .unwrap()
+            );
             check_within(
                 &format!("{case} {adapter} batched vs unbatched branches"),
                 &decode(run.result.latents.as_ref().unwrap()),
