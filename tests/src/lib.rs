@@ -551,6 +551,8 @@ pub struct Recorded {
     pub resident_steps: usize,
     /// ResidentStep calls sent with `rebuild` (after a resident miss).
     pub resident_rebuilds: usize,
+    /// Sessions whose resident tensors were released (ReleaseSession), in order.
+    pub released: Vec<String>,
     /// Every Preprocess call in arrival order: its timestep, its `encoder_hidden_states`
     /// (which tells CFG branches apart) and the modulated input it returned.
     pub modulated: Vec<(f32, v1::Tensor, Tensor)>,
@@ -715,10 +717,13 @@ impl Denoiser for RecordingProxy {
         &self,
         req: Request<v1::ReleaseSessionRequest>,
     ) -> Result<Response<v1::ReleaseSessionResponse>, Status> {
-        self.upstream
-            .clone()
-            .release_session(req.into_inner())
-            .await
+        let req = req.into_inner();
+        self.log
+            .lock()
+            .unwrap()
+            .released
+            .push(req.session_id.clone());
+        self.upstream.clone().release_session(req).await
     }
 }
 

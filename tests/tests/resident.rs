@@ -155,6 +155,18 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
             assert_eq!(log.resident_rebuilds, 0, "one healthy replica: no misses");
             drop(log);
             same(&format!("{fixture} {adapter} {thresh}"), &r, &w);
+            // The finished session's tensors are released on the denoiser.
+            let id = r.result.session_id.clone();
+            for _ in 0..200 {
+                if proxy.log.lock().unwrap().released.contains(&id) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            assert!(
+                proxy.log.lock().unwrap().released.contains(&id),
+                "{id} not released"
+            );
             reused += r.result.reused_steps;
             eprintln!(
                 "{fixture} {adapter} {thresh}: resident == wire, {} computed / {} reused",

@@ -187,8 +187,9 @@ async fn finish(
     Ok(result)
 }
 
-/// Frees a finished session's resident tensors on the replica holding them, in the
-/// background (best effort: the replica's time to live frees them otherwise).
+/// Frees a session's resident tensors on the replica holding them when its generation ends
+/// (finished, failed or cancelled), in the background (best effort: the replica's time to
+/// live frees them otherwise).
 fn release_resident(session: &Session, pool: &DenoiserPool) {
     let Some(endpoint) = session.resident.endpoint.clone() else {
         return;
@@ -247,6 +248,7 @@ async fn drive(
             r = orchestrator::run_step(&mut handle.session, &pool, &metrics, &mut counts) => r,
             () = tx.closed() => {
                 tracing::info!(session_id = %id, "Generate cancelled by the client; session freed");
+                release_resident(&handle.session, &pool);
                 return;
             }
         };
@@ -258,11 +260,13 @@ async fn drive(
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     tracing::info!(session_id = %id, "Generate cancelled by the client; session freed");
+                    release_resident(&handle.session, &pool);
                     return;
                 }
             }
             Err(e) => {
                 tracing::warn!(session_id = %id, error = %e, "generation failed");
+                release_resident(&handle.session, &pool);
                 let _ = tx.send(Err(e.into())).await;
                 return;
             }
@@ -426,6 +430,7 @@ impl CacheController for ControllerService {
         let id = req.into_inner().session_id;
         // Checking out first refuses to close a session another call is using.
         let handle = self.store.checkout(&id)?;
+        release_resident(&handle.session, &self.pool);
         self.store.remove(&id);
         drop(handle);
         tracing::info!(session_id = %id, "session closed");
