@@ -143,17 +143,18 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
             assert_eq!(proxy.log.lock().unwrap().resident_steps, 0);
             proxy.clear();
             let r = generate(&resident, req, |_| {}).await.unwrap();
-            let log = proxy.log.lock().unwrap();
-            // One call per step with caching off, two with TeaCache; no stage calls.
-            let per_step = if adapter == "none" { 1 } else { 2 };
-            assert_eq!(
-                log.resident_steps,
-                per_step * steps as usize,
-                "{fixture} {adapter}"
-            );
-            assert_eq!((log.preprocess, log.run_blocks, log.postprocess), (0, 0, 0));
-            assert_eq!(log.resident_rebuilds, 0, "one healthy replica: no misses");
-            drop(log);
+            {
+                let log = proxy.log.lock().unwrap();
+                // One call per step with caching off, two with TeaCache; no stage calls.
+                let per_step = if adapter == "none" { 1 } else { 2 };
+                assert_eq!(
+                    log.resident_steps,
+                    per_step * steps as usize,
+                    "{fixture} {adapter}"
+                );
+                assert_eq!((log.preprocess, log.run_blocks, log.postprocess), (0, 0, 0));
+                assert_eq!(log.resident_rebuilds, 0, "one healthy replica: no misses");
+            }
             same(&format!("{fixture} {adapter} {thresh}"), &r, &w);
             // The finished session's tensors are released on the denoiser.
             let id = r.result.session_id.clone();
