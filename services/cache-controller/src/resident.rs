@@ -209,7 +209,6 @@ impl Caller<'_> {
                     "resident miss: rebuilding on the denoiser"
                 );
                 self.rebuilt = true;
-                session.resident.conditioned = None;
                 let full = request(session, at, phase, decisions, true)?;
                 self.send(session, full).await
             }

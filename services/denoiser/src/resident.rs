@@ -34,8 +34,8 @@ pub struct Entry {
     pub indicator: Option<(u32, Vec<usize>, Arc<[f32]>)>,
     /// The last Preprocess result (streams and context as the wire would carry them).
     pub current: Option<(u32, Arc<v1::PreprocessResponse>)>,
-    /// The residual `out - in` per stream (f32) of the last computed step.
-    pub residual: Option<(u32, Arc<HashMap<String, Tensor>>)>,
+    /// The image stream's residual `out - in` (f32) of the last computed step.
+    pub residual: Option<(u32, Arc<Tensor>)>,
 }
 
 impl Entry {
@@ -54,9 +54,7 @@ impl Entry {
                     .map_or(0, |t| t.data.len() as u64)
         });
         let res = self.residual.as_ref().map_or(0, |(_, r)| {
-            r.values()
-                .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
-                .sum()
+            (r.elem_count() * r.dtype().size_in_bytes()) as u64
         });
         cond + ind + cur + res
     }

@@ -6,13 +6,12 @@
 //! and TeaCache's signal is [`teaserve_proto::signals::rel_l1`], the function the controller's
 //! policy uses. So a resident generation gives the same bits as a wire one.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType as CDType, Device, Tensor};
 use teaserve_proto::TensorMap;
 use teaserve_proto::codec::{decode_tensor, encode_tensor};
-use teaserve_proto::v1::{self, DType, ResidentPhase};
+use teaserve_proto::v1::{self, ResidentPhase};
 
 use crate::error::DenoiserError;
 use crate::registry::ModelAdapter;
@@ -41,10 +40,11 @@ fn decode_f32(t: &v1::Tensor) -> Result<Tensor, DenoiserError> {
         .to_dtype(CDType::F32)?)
 }
 
-fn decode_streams(map: &TensorMap) -> Result<HashMap<String, Tensor>, DenoiserError> {
-    map.iter()
-        .map(|(k, v)| Ok((k.clone(), decode_f32(v)?)))
-        .collect()
+/// The image stream of a stage's streams.
+fn hidden_states<'a>(streams: &'a TensorMap, stage: &str) -> Result<&'a v1::Tensor, DenoiserError> {
+    streams
+        .get("hidden_states")
+        .ok_or_else(|| DenoiserError::Config(format!("{stage} returned no hidden_states")))
 }
 
 /// Checks what the request names (ids, branches, phase) before anything runs.
@@ -314,19 +314,15 @@ impl Step<'_> {
         )
     }
 
-    /// The blocks over a Preprocess result, and the residual `out - in` per stream (f32).
+    /// The blocks over a Preprocess result, and the image stream's residual `out - in` (f32;
+    /// the only stream a reused step needs).
     fn blocks(
         &self,
         pre: &v1::PreprocessResponse,
-    ) -> Result<(v1::RunBlocksResponse, HashMap<String, Tensor>), DenoiserError> {
+    ) -> Result<(v1::RunBlocksResponse, Tensor), DenoiserError> {
         let out = self.run_blocks(pre)?;
-        let inputs = decode_streams(&pre.streams)?;
-        let mut residual = HashMap::new();
-        for (name, o) in decode_streams(&out.streams)? {
-            if let Some(i) = inputs.get(&name) {
-                residual.insert(name, (o - i)?);
-            }
-        }
+        let residual = (decode_f32(hidden_states(&out.streams, "RunBlocks")?)?
+            - decode_f32(hidden_states(&pre.streams, "Preprocess")?)?)?;
         Ok((out, residual))
     }
 
@@ -336,7 +332,7 @@ impl Step<'_> {
         b: &v1::ResidentBranch,
         entry: &Entry,
         cond: &TensorMap,
-    ) -> Result<Arc<HashMap<String, Tensor>>, DenoiserError> {
+    ) -> Result<Arc<Tensor>, DenoiserError> {
         let Some(want) = b.residual_step else {
             return Err(invalid(format!(
                 "branch '{}' reuses a residual but names no residual_step",
@@ -391,19 +387,10 @@ impl Step<'_> {
         let hidden = if b.compute {
             let (out, residual) = self.blocks(&pre)?;
             entry.residual = Some((self.req.step, Arc::new(residual)));
-            out.streams.get("hidden_states").cloned().ok_or_else(|| {
-                DenoiserError::Config("RunBlocks returned no hidden_states".into())
-            })?
+            hidden_states(&out.streams, "RunBlocks")?.clone()
         } else {
-            let residual = self.residual(b, &entry, &cond)?;
-            let inputs = decode_streams(&pre.streams)?;
-            let (Some(i), Some(r)) = (inputs.get("hidden_states"), residual.get("hidden_states"))
-            else {
-                return Err(miss(format!(
-                    "a hidden_states residual for branch '{}'",
-                    b.branch
-                )));
-            };
+            let r = self.residual(b, &entry, &cond)?;
+            let i = decode_f32(hidden_states(&pre.streams, "Preprocess")?)?;
             if i.dims() != r.dims() {
                 return Err(miss(format!(
                     "the kept residual of branch '{}' has shape {:?}, the stream {:?}",
@@ -412,13 +399,7 @@ impl Step<'_> {
                     i.dims()
                 )));
             }
-            let wire = DType::try_from(self.wire()).unwrap_or(DType::F32);
-            let wire = if wire == DType::DtypeUnspecified {
-                DType::F32
-            } else {
-                wire
-            };
-            encode_tensor(&(i + r)?, wire)?
+            encode_tensor(&(i + r.as_ref())?, output_dtype(self.wire())?)?
         };
         let sample = self.postprocess(hidden, &pre)?;
         self.store.put(key, entry);
@@ -429,7 +410,10 @@ impl Step<'_> {
         let key = self.key(b);
         let mut entry = self.store.get(&key, self.req.generation);
         let cond = self.conditioning(b, &mut entry)?;
-        self.store.put(key, entry);
+        if !b.conditioning.is_empty() {
+            // Only new conditioning changes the entry (`get` already marked it used).
+            self.store.put(key, entry);
+        }
         let pre = self.preprocess(
             &cond,
             self.req.hidden_states.as_ref(),
@@ -437,10 +421,7 @@ impl Step<'_> {
             "FUSED",
         )?;
         let out = self.run_blocks(&pre)?;
-        let hidden =
-            out.streams.get("hidden_states").cloned().ok_or_else(|| {
-                DenoiserError::Config("RunBlocks returned no hidden_states".into())
-            })?;
+        let hidden = hidden_states(&out.streams, "RunBlocks")?.clone();
         self.postprocess(hidden, &pre)
     }
 }

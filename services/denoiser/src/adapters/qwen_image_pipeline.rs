@@ -202,7 +202,7 @@ impl TextEncoder {
     /// `[:, :max_len]`, with its lengths before and after truncation.
     fn embed(&self, prompt: &str, max_len: usize) -> Result<(Tensor, PromptLength), DenoiserError> {
         let ids = self.template_ids(prompt)?;
-        let device = self.model_device();
+        let device = self.model.device();
         let len = ids.len();
         let ids = Tensor::from_vec(ids, (1, len), device)?;
         let states = self.model.forward(&ids)?;
@@ -226,10 +226,6 @@ impl TextEncoder {
         ))
     }
 
-    fn model_device(&self) -> &candle_core::Device {
-        self.model.device()
-    }
-
     /// `prompt_embeds [B, T, D]` padded with zeros to the longest prompt, and the mask
     /// `[B, T]` (1 = valid) unless every token is valid (the pipeline then passes none).
     fn encode(&self, prompts: &[String], max_len: usize) -> Result<Encoded, DenoiserError> {
@@ -241,7 +237,7 @@ impl TextEncoder {
             lengths.push(vec![l]);
         }
         let longest = lengths.iter().map(|l| l[0].kept).max().unwrap_or(0);
-        let device = self.model_device();
+        let device = self.model.device();
         let mut mask = Vec::with_capacity(prompts.len() * longest);
         let mut padded = Vec::with_capacity(prompts.len());
         for (e, l) in embeds.into_iter().zip(&lengths) {
