@@ -157,8 +157,31 @@ pub async fn run_step(
 
 /// A client span for one denoiser call, named `Denoiser/<method>`; the call's `traceparent`
 /// points at it, so the denoiser's server span is its child.
+/// Applies the shared-CFG extension (both branches compute when either needs to) and records
+/// every branch's decision as a span; both step paths finish their decisions with it.
+pub(crate) fn share_and_trace(
+    plan: &CachePlan,
+    branches: &mut [crate::session::BranchRun],
+    decisions: &mut [Decision],
+) {
+    if let CachePlan::TeaCache {
+        shared_cfg_decision: true,
+        ..
+    } = plan
+        && decisions.iter().any(|d| d.compute)
+    {
+        for (b, d) in branches.iter_mut().zip(decisions.iter_mut()) {
+            b.state.force_compute(d, Forced::SharedCfg);
+        }
+    }
+    let threshold = plan.threshold();
+    for (b, d) in branches.iter().zip(decisions.iter()) {
+        decide_span(b.branch, d, threshold);
+    }
+}
+
 /// Records one branch's decision as a `teacache.decide` span under the current step.
-pub(crate) fn decide_span(branch: Branch, d: &Decision, threshold: f64) {
+fn decide_span(branch: Branch, d: &Decision, threshold: f64) {
     let span = tracing::info_span!(
         "teacache.decide",
         branch = branch_name(branch),
@@ -371,20 +394,7 @@ async fn wire_step(
             }
         }
     }
-    if let CachePlan::TeaCache {
-        shared_cfg_decision: true,
-        ..
-    } = session.plan
-        && decisions.iter().any(|d| d.compute)
-    {
-        for (b, d) in session.branches.iter_mut().zip(decisions.iter_mut()) {
-            b.state.force_compute(d, Forced::SharedCfg);
-        }
-    }
-    let threshold = session.plan.threshold();
-    for (b, d) in session.branches.iter().zip(&decisions) {
-        decide_span(b.branch, d, threshold);
-    }
+    share_and_trace(&session.plan, &mut session.branches, &mut decisions);
 
     // 3. RunBlocks for the branches that compute (one batched call when allowed), the cached
     //    residual for the others, then Postprocess every branch concurrently.

@@ -18,7 +18,7 @@ use teaserve_proto::v1::{self, DType, ResidentPhase};
 use crate::cache_config::CachePlan;
 use crate::error::ControllerError;
 use crate::metrics::ControllerMetrics;
-use crate::orchestrator::{CallCounts, StepAt, Traffic, branch_name, decide_span};
+use crate::orchestrator::{CallCounts, StepAt, Traffic, branch_name, share_and_trace};
 use crate::policy::{Decision, Forced};
 use crate::pool::DenoiserPool;
 use crate::session::Session;
@@ -78,16 +78,12 @@ pub(crate) async fn step(
                 .await?;
             (decisions, resp.samples)
         }
-        CachePlan::TeaCache {
-            params,
-            shared_cfg_decision,
-            ..
-        } => {
+        CachePlan::TeaCache { params, .. } => {
             let signals = call
                 .run(session, at, ResidentPhase::Signal, &[])
                 .await?
                 .signals;
-            let decisions = decide(session, &params, shared_cfg_decision, at, &signals)?;
+            let decisions = decide(session, &params, at, &signals)?;
             let resp = call
                 .run(session, at, ResidentPhase::Advance, &decisions)
                 .await?;
@@ -130,7 +126,6 @@ pub(crate) async fn step(
 fn decide(
     session: &mut Session,
     params: &crate::policy::TeaCacheParams,
-    shared_cfg_decision: bool,
     at: &StepAt,
     signals: &[v1::BranchSignal],
 ) -> Result<Vec<Decision>, ControllerError> {
@@ -156,15 +151,7 @@ fn decide(
         }
         decisions.push(d);
     }
-    if shared_cfg_decision && decisions.iter().any(|d| d.compute) {
-        for (b, d) in session.branches.iter_mut().zip(decisions.iter_mut()) {
-            b.state.force_compute(d, Forced::SharedCfg);
-        }
-    }
-    let threshold = session.plan.threshold();
-    for (b, d) in session.branches.iter().zip(&decisions) {
-        decide_span(b.branch, d, threshold);
-    }
+    share_and_trace(&session.plan, &mut session.branches, &mut decisions);
     Ok(decisions)
 }
 
