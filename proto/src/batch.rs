@@ -34,14 +34,18 @@ pub fn stack_maps(
     Some(out)
 }
 
-/// One `RunBlocks` request holding every request of `reqs` (same wire dtype, stackable
-/// streams and context), and each request's batch size (rows of `hidden_states`).
+/// One `RunBlocks` request holding every request of `reqs` (same wire dtype and block range,
+/// stackable streams and context), and each request's batch size (rows of `hidden_states`).
 pub fn stack_run_blocks(
     reqs: &[&v1::RunBlocksRequest],
     batched: &dyn Fn(&str) -> Option<bool>,
 ) -> Option<(v1::RunBlocksRequest, Vec<i64>)> {
     let first = *reqs.first()?;
-    if reqs.iter().any(|r| r.wire_dtype != first.wire_dtype) {
+    if reqs.iter().any(|r| {
+        r.wire_dtype != first.wire_dtype
+            || r.first_block != first.first_block
+            || r.end_block != first.end_block
+    }) {
         return None;
     }
     let sizes: Vec<i64> = reqs
@@ -65,6 +69,8 @@ pub fn stack_run_blocks(
             streams,
             context,
             wire_dtype: first.wire_dtype,
+            first_block: first.first_block,
+            end_block: first.end_block,
         },
         sizes,
     ))
@@ -235,6 +241,7 @@ mod tests {
             streams: [("hidden_states".to_string(), t(rows, v))].into(),
             context: [("rope".to_string(), t(3, shared))].into(),
             wire_dtype: v1::DType::F32 as i32,
+            ..Default::default()
         }
     }
 
@@ -280,6 +287,7 @@ mod tests {
             .into(),
             context,
             wire_dtype: v1::DType::F32 as i32,
+            ..Default::default()
         }
     }
 

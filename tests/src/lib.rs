@@ -197,6 +197,7 @@ pub fn qwen_cfg_reference(
                         &pre.temb,
                         &rope,
                         inputs.encoder_hidden_states_mask.as_ref(),
+                        0..model.config().num_layers,
                     )
                     .unwrap();
                 if residuals == Residuals::PerBranch || k == 0 {

@@ -43,6 +43,7 @@ async fn run_blocks_request(
         streams: pre.streams,
         context: pre.context,
         wire_dtype: DType::F32 as i32,
+        ..Default::default()
     }
 }
 

@@ -44,6 +44,7 @@ async fn run_split(client: &mut Client, inputs: TensorMap, wire: DType) -> Split
             streams: pre.streams.clone(),
             context: pre.context.clone(),
             wire_dtype: wire as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -423,6 +424,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
             streams,
             context: pre.context.clone(),
             wire_dtype: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -445,6 +447,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
             streams: pre.streams.clone(),
             context: TensorMap::new(),
             wire_dtype: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -462,6 +465,7 @@ async fn bad_input_gets_clear_errors_and_server_keeps_serving() {
             streams: pre.streams.clone(),
             context,
             wire_dtype: 0,
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -58,6 +58,7 @@ fn qwen_image_tiny_matches_diffusers() {
                 &pre.temb,
                 &rope,
                 inputs.encoder_hidden_states_mask.as_ref(),
+                0..model.config().num_layers,
             )
             .unwrap();
         check(&fx, &k("blocks.hidden_states"), &img_out, &mut worst);

@@ -185,11 +185,12 @@ struct GenerateArgs {
         allow_hyphen_values = true
     )]
     sigmas: Vec<f64>,
-    /// Cache adapter: tea_cache or none; default: tea_cache when a TeaCache setting
-    /// (--rel-l1-thresh, --coefficients, ...) is given, else the controller's.
+    /// Cache adapter: tea_cache, first_block_cache, mag_cache or none; default: tea_cache when a
+    /// TeaCache setting (--rel-l1-thresh, --coefficients, ...) is given, else the controller's.
     #[arg(long, env = "TEASERVE_CACHE_ADAPTER")]
     cache_adapter: Option<String>,
-    /// TeaCache threshold (default 0.2); turns TeaCache on unless --cache-adapter says otherwise.
+    /// The threshold: TeaCache's rel_l1_thresh (default 0.2; turns TeaCache on unless
+    /// --cache-adapter says otherwise), or first_block_cache's / mag_cache's threshold.
     #[arg(
         long,
         env = "TEASERVE_REL_L1_THRESH",
@@ -224,6 +225,20 @@ struct GenerateArgs {
     /// TeaCache: CFG branches share one decision.
     #[arg(long, env = "TEASERVE_SHARED_CFG_DECISION")]
     shared_cfg_decision: bool,
+    /// mag_cache: most steps accumulated before a compute (default 3).
+    #[arg(long, env = "TEASERVE_MAX_SKIP_STEPS", allow_negative_numbers = true)]
+    max_skip_steps: Option<u32>,
+    /// mag_cache: share of the steps that always compute first (default 0.2).
+    #[arg(long, env = "TEASERVE_RETENTION_RATIO", allow_negative_numbers = true)]
+    retention_ratio: Option<f64>,
+    /// mag_cache: calibrated magnitude ratios, comma-separated (default: the model's).
+    #[arg(
+        long,
+        env = "TEASERVE_MAG_RATIOS",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    mag_ratios: Vec<f64>,
     /// Dtype of latents and streams on the wire.
     #[arg(long, env = "TEASERVE_WIRE_DTYPE", value_enum, default_value = "f32")]
     wire_dtype: WireDType,
@@ -453,17 +468,23 @@ async fn generate(a: &GenerateArgs, ctl: &ControllerArgs, mut ctrl_c: CtrlC) -> 
             default_steps(&models, &a.model_class_name)
         }
     };
+    // The threshold flag is the threshold of whichever policy runs.
+    let policy_threshold = matches!(adapter.as_str(), "mag_cache" | "first_block_cache");
     let req = v1::GenerateRequest {
         model_class_name: a.model_class_name.clone(),
         cache_adapter: adapter,
         cache_config: Some(v1::CacheConfig {
-            rel_l1_thresh: a.rel_l1_thresh,
+            rel_l1_thresh: a.rel_l1_thresh.filter(|_| !policy_threshold),
             model_type: a.model_type.clone(),
             coefficients: a.coefficients.clone(),
             warmup_steps: a.warmup_steps,
             cooldown_steps: a.cooldown_steps,
             max_consecutive_reuses: a.max_consecutive_reuses,
             shared_cfg_decision: a.shared_cfg_decision.then_some(true),
+            threshold: a.rel_l1_thresh.filter(|_| policy_threshold),
+            max_skip_steps: a.max_skip_steps,
+            retention_ratio: a.retention_ratio,
+            mag_ratios: a.mag_ratios.clone(),
         }),
         // 0: the model's default (or the number of sigmas); the controller checks they agree.
         num_inference_steps: a.steps.unwrap_or(0),

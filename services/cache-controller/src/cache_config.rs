@@ -13,10 +13,15 @@ use serde::Deserialize;
 use teaserve_proto::v1;
 
 use crate::models::{self, supported_list};
-use crate::policy::TeaCacheParams;
+use crate::policy::{FirstBlockParams, MagCacheParams, TeaCacheParams};
 
 /// Adapter names accepted by `cache_adapter`.
-pub const ADAPTERS: [&str; 2] = ["none", "tea_cache"];
+pub const ADAPTERS: [&str; 4] = ["none", "tea_cache", "first_block_cache", "mag_cache"];
+
+/// diffusers' `FirstBlockCacheConfig.threshold` default.
+pub const FIRST_BLOCK_THRESHOLD: f64 = 0.05;
+/// diffusers' `MagCacheConfig` defaults: threshold, max_skip_steps, retention_ratio.
+pub const MAG_DEFAULTS: (f64, u32, f64) = (0.06, 3, 0.2);
 
 /// A configuration mistake, reported as INVALID_ARGUMENT (or at startup).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -41,6 +46,14 @@ pub struct CacheConfigSpec {
     pub max_consecutive_reuses: Option<u32>,
     /// Extension: CFG branches share one decision.
     pub shared_cfg_decision: Option<bool>,
+    /// first_block_cache / mag_cache: the threshold.
+    pub threshold: Option<f64>,
+    /// mag_cache: most steps accumulated before a compute.
+    pub max_skip_steps: Option<u32>,
+    /// mag_cache: share of the steps that always compute first.
+    pub retention_ratio: Option<f64>,
+    /// mag_cache: calibrated magnitude ratios.
+    pub mag_ratios: Option<Vec<f64>>,
 }
 
 impl CacheConfigSpec {
@@ -62,6 +75,10 @@ impl CacheConfigSpec {
             cooldown_steps: c.cooldown_steps,
             max_consecutive_reuses: c.max_consecutive_reuses,
             shared_cfg_decision: c.shared_cfg_decision,
+            threshold: c.threshold,
+            max_skip_steps: c.max_skip_steps,
+            retention_ratio: c.retention_ratio,
+            mag_ratios: (!c.mag_ratios.is_empty()).then(|| c.mag_ratios.clone()),
         }
     }
 
@@ -78,6 +95,10 @@ impl CacheConfigSpec {
             cooldown_steps: self.cooldown_steps.or(base.cooldown_steps),
             max_consecutive_reuses: self.max_consecutive_reuses.or(base.max_consecutive_reuses),
             shared_cfg_decision: self.shared_cfg_decision.or(base.shared_cfg_decision),
+            threshold: self.threshold.or(base.threshold),
+            max_skip_steps: self.max_skip_steps.or(base.max_skip_steps),
+            retention_ratio: self.retention_ratio.or(base.retention_ratio),
+            mag_ratios: self.mag_ratios.clone().or_else(|| base.mag_ratios.clone()),
         }
     }
 
@@ -97,9 +118,40 @@ impl CacheConfigSpec {
                 "coefficients must be exactly 5 finite numbers (highest power first), got {c:?}"
             )));
         }
+        if let Some(t) = self.threshold
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err(ConfigError(format!(
+                "threshold must be a finite number >= 0 (first_block_cache: largest relative \
+                 change that reuses; mag_cache: largest accumulated error that skips), got {t}"
+            )));
+        }
+        if let Some(r) = self.retention_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(ConfigError(format!(
+                "retention_ratio must be a number in [0, 1] (the share of steps that always \
+                 compute first), got {r}"
+            )));
+        }
+        if let Some(m) = &self.mag_ratios
+            && (m.is_empty()
+                || m.len() > MAX_MAG_RATIOS
+                || m.iter().any(|x| !(x.is_finite() && *x > 0.0)))
+        {
+            let shown: Vec<f64> = m.iter().take(8).copied().collect();
+            return Err(ConfigError(format!(
+                "mag_ratios must be 1 to {MAX_MAG_RATIOS} finite numbers > 0 (e.g. Calibrate's \
+                 mag_ratios), got {} values starting {shown:?}",
+                m.len()
+            )));
+        }
         Ok(())
     }
 }
+
+/// Most `mag_ratios` values accepted.
+pub const MAX_MAG_RATIOS: usize = 1000;
 
 /// `--config stage.yaml`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -189,7 +241,8 @@ fn check_adapter(a: &str) -> Result<(), ConfigError> {
         Ok(())
     } else {
         Err(ConfigError(format!(
-            "Unknown cache adapter '{}'. Supported: ['none', 'tea_cache']",
+            "Unknown cache adapter '{}'. Supported: ['none', 'tea_cache', \
+             'first_block_cache', 'mag_cache']",
             teaserve_proto::quote(a)
         )))
     }
@@ -209,14 +262,20 @@ pub enum CachePlan {
         /// CFG branches share one decision.
         shared_cfg_decision: bool,
     },
+    /// diffusers' FirstBlockCache.
+    FirstBlockCache(FirstBlockParams),
+    /// diffusers' MagCache.
+    MagCache(MagCacheParams),
 }
 
 impl CachePlan {
-    /// `"none"` or `"tea_cache"`.
+    /// The `cache_adapter` name: `"none"`, `"tea_cache"`, `"first_block_cache"`, `"mag_cache"`.
     pub fn adapter(&self) -> &'static str {
         match self {
             CachePlan::None => "none",
             CachePlan::TeaCache { .. } => "tea_cache",
+            CachePlan::FirstBlockCache(_) => "first_block_cache",
+            CachePlan::MagCache(_) => "mag_cache",
         }
     }
 
@@ -225,6 +284,8 @@ impl CachePlan {
         match self {
             CachePlan::None => 0.0,
             CachePlan::TeaCache { params, .. } => params.rel_l1_thresh,
+            CachePlan::FirstBlockCache(p) => p.threshold,
+            CachePlan::MagCache(p) => p.threshold,
         }
     }
 }
@@ -248,8 +309,15 @@ pub fn resolve(
         .unwrap_or_default()
         .over(&defaults.cache_config);
     spec.validate()?;
-    if adapter == "none" {
-        return Ok(CachePlan::None);
+    match adapter {
+        "none" => return Ok(CachePlan::None),
+        "first_block_cache" => {
+            return Ok(CachePlan::FirstBlockCache(FirstBlockParams {
+                threshold: spec.threshold.unwrap_or(FIRST_BLOCK_THRESHOLD),
+            }));
+        }
+        "mag_cache" => return mag_cache_plan(&spec, model_class_name),
+        _ => {}
     }
     let model_type = match spec.model_type.as_deref() {
         Some(t) => t.to_string(),
@@ -286,6 +354,33 @@ pub fn resolve(
         },
         shared_cfg_decision: spec.shared_cfg_decision.unwrap_or(false),
     })
+}
+
+/// MagCache's plan: the request's ratios, or the model's defaults.
+fn mag_cache_plan(
+    spec: &CacheConfigSpec,
+    model_class_name: &str,
+) -> Result<CachePlan, ConfigError> {
+    let (threshold, max_skip_steps, retention_ratio) = MAG_DEFAULTS;
+    let mag_ratios = match &spec.mag_ratios {
+        Some(r) => r.clone(),
+        None => models::lookup(model_class_name)
+            .map(|m| m.mag_ratios.to_vec())
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "mag_cache needs mag_ratios for model '{}': it has no default ratios; run \
+                     Calibrate on it and pass the result's mag_ratios in cache_config",
+                    teaserve_proto::quote(model_class_name)
+                ))
+            })?,
+    };
+    Ok(CachePlan::MagCache(MagCacheParams {
+        threshold: spec.threshold.unwrap_or(threshold),
+        max_skip_steps: spec.max_skip_steps.unwrap_or(max_skip_steps),
+        retention_ratio: spec.retention_ratio.unwrap_or(retention_ratio),
+        mag_ratios,
+    }))
 }
 
 #[cfg(test)]
@@ -532,6 +627,7 @@ mod properties {
                         cooldown_steps: c,
                         max_consecutive_reuses: m,
                         shared_cfg_decision: shared,
+                        ..Default::default()
                     }
                 }),
         )

@@ -6,6 +6,7 @@ pub mod cache_config;
 pub mod calibration;
 pub mod config;
 pub mod error;
+mod first_block_step;
 pub mod metrics;
 pub mod models;
 pub mod orchestrator;

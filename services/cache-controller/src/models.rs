@@ -47,6 +47,8 @@ pub struct ModelDefaults {
     /// Whether the pipeline rescales the CFG result to the positive prediction's norm per
     /// token (`cfg_renorm` when a request leaves it unset).
     pub cfg_renorm: bool,
+    /// MagCache's default magnitude ratios (empty: requests must pass their own).
+    pub mag_ratios: &'static [f64],
 }
 
 /// TeaCache coefficients of the embedded TinyFluxPipeline, highest power first.
@@ -87,6 +89,8 @@ pub static MODELS: &[ModelDefaults] = &[
         max_sequence_length: 512,
         // FluxPipeline's true CFG is the plain combination.
         cfg_renorm: false,
+        // diffusers' FLUX_MAG_RATIOS (FLUX.1-dev, 28 steps).
+        mag_ratios: &crate::policy::mag_cache::FLUX_MAG_RATIOS,
     },
     ModelDefaults {
         model_type: "TinyFluxPipeline",
@@ -109,6 +113,7 @@ pub static MODELS: &[ModelDefaults] = &[
         // Its word-embedding encoder has a fixed length.
         max_sequence_length: 0,
         cfg_renorm: false,
+        mag_ratios: &[],
     },
     ModelDefaults {
         model_type: "QwenImagePipeline",
@@ -130,6 +135,7 @@ pub static MODELS: &[ModelDefaults] = &[
         max_sequence_length: 512,
         // QwenImagePipeline.__call__: comb * (||pos|| / ||comb||) per token.
         cfg_renorm: true,
+        mag_ratios: &[],
     },
 ];
 

@@ -52,6 +52,7 @@ fn batch_request(
             streams: p.streams.clone(),
             context: p.context.clone(),
             wire_dtype: wire as i32,
+            ..Default::default()
         })
         .collect();
     let batched = |name: &str| {
@@ -77,19 +78,19 @@ const TEXT: &str = "encoder_hidden_states";
 /// The text key mask a RunBlocks contract may take (`[B, T]`, 1 = valid).
 const TEXT_MASK: &str = "encoder_hidden_states_mask";
 
-fn decode_f32(t: &v1::Tensor, what: &str) -> Result<Tensor, ControllerError> {
+pub(crate) fn decode_f32(t: &v1::Tensor, what: &str) -> Result<Tensor, ControllerError> {
     decode_tensor(t, &Device::Cpu, usize::MAX)
         .and_then(|x| Ok(x.to_dtype(CDType::F32)?))
         .map_err(|e| ControllerError::Internal(format!("denoiser returned a bad {what}: {e}")))
 }
 
-fn decode_streams(map: &TensorMap) -> Result<HashMap<String, Tensor>, ControllerError> {
+pub(crate) fn decode_streams(map: &TensorMap) -> Result<HashMap<String, Tensor>, ControllerError> {
     map.iter()
         .map(|(k, v)| Ok((k.clone(), decode_f32(v, k)?)))
         .collect()
 }
 
-fn missing(what: &str, method: &str) -> ControllerError {
+pub(crate) fn missing(what: &str, method: &str) -> ControllerError {
     ControllerError::Internal(format!("denoiser {method} response lacks '{what}'"))
 }
 
@@ -97,10 +98,7 @@ fn missing(what: &str, method: &str) -> ControllerError {
 pub(crate) fn always_compute() -> Decision {
     Decision {
         compute: true,
-        forced: None,
-        rel_l1: None,
-        rescaled: None,
-        accumulated: 0.0,
+        ..Decision::default()
     }
 }
 
@@ -176,7 +174,35 @@ pub(crate) fn share_and_trace(
     }
     let threshold = plan.threshold();
     for (b, d) in branches.iter().zip(decisions.iter()) {
-        decide_span(b.branch, d, threshold);
+        match plan {
+            CachePlan::TeaCache { .. } | CachePlan::None => decide_span(b.branch, d, threshold),
+            _ => policy_span(plan.adapter(), b.branch, d, threshold),
+        }
+    }
+}
+
+/// Records one branch's decision by a policy other than TeaCache as a `cache.decide` span:
+/// the policy, the decision and the numbers it decided from.
+fn policy_span(policy: &'static str, branch: Branch, d: &Decision, threshold: f64) {
+    let numbers = d
+        .numbers
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let span = tracing::info_span!(
+        "cache.decide",
+        policy,
+        branch = branch_name(branch),
+        decision = if d.compute { "compute" } else { "reuse" },
+        forced = d.forced.is_some(),
+        forced_reason = tracing::field::Empty,
+        accumulated = d.accumulated,
+        threshold,
+        numbers,
+    );
+    if let Some(f) = d.forced {
+        span.record("forced_reason", tracing::field::debug(f));
     }
 }
 
@@ -366,6 +392,16 @@ async fn wire_step(
         );
     }
 
+    if let CachePlan::FirstBlockCache(params) = &session.plan {
+        crate::first_block_step::check_model(describe)?;
+        let params = params.clone();
+        let (mut decisions, preds) =
+            crate::first_block_step::step(session, pool, counts, &pre, &params, traffic).await?;
+        share_and_trace(&session.plan, &mut session.branches, &mut decisions);
+        record_path(traffic, metrics);
+        return Ok((decisions, preds));
+    }
+
     // 2. Decide per branch (pure policy), then apply the shared-CFG extension.
     let mut decisions = Vec::with_capacity(pre.len());
     let mut streams_in: Vec<Option<HashMap<String, Tensor>>> = Vec::with_capacity(pre.len());
@@ -391,6 +427,17 @@ async fn wire_step(
                 }
                 decisions.push(d);
                 streams_in.push(Some(streams));
+            }
+            CachePlan::MagCache(params) => {
+                let streams = decode_streams(&p.streams)?;
+                let kept = b.state.has_residuals_for(&streams);
+                decisions.push(b.state.mag.decide(params, n, kept));
+                streams_in.push(Some(streams));
+            }
+            CachePlan::FirstBlockCache(_) => {
+                return Err(ControllerError::Internal(
+                    "first_block_cache runs its own step".into(),
+                ));
             }
         }
     }
@@ -464,6 +511,7 @@ async fn wire_step(
                 streams: pre[k].streams.clone(),
                 context: pre[k].context.clone(),
                 wire_dtype: wire as i32,
+                ..Default::default()
             };
             run_blocks(req, names_of(&[k]))
         }))
@@ -554,16 +602,26 @@ async fn wire_step(
         let output = preds
             .first()
             .ok_or_else(|| missing("sample", "Postprocess"))?;
-        let record = (values(&modulated)?, values(&residual)?, values(output)?);
+        let channels = residual.dims().last().copied().unwrap_or(1);
+        let record = (
+            values(&modulated)?,
+            (values(&residual)?, channels),
+            values(output)?,
+        );
         if let Some(trace) = session.calibration.as_mut() {
             trace.record(i as u32, record.0, record.1, record.2);
         }
     }
+    record_path(traffic, metrics);
+    Ok((decisions, preds))
+}
+
+/// Records a wire step's path and bytes on its span and in the metrics.
+fn record_path(traffic: &Traffic<'_>, metrics: &ControllerMetrics) {
     let span = tracing::Span::current();
     span.record("path", "wire");
     span.record("bytes", traffic.total() as i64);
     metrics.path("wire");
-    Ok((decisions, preds))
 }
 
 /// Combines the branches' predictions (true CFG), moves the latents one Euler step, counts
@@ -577,6 +635,7 @@ fn finish_step(
     i: usize,
     started: Instant,
 ) -> Result<v1::StepEvent, ControllerError> {
+    let policy = session.plan.adapter();
     let branch_events = session
         .branches
         .iter()
@@ -588,6 +647,8 @@ fn finish_step(
             rel_l1: d.rel_l1,
             rescaled: d.rescaled,
             accumulated: d.accumulated,
+            policy: policy.to_string(),
+            numbers: d.numbers.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         })
         .collect();
     let pred = combine(session, preds)?;

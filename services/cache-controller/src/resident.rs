@@ -30,7 +30,11 @@ pub(crate) fn applies(
     describe: &v1::DescribeResponse,
     pool: &DenoiserPool,
 ) -> bool {
-    session.resident.on
+    // The policies after TeaCache decide in wire mode for now (their signals are not
+    // computed on the denoiser yet).
+    let policy = matches!(session.plan, CachePlan::None | CachePlan::TeaCache { .. });
+    policy
+        && session.resident.on
         && session.calibration.is_none()
         && describe.resident_budget_bytes > 0
         && pool.resident_capable(&session.model_type)
@@ -93,6 +97,12 @@ pub(crate) async fn step(
                 }
             }
             (decisions, resp.samples)
+        }
+        CachePlan::FirstBlockCache(_) | CachePlan::MagCache(_) => {
+            return Err(ControllerError::Internal(format!(
+                "{} does not run in resident mode",
+                session.plan.adapter()
+            )));
         }
     };
     prune_history(session, at.i);

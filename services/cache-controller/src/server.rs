@@ -343,6 +343,11 @@ impl CacheController for ControllerService {
                 default_guidance_scale: m.guidance_scale,
                 default_max_sequence_length: m.max_sequence_length,
                 default_cfg_renorm: m.cfg_renorm,
+                cache_adapters: crate::cache_config::ADAPTERS
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+                mag_ratios: m.mag_ratios.to_vec(),
             })
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))
@@ -485,7 +490,7 @@ impl ControllerService {
     async fn calibration_run(
         &self,
         req: &v1::GenerateRequest,
-    ) -> Result<Vec<calibration::Sample>, ControllerError> {
+    ) -> Result<calibration::Trace, ControllerError> {
         let (id, _) = self.create(req).await?;
         let _remove = RemoveOnDrop(self.store.clone(), id.clone());
         let mut handle = self.store.checkout(&id)?;
@@ -496,12 +501,7 @@ impl ControllerService {
                 .await?;
             handle.commit();
         }
-        Ok(handle
-            .session
-            .calibration
-            .take()
-            .map(|t| t.samples)
-            .unwrap_or_default())
+        Ok(handle.session.calibration.take().unwrap_or_default())
     }
 
     /// Runs every generation of `plan`, reporting progress on `tx`, then the fit.
@@ -510,7 +510,7 @@ impl ControllerService {
         plan: calibration::run::Plan,
         tx: mpsc::Sender<Result<v1::CalibrateEvent, Status>>,
     ) {
-        let mut samples = Vec::new();
+        let (mut samples, mut mag_ratios) = (Vec::new(), Vec::new());
         let total = plan.generations.len() as u32;
         for (k, req) in plan.generations.iter().enumerate() {
             let run = tokio::select! {
@@ -521,7 +521,10 @@ impl ControllerService {
                 }
             };
             match run {
-                Ok(s) => samples.extend(s),
+                Ok(trace) => {
+                    samples.extend(trace.samples);
+                    mag_ratios.push(trace.mag_ratios);
+                }
                 Err(e) => {
                     tracing::warn!(generation = k as i64, error = %e, "calibration run failed");
                     let _ = tx.send(Err(e.into())).await;
@@ -541,7 +544,7 @@ impl ControllerService {
                 return;
             }
         }
-        let msg = calibration::run::result(&plan, &samples).map(|r| {
+        let msg = calibration::run::result(&plan, &samples, &mag_ratios).map(|r| {
             tracing::info!(
                 samples = i64::from(r.samples),
                 r2 = r.r2,

@@ -98,7 +98,9 @@ impl Engine {
                 Ok(r) => r,
                 Err(panic) => Err(DenoiserError::Panic(panic_message(&panic))),
             };
-            span.record("compute_ms", started.elapsed().as_secs_f64() * 1e3);
+            let compute_ms = started.elapsed().as_secs_f64() * 1e3;
+            span.record("compute_ms", compute_ms);
+            tracing::debug!(stage = name, compute_ms, queue_wait_ms, "compute done");
             // The caller may have gone (cancelled RPC); nothing to do then.
             let _ = reply_tx.send(result);
         });

@@ -5,6 +5,7 @@
 //! those names onto its candle model in `models/`.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
@@ -56,6 +57,8 @@ pub struct ModelInfo {
     pub guidance_embeds: bool,
     /// Default and largest text length of EncodePrompt; 0 where there is no such setting.
     pub max_sequence_length: usize,
+    /// Transformer blocks RunBlocks runs, in execution order.
+    pub num_blocks: usize,
 }
 
 /// A part of a diffusers pipeline one denoiser may load (`--components`), so that large
@@ -120,6 +123,8 @@ pub struct DualStreamContract {
     pub extra_context: Vec<TensorSpec>,
     /// How the TeaCache indicator is computed, for Describe.
     pub indicator_description: &'static str,
+    /// Transformer blocks, in execution order.
+    pub num_blocks: usize,
 }
 
 impl DualStreamContract {
@@ -188,6 +193,7 @@ impl DualStreamContract {
             scheduler_config_json: String::new(),
             guidance_embeds: false,
             max_sequence_length: 0,
+            num_blocks: self.num_blocks,
         }
     }
 }
@@ -271,8 +277,14 @@ pub trait ModelAdapter: Send {
     fn info(&self) -> &ModelInfo;
     /// Embeds the model-native inputs.
     fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError>;
-    /// Runs every transformer block over the streams.
-    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError>;
+    /// Runs the transformer blocks `blocks` (indices in execution order, within
+    /// `info().num_blocks`) over the streams.
+    fn run_blocks(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError>;
     /// Final norm and projection.
     fn postprocess(
         &self,

@@ -309,6 +309,7 @@ impl Step<'_> {
                 streams: pre.streams.clone(),
                 context: pre.context.clone(),
                 wire_dtype: self.wire(),
+                ..Default::default()
             },
             self.limits,
         )

@@ -382,6 +382,7 @@ fn describe(
         guidance_embeds: info.guidance_embeds,
         max_sequence_length: u32::try_from(info.max_sequence_length).unwrap_or(u32::MAX),
         resident_budget_bytes,
+        num_blocks: u32::try_from(info.num_blocks).unwrap_or(u32::MAX),
     }
 }
 
@@ -449,7 +450,26 @@ fn check_run_blocks(
         max,
         &mut bindings,
     )?;
-    check_limits(&bindings, limits)
+    check_limits(&bindings, limits)?;
+    block_range(info, req).map(|_| ())
+}
+
+/// The blocks a RunBlocks request names (unset ends: every block), checked against the model.
+fn block_range(
+    info: &ModelInfo,
+    req: &v1::RunBlocksRequest,
+) -> Result<std::ops::Range<usize>, DenoiserError> {
+    let n = info.num_blocks;
+    let start = req.first_block.map_or(0, |b| b as usize);
+    let end = req.end_block.map_or(n, |b| b as usize);
+    if start >= end || end > n {
+        return Err(InputError::Invalid(format!(
+            "RunBlocks blocks {start}..{end} (first_block..end_block, end excluded) are not \
+             accepted: this model has {n} blocks, so 0 <= first_block < end_block <= {n}"
+        ))
+        .into());
+    }
+    Ok(start..end)
 }
 
 pub(crate) fn run_blocks(
@@ -464,7 +484,7 @@ pub(crate) fn run_blocks(
     let max = limits.max_message_bytes;
     let streams = decode_map(&req.streams, &stage.inputs, info, max)?;
     let context = decode_map(&req.context, &stage.context, info, max)?;
-    let out = model.run_blocks(&streams, &context)?;
+    let out = model.run_blocks(&streams, &context, block_range(info, &req)?)?;
     Ok(v1::RunBlocksResponse {
         streams: encode_map(&out, out_dtype)?,
     })

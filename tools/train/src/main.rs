@@ -168,6 +168,7 @@ fn fit_teacache(args: &Args) -> anyhow::Result<()> {
                 &pre.encoder_hidden_states,
                 &pre.temb,
                 &rope,
+                0..flux.num_blocks(),
             )?;
             let out = flux.postprocess(&img, &pre.temb)?;
             let m: Vec<f32> = pre.modulated_input.flatten_all()?.to_vec1()?;

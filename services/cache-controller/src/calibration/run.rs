@@ -128,7 +128,23 @@ pub fn plan(
 }
 
 /// Fits the polynomial over `samples` and packs the result.
-pub fn result(plan: &Plan, samples: &[Sample]) -> Result<v1::CalibrateResult, ControllerError> {
+/// MagCache's ratios: per step index, the mean over the generations that have that step.
+pub fn mean_mag_ratios(runs: &[Vec<f64>]) -> Vec<f64> {
+    let steps = runs.iter().map(Vec::len).max().unwrap_or(0);
+    (0..steps)
+        .map(|k| {
+            let at: Vec<f64> = runs.iter().filter_map(|r| r.get(k).copied()).collect();
+            at.iter().sum::<f64>() / at.len().max(1) as f64
+        })
+        .collect()
+}
+
+/// The fit over all samples, and MagCache's ratios (`mag_ratios`: one list per generation).
+pub fn result(
+    plan: &Plan,
+    samples: &[Sample],
+    mag_ratios: &[Vec<f64>],
+) -> Result<v1::CalibrateResult, ControllerError> {
     let xs: Vec<f64> = samples.iter().map(|s| s.x).collect();
     let ys: Vec<f64> = samples.iter().map(|s| s.y(plan.target)).collect();
     if xs.iter().chain(&ys).any(|v| !v.is_finite()) {
@@ -161,6 +177,7 @@ pub fn result(plan: &Plan, samples: &[Sample]) -> Result<v1::CalibrateResult, Co
             Target::Output => v1::CalibrationTarget::Output,
         } as i32,
         cache_config_json,
+        mag_ratios: mean_mag_ratios(mag_ratios),
     })
 }
 
@@ -254,7 +271,8 @@ mod tests {
             generations: vec![],
             target: Target::Residual,
         };
-        let r = result(&p, &samples).unwrap();
+        let r = result(&p, &samples, &[vec![1.0, 2.0, 4.0], vec![1.0, 4.0]]).unwrap();
+        assert_eq!(r.mag_ratios, vec![1.0, 3.0, 4.0]);
         let want = [0.0, 0.0, 2.0, 0.0, 0.1];
         for (g, w) in r.coefficients.iter().zip(want) {
             assert!((g - w).abs() < 0.05, "{:?}", r.coefficients);
@@ -263,7 +281,7 @@ mod tests {
         assert!(r.cache_config_json.contains("\"model_type\":\"M\""));
         // Too few samples to fit.
         assert!(matches!(
-            result(&p, &samples[..3]),
+            result(&p, &samples[..3], &[]),
             Err(ControllerError::FailedPrecondition(_))
         ));
     }

@@ -58,8 +58,8 @@ pub enum Forced {
     SharedCfg,
 }
 
-/// One branch's decision at one step.
-#[derive(Debug, Clone, PartialEq)]
+/// One branch's decision at one step (every policy reports in this shape).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Decision {
     /// Run the blocks (true) or reuse the cached residual (false).
     pub compute: bool,
@@ -71,6 +71,10 @@ pub struct Decision {
     pub rescaled: Option<f64>,
     /// The accumulator as compared with the threshold (0 on forced steps).
     pub accumulated: f64,
+    /// The numbers the policy decided from, named as the reference implementation names
+    /// them (MagCache's `accumulated_err`, FirstBlockCache's `rel_diff`, ...); empty for
+    /// TeaCache, whose numbers are the fields above.
+    pub numbers: Vec<(&'static str, f64)>,
 }
 
 /// The previous step's indicator as the policy remembers it.
@@ -96,6 +100,10 @@ pub struct BranchState {
     consecutive_reuses: u32,
     /// Resident mode: the step whose residual the denoiser keeps for this branch.
     resident_residual: Option<usize>,
+    /// MagCache's accumulators (its residual is the one above).
+    pub mag: super::mag_cache::MagState,
+    /// FirstBlockCache's kept residuals.
+    pub first_block: super::first_block::FirstBlockState,
 }
 
 impl BranchState {
@@ -206,14 +214,13 @@ impl BranchState {
                     rel_l1: Some(rel),
                     rescaled: Some(rescaled),
                     accumulated: compared,
+                    numbers: Vec::new(),
                 }
             }
             Some(forced) => Decision {
                 compute: true,
                 forced: Some(forced),
-                rel_l1: None,
-                rescaled: None,
-                accumulated: 0.0,
+                ..Decision::default()
             },
         };
         if decision.compute {

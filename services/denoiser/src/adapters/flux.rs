@@ -4,6 +4,8 @@
 //! `img_ids` `[N, 3]` from which RunBlocks rebuilds the rotary tables (a few KiB on the wire
 //! instead of the tables' `(T+N) x head_dim` floats).
 
+use std::ops::Range;
+
 use candle_core::Tensor;
 
 use crate::error::DenoiserError;
@@ -127,6 +129,7 @@ impl FluxAdapter {
             temb_description: "conditioning vector (timestep + guidance + pooled text)",
             extra_context: vec![img_ids, txt_ids],
             indicator_description: "TeaCache indicator: transformer_blocks[0].norm1(hidden_states, temb)[0]",
+            num_blocks: c.num_layers + c.num_single_layers,
         }
         .info(config_json, dtype, device.clone());
         ModelInfo {
@@ -174,7 +177,12 @@ impl ModelAdapter for FluxAdapter {
         })
     }
 
-    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
+    fn run_blocks(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
         let rope = self
             .model
             .rope(required(context, "txt_ids")?, required(context, "img_ids")?)?;
@@ -183,6 +191,7 @@ impl ModelAdapter for FluxAdapter {
             required(streams, "encoder_hidden_states")?,
             required(context, "temb")?,
             &rope,
+            blocks,
         )?;
         Ok(Tensors::from([
             ("hidden_states".to_string(), img),

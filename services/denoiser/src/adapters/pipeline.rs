@@ -4,6 +4,8 @@
 //! latent shape checks of text mode, and the error for a component this denoiser did not
 //! load.
 
+use std::ops::Range;
+
 use crate::error::DenoiserError;
 use crate::loader::PipelineSource;
 use candle_core::Tensor;
@@ -171,8 +173,14 @@ impl<T: ModelAdapter, M: TextMode + Send> ModelAdapter for PipelineAdapter<T, M>
         self.transformer("Preprocess")?.preprocess(inputs)
     }
 
-    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
-        self.transformer("RunBlocks")?.run_blocks(streams, context)
+    fn run_blocks(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        self.transformer("RunBlocks")?
+            .run_blocks(streams, context, blocks)
     }
 
     fn postprocess(

@@ -5,6 +5,8 @@
 //! Context carried between stages: `temb`, `img_shapes`, and `encoder_hidden_states_mask`
 //! when given; RunBlocks rebuilds the rotary tables and the attention mask from them.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::DenoiserError;
@@ -109,6 +111,7 @@ impl QwenImageAdapter {
             extra_context: vec![img_shapes, mask],
             indicator_description:
                 "TeaCache indicator: img_norm1(hidden) modulated by img_mod(temb) chunk 0 of block 0",
+            num_blocks: c.num_layers,
         }
         .info(config_json, dtype, device.clone())
     }
@@ -185,7 +188,12 @@ impl ModelAdapter for QwenImageAdapter {
         })
     }
 
-    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
+    fn run_blocks(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
         let img = required(streams, "hidden_states")?;
         let txt = required(streams, "encoder_hidden_states")?;
         let shape = img_shape(required(context, "img_shapes")?, img.dim(1)?)?;
@@ -196,6 +204,7 @@ impl ModelAdapter for QwenImageAdapter {
             required(context, "temb")?,
             &rope,
             context.get("encoder_hidden_states_mask"),
+            blocks,
         )?;
         Ok(Tensors::from([
             ("hidden_states".to_string(), img),

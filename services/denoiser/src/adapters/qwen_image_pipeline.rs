@@ -524,7 +524,7 @@ mod tests {
         }
         // The transformer's stages were not loaded here.
         let err = a
-            .run_blocks(&Tensors::new(), &Tensors::new())
+            .run_blocks(&Tensors::new(), &Tensors::new(), 0..1)
             .err()
             .unwrap();
         assert!(err.to_string().contains("--components vae"), "{err}");

@@ -4,6 +4,8 @@
 //! unpatchifying to pixels. Trained by `tools/train`; the weights ship in the repository
 //! (`models/tiny-flux`) and are compiled into the denoiser.
 
+use std::ops::Range;
+
 use candle_core::{DType, Tensor};
 
 use crate::adapters::flux::FluxAdapter;
@@ -111,8 +113,13 @@ impl ModelAdapter for TinyFluxAdapter {
         self.flux.preprocess(inputs)
     }
 
-    fn run_blocks(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
-        self.flux.run_blocks(streams, context)
+    fn run_blocks(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        self.flux.run_blocks(streams, context, blocks)
     }
 
     fn postprocess(

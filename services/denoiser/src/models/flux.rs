@@ -11,6 +11,8 @@
 //!
 //! [`Flux::forward`] composes them and is the monolithic reference.
 
+use std::ops::Range;
+
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -377,16 +379,38 @@ impl Flux {
         Ok((img, txt))
     }
 
-    /// Runs every transformer block; returns `(hidden_states, encoder_hidden_states)`.
+    /// Transformer blocks in execution order: the double-stream ones, then the single-stream.
+    pub fn num_blocks(&self) -> usize {
+        self.double_blocks.len() + self.single_blocks.len()
+    }
+
+    /// Runs the transformer blocks `blocks` (indices in execution order, see
+    /// [`Flux::num_blocks`]); returns `(hidden_states, encoder_hidden_states)`.
     pub fn run_blocks(
         &self,
         img: &Tensor,
         txt: &Tensor,
         temb: &Tensor,
         rope: &(Tensor, Tensor),
+        blocks: Range<usize>,
     ) -> Result<(Tensor, Tensor)> {
-        let (img, txt) = self.run_double_blocks(img, txt, temb, rope)?;
-        self.run_single_blocks(&img, &txt, temb, rope)
+        if blocks.start > blocks.end || blocks.end > self.num_blocks() {
+            candle_core::bail!(
+                "blocks {}..{} out of 0..{}",
+                blocks.start,
+                blocks.end,
+                self.num_blocks()
+            )
+        }
+        let doubles = self.double_blocks.len();
+        let (mut img, mut txt) = (img.clone(), txt.clone());
+        for i in blocks {
+            (img, txt) = match i.checked_sub(doubles) {
+                None => self.double_blocks[i].forward(&img, &txt, temb, rope, None)?,
+                Some(s) => self.single_blocks[s].forward(&img, &txt, temb, rope)?,
+            };
+        }
+        Ok((img, txt))
     }
 
     /// `norm_out` (AdaLayerNormContinuous, scale first) then `proj_out`: the model output.
@@ -405,6 +429,7 @@ impl Flux {
             &pre.encoder_hidden_states,
             &pre.temb,
             &rope,
+            0..self.num_blocks(),
         )?;
         self.postprocess(&img, &pre.temb)
     }

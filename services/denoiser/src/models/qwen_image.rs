@@ -11,6 +11,8 @@
 //! - [`QwenImage::run_blocks`]: every block;
 //! - [`QwenImage::postprocess`]: `norm_out` and `proj_out`.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{RmsNorm, VarBuilder};
 use serde::Deserialize;
@@ -321,10 +323,19 @@ impl QwenImage {
         temb: &Tensor,
         rope: &(Tensor, Tensor),
         mask: Option<&Tensor>,
+        blocks: Range<usize>,
     ) -> Result<(Tensor, Tensor)> {
+        let Some(selected) = self.blocks.get(blocks.clone()) else {
+            candle_core::bail!(
+                "blocks {}..{} out of 0..{}",
+                blocks.start,
+                blocks.end,
+                self.blocks.len()
+            )
+        };
         let bias = mask.map(|m| self.key_bias(m, img.dim(1)?)).transpose()?;
         let (mut img, mut txt) = (img.clone(), txt.clone());
-        for block in &self.blocks {
+        for block in selected {
             (img, txt) = block.forward(&img, &txt, temb, rope, bias.as_ref())?;
         }
         Ok((img, txt))
@@ -347,6 +358,7 @@ impl QwenImage {
             &pre.temb,
             &rope,
             inputs.encoder_hidden_states_mask.as_ref(),
+            0..self.blocks.len(),
         )?;
         self.postprocess(&img, &pre.temb)
     }
