@@ -113,11 +113,8 @@ pub fn plan(
                 teaserve_proto::quote(&model_type)
             )));
         }
-        if !r.negative_inputs.is_empty() || r.negative_prompt.is_some() {
-            return Err(invalid(format!(
-                "requests[{i}]: calibration runs without CFG; drop negative_inputs / negative_prompt"
-            )));
-        }
+        // With true CFG the POSITIVE branch is recorded, on the CFG trajectory (diffusers'
+        // MagCache calibration's 'cond' list).
         generations.push(uncached(r.clone()));
     }
     Ok(Plan {
