@@ -1,8 +1,8 @@
 //! MagCache, exactly as diffusers' `MagCacheConfig` hooks decide (diffusers 0.42.1,
 //! `hooks/mag_cache.py`), per CFG branch.
 //!
-//! The decision never looks at the data: from the step `retention_step = int(retention_ratio
-//! * N + 0.5)` on, every call multiplies the accumulated ratio by the calibrated magnitude
+//! The decision never looks at the data: from the step
+//! `retention_step = int(retention_ratio * N + 0.5)` on, every call multiplies the accumulated ratio by the calibrated magnitude
 //! ratio of its step, counts one more step and adds `|1 - ratio|` to the accumulated error
 //! (all float32, as diffusers' tensors are); the blocks are skipped while a residual is kept,
 //! the error is within `threshold` and at most `max_skip_steps` steps accumulated; a compute
