@@ -266,11 +266,11 @@ async fn bad_configs_get_the_seed_messages_and_the_controller_keeps_serving() {
     expect_invalid(
         &mut c,
         v1::GenerateRequest {
-            cache_adapter: "first_block_cache".into(),
+            cache_adapter: "fb_cache".into(),
             ..good.clone()
         },
         Code::InvalidArgument,
-        "Unknown cache adapter 'first_block_cache'. Supported: ['none', 'tea_cache']",
+        "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache']",
     )
     .await;
     expect_invalid(

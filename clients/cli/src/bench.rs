@@ -23,6 +23,8 @@ use teaserve_proto::{TensorMap, decode_tensor, encode_tensor};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
+mod policies;
+
 use crate::output::{Output, png_file_detail};
 use crate::plot::{Series, line_chart};
 use crate::rpc::status_error;
@@ -45,6 +47,9 @@ pub enum Section {
     /// synthetic FLUX 3072 wide, the recovery cost of a miss, and the protocol's bytes at
     /// FLUX.1-dev 1024x1024 and Qwen-Image 1328x1328.
     RealWidth,
+    /// Every cache policy (TeaCache, FirstBlockCache, MagCache) at a few settings on the
+    /// embedded model and the tiny FLUX / Qwen-Image pipelines: computed steps, speedup, PSNR.
+    Policies,
 }
 
 /// Options of `teaserve bench`.
@@ -54,8 +59,17 @@ pub struct BenchArgs {
     #[arg(long, env = "TEASERVE_BENCH_OUT_DIR", default_value = "bench-results")]
     out_dir: PathBuf,
     /// Sections to run (comma-separated).
-    #[arg(long, env = "TEASERVE_BENCH_SECTIONS", value_enum, value_delimiter = ',', default_values_t = [Section::Overhead, Section::Cache, Section::Wire, Section::Scaling, Section::RealWidth])]
+    #[arg(long, env = "TEASERVE_BENCH_SECTIONS", value_enum, value_delimiter = ',', default_values_t = [Section::Overhead, Section::Cache, Section::Wire, Section::Scaling, Section::RealWidth, Section::Policies])]
     sections: Vec<Section>,
+    /// Folder holding the tiny pipeline folders the policy comparison runs
+    /// (`flux-pipeline-tiny`, `qwen-image-pipeline-tiny`; the repository's test fixtures).
+    /// Missing ones are skipped.
+    #[arg(
+        long,
+        env = "TEASERVE_BENCH_FIXTURES",
+        default_value = "tests/fixtures"
+    )]
+    fixtures: PathBuf,
     /// Denoising steps per generation.
     #[arg(
         long,
@@ -1103,6 +1117,7 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<()> {
         machine()
     ));
     let mut points = Vec::new();
+    let mut policy_points = Vec::new();
     let mut plot = None;
     for section in &a.sections {
         let mut err = std::io::stderr().lock();
@@ -1114,8 +1129,10 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<()> {
             Section::Wire => wire(a, &synthetic, &mut r).await?,
             Section::Scaling => scaling(a, &synthetic, &mut r).await?,
             Section::RealWidth => real_width(a, &scratch, &mut r).await?,
+            Section::Policies => policy_points = policies::policies(a, &a.fixtures, &mut r).await?,
         }
     }
+    let policy_plot = policy_chart(a, &policy_points, &mut r)?;
     if !points.is_empty() {
         let png = Output::new(a.out_dir.join("threshold.png"));
         let reference: Vec<(f64, f64)> = REFERENCE.to_vec();
@@ -1163,10 +1180,48 @@ pub async fn bench(a: &BenchArgs) -> anyhow::Result<()> {
         "{}",
         report.wrote(&format!("(sections: {})", sections.join(", ")))
     )?;
-    if let Some(png) = plot {
+    for png in plot.iter().chain(&policy_plot) {
         writeln!(out, "{}", png.wrote(&png_file_detail(png.path())))?;
     }
     Ok(())
+}
+
+/// The policy comparison's plot (speedup against PSNR, one colour per policy), if it ran.
+fn policy_chart(
+    a: &BenchArgs,
+    points: &[policies::Point],
+    r: &mut Report,
+) -> anyhow::Result<Option<Output>> {
+    if points.is_empty() {
+        return Ok(None);
+    }
+    let png = Output::new(a.out_dir.join("policies.png"));
+    let series: Vec<Series> = [
+        ("tea_cache", [40, 90, 200]),
+        ("first_block_cache", [200, 50, 40]),
+        ("mag_cache", [40, 160, 60]),
+    ]
+    .into_iter()
+    .map(|(policy, colour)| {
+        Series::scatter(
+            policy,
+            colour,
+            points
+                .iter()
+                .filter(|p| p.policy == policy)
+                .map(|p| (p.speedup, p.psnr))
+                .collect(),
+        )
+    })
+    .collect();
+    line_chart(
+        png.path(),
+        "Cache policies: PSNR (dB) against speedup",
+        "speedup (x)",
+        &series,
+    )?;
+    r.line("![PSNR against speedup per policy](policies.png)\n");
+    Ok(Some(png))
 }
 
 /// A scratch folder for the synthetic model's files.

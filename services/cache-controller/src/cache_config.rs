@@ -419,7 +419,7 @@ mod tests {
         );
         assert_eq!(
             err(resolve(&d, "fb_cache", None, "FluxPipeline")),
-            "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache']"
+            "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache']"
         );
         assert!(
             err(resolve(
