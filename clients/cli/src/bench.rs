@@ -1197,14 +1197,14 @@ fn policy_chart(
     }
     let png = Output::new(a.out_dir.join("policies.png"));
     let series: Vec<Series> = [
-        ("tea_cache", [40, 90, 200]),
-        ("first_block_cache", [200, 50, 40]),
-        ("mag_cache", [40, 160, 60]),
+        ("tea_cache", "TeaCache", [40, 90, 200]),
+        ("first_block_cache", "FirstBlockCache", [200, 50, 40]),
+        ("mag_cache", "MagCache", [40, 160, 60]),
     ]
     .into_iter()
-    .map(|(policy, colour)| {
+    .map(|(policy, label, colour)| {
         Series::scatter(
-            policy,
+            label,
             colour,
             points
                 .iter()

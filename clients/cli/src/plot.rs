@@ -228,7 +228,8 @@ pub fn line_chart(
         .map(|s| s.points.iter().map(|p| p.0).collect())
         .unwrap_or_default();
     xticks.dedup();
-    if xticks.len() > 8 {
+    // Scatter points fall anywhere: evenly spaced ticks then.
+    if xticks.len() > 8 || series.first().is_some_and(|s| s.markers_only) {
         xticks = (0..=4)
             .map(|i| {
                 let x = xs.0 + (xs.1 - xs.0) * f64::from(i) / 4.0;
