@@ -35,14 +35,17 @@ pub fn stack_maps(
 }
 
 /// One `RunBlocks` request holding every request of `reqs` (same wire dtype and block range,
-/// stackable streams and context), and each request's batch size (rows of `hidden_states`).
+/// no attention tensors, stackable streams and context), and each request's batch size (rows of `hidden_states`).
 pub fn stack_run_blocks(
     reqs: &[&v1::RunBlocksRequest],
     batched: &dyn Fn(&str) -> Option<bool>,
 ) -> Option<(v1::RunBlocksRequest, Vec<i64>)> {
     let first = *reqs.first()?;
     if reqs.iter().any(|r| {
-        r.wire_dtype != first.wire_dtype
+        // TaylorSeer's attention tensors are per request: such calls run alone.
+        !r.attention.is_empty()
+            || r.return_attention
+            || r.wire_dtype != first.wire_dtype
             || r.first_block != first.first_block
             || r.end_block != first.end_block
     }) {
@@ -71,6 +74,7 @@ pub fn stack_run_blocks(
             wire_dtype: first.wire_dtype,
             first_block: first.first_block,
             end_block: first.end_block,
+            ..Default::default()
         },
         sizes,
     ))

@@ -270,7 +270,7 @@ async fn bad_configs_get_the_seed_messages_and_the_controller_keeps_serving() {
             ..good.clone()
         },
         Code::InvalidArgument,
-        "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache']",
+        "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache', 'taylor_seer']",
     )
     .await;
     expect_invalid(

@@ -1,4 +1,4 @@
-//! FirstBlockCache and MagCache end to end against diffusers' own hooks
+//! FirstBlockCache, MagCache and TaylorSeer end to end against diffusers' own hooks
 //! (`tests/fixtures/policies`: diffusers 0.42.1's `enable_cache` run inside the unmodified
 //! FluxPipeline / QwenImagePipeline on the tiny pipeline folders, with every hook decision
 //! recorded). A denoiser serving the folder, a controller, real gRPC: every decision per step
@@ -99,6 +99,21 @@ fn cache(run: &Run) -> (&'static str, v1::CacheConfig) {
                 ..Default::default()
             },
         ),
+        "taylorseer" => (
+            "taylor_seer",
+            v1::CacheConfig {
+                cache_interval: s["cache_interval"].as_u64().map(|v| v as u32),
+                disable_cache_before_step: s["disable_cache_before_step"]
+                    .as_u64()
+                    .map(|v| v as u32),
+                max_order: s["max_order"].as_u64().map(|v| v as u32),
+                taylor_factors_dtype: s["taylor_factors_dtype"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .into(),
+                ..Default::default()
+            },
+        ),
         p => panic!("no policy {p}"),
     }
 }
@@ -174,11 +189,12 @@ async fn policy_runs_as_diffusers(pipeline: &str, runs: &[&str]) {
             }
         }
         check_decisions(&what, &run, &got.steps);
+        // teaserve counts a forecast step as not computed, like a reused one.
         let reused: u64 = run.json["counts"]
             .as_object()
             .unwrap()
             .values()
-            .map(|c| c["reused"].as_u64().unwrap())
+            .map(|c| c["reused"].as_u64().unwrap() + c["forecast"].as_u64().unwrap())
             .sum();
         assert_eq!(u64::from(got.result.reused_steps), reused, "{what}: reused");
         assert!(reused > 0, "{what}: the fixture reuses");
@@ -201,19 +217,27 @@ async fn policy_runs_as_diffusers(pipeline: &str, runs: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flux_first_block_cache_and_mag_cache_decide_as_diffusers() {
+async fn flux_first_block_cache_mag_cache_and_taylor_seer_decide_as_diffusers() {
     policy_runs_as_diffusers(
         "flux-pipeline-tiny",
-        &["p0__fbc_t0.7", "p0__magcache_cal_t0.1"],
+        &[
+            "p0__fbc_t0.7",
+            "p0__magcache_cal_t0.1",
+            "p0__taylorseer_o2_i3",
+        ],
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qwen_first_block_cache_and_mag_cache_decide_as_diffusers() {
+async fn qwen_first_block_cache_mag_cache_and_taylor_seer_decide_as_diffusers() {
     policy_runs_as_diffusers(
         "qwen-image-pipeline-tiny",
-        &["p0__fbc_t1.2", "p0__magcache_cal_t0.25"],
+        &[
+            "p0__fbc_t1.2",
+            "p0__magcache_cal_t0.25",
+            "p0__taylorseer_o2_i3",
+        ],
     )
     .await;
 }
@@ -327,9 +351,33 @@ async fn bad_policy_settings_are_invalid_arguments() {
             "mag_cache needs mag_ratios for model 'QwenImagePipeline'",
         ),
         (
+            "taylor_seer",
+            v1::CacheConfig {
+                cache_interval: Some(0),
+                ..Default::default()
+            },
+            "cache_interval must be >= 1",
+        ),
+        (
+            "taylor_seer",
+            v1::CacheConfig {
+                max_order: Some(9),
+                ..Default::default()
+            },
+            "max_order must be 0 to 8",
+        ),
+        (
+            "taylor_seer",
+            v1::CacheConfig {
+                taylor_factors_dtype: "int8".into(),
+                ..Default::default()
+            },
+            "taylor_factors_dtype must be 'bfloat16', 'float32' or 'float16', got 'int8'",
+        ),
+        (
             "magic_cache",
             v1::CacheConfig::default(),
-            "Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache']",
+            "Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache', 'taylor_seer']",
         ),
     ];
     for (adapter, config, want) in cases {

@@ -47,7 +47,7 @@ pub enum Section {
     /// synthetic FLUX 3072 wide, the recovery cost of a miss, and the protocol's bytes at
     /// FLUX.1-dev 1024x1024 and Qwen-Image 1328x1328.
     RealWidth,
-    /// Every cache policy (TeaCache, FirstBlockCache, MagCache) at a few settings on the
+    /// Every cache policy (TeaCache, FirstBlockCache, MagCache, TaylorSeer) at a few settings on the
     /// embedded model and the tiny FLUX / Qwen-Image pipelines: computed steps, speedup, PSNR.
     Policies,
 }
@@ -1200,6 +1200,7 @@ fn policy_chart(
         ("tea_cache", "TeaCache", [40, 90, 200]),
         ("first_block_cache", "FirstBlockCache", [200, 50, 40]),
         ("mag_cache", "MagCache", [40, 160, 60]),
+        ("taylor_seer", "TaylorSeer", [150, 60, 170]),
     ]
     .into_iter()
     .map(|(policy, label, colour)| {

@@ -185,7 +185,8 @@ struct GenerateArgs {
         allow_hyphen_values = true
     )]
     sigmas: Vec<f64>,
-    /// Cache adapter: tea_cache, first_block_cache, mag_cache or none; default: tea_cache when a
+    /// Cache adapter: tea_cache, first_block_cache, mag_cache, taylor_seer or none; default:
+    /// tea_cache when a
     /// TeaCache setting (--rel-l1-thresh, --coefficients, ...) is given, else the controller's.
     #[arg(long, env = "TEASERVE_CACHE_ADAPTER")]
     cache_adapter: Option<String>,
@@ -239,6 +240,29 @@ struct GenerateArgs {
         allow_hyphen_values = true
     )]
     mag_ratios: Vec<f64>,
+    /// taylor_seer: steps between computes (default 5).
+    #[arg(long, env = "TEASERVE_CACHE_INTERVAL", allow_negative_numbers = true)]
+    cache_interval: Option<u32>,
+    /// taylor_seer: the first steps always compute (default 3).
+    #[arg(
+        long,
+        env = "TEASERVE_DISABLE_CACHE_BEFORE_STEP",
+        allow_negative_numbers = true
+    )]
+    disable_cache_before_step: Option<u32>,
+    /// taylor_seer: from this step on every step computes (default: never).
+    #[arg(
+        long,
+        env = "TEASERVE_DISABLE_CACHE_AFTER_STEP",
+        allow_negative_numbers = true
+    )]
+    disable_cache_after_step: Option<u32>,
+    /// taylor_seer: highest order of the Taylor expansion (default 1).
+    #[arg(long, env = "TEASERVE_MAX_ORDER", allow_negative_numbers = true)]
+    max_order: Option<u32>,
+    /// taylor_seer: precision of the kept factors: bfloat16 (default), float32, float16.
+    #[arg(long, env = "TEASERVE_TAYLOR_FACTORS_DTYPE", default_value = "")]
+    taylor_factors_dtype: String,
     /// Dtype of latents and streams on the wire.
     #[arg(long, env = "TEASERVE_WIRE_DTYPE", value_enum, default_value = "f32")]
     wire_dtype: WireDType,
@@ -485,6 +509,11 @@ async fn generate(a: &GenerateArgs, ctl: &ControllerArgs, mut ctrl_c: CtrlC) -> 
             max_skip_steps: a.max_skip_steps,
             retention_ratio: a.retention_ratio,
             mag_ratios: a.mag_ratios.clone(),
+            cache_interval: a.cache_interval,
+            disable_cache_before_step: a.disable_cache_before_step,
+            disable_cache_after_step: a.disable_cache_after_step,
+            max_order: a.max_order,
+            taylor_factors_dtype: a.taylor_factors_dtype.clone(),
         }),
         // 0: the model's default (or the number of sigmas); the controller checks they agree.
         num_inference_steps: a.steps.unwrap_or(0),

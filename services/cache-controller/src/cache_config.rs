@@ -13,10 +13,21 @@ use serde::Deserialize;
 use teaserve_proto::v1;
 
 use crate::models::{self, supported_list};
-use crate::policy::{FirstBlockParams, MagCacheParams, TeaCacheParams};
+use crate::policy::{
+    FactorDType, FirstBlockParams, MagCacheParams, TaylorSeerParams, TeaCacheParams,
+};
 
 /// Adapter names accepted by `cache_adapter`.
-pub const ADAPTERS: [&str; 4] = ["none", "tea_cache", "first_block_cache", "mag_cache"];
+pub const ADAPTERS: [&str; 5] = [
+    "none",
+    "tea_cache",
+    "first_block_cache",
+    "mag_cache",
+    "taylor_seer",
+];
+
+/// Highest `max_order` accepted.
+pub const MAX_TAYLOR_ORDER: u32 = 8;
 
 /// diffusers' `FirstBlockCacheConfig.threshold` default.
 pub const FIRST_BLOCK_THRESHOLD: f64 = 0.05;
@@ -54,6 +65,16 @@ pub struct CacheConfigSpec {
     pub retention_ratio: Option<f64>,
     /// mag_cache: calibrated magnitude ratios.
     pub mag_ratios: Option<Vec<f64>>,
+    /// taylor_seer: steps between computes.
+    pub cache_interval: Option<u32>,
+    /// taylor_seer: the first steps always compute.
+    pub disable_cache_before_step: Option<u32>,
+    /// taylor_seer: from this step on every step computes.
+    pub disable_cache_after_step: Option<u32>,
+    /// taylor_seer: highest order of the expansion.
+    pub max_order: Option<u32>,
+    /// taylor_seer: precision of the kept factors.
+    pub taylor_factors_dtype: Option<String>,
 }
 
 impl CacheConfigSpec {
@@ -79,6 +100,12 @@ impl CacheConfigSpec {
             max_skip_steps: c.max_skip_steps,
             retention_ratio: c.retention_ratio,
             mag_ratios: (!c.mag_ratios.is_empty()).then(|| c.mag_ratios.clone()),
+            cache_interval: c.cache_interval,
+            disable_cache_before_step: c.disable_cache_before_step,
+            disable_cache_after_step: c.disable_cache_after_step,
+            max_order: c.max_order,
+            taylor_factors_dtype: (!c.taylor_factors_dtype.is_empty())
+                .then(|| c.taylor_factors_dtype.clone()),
         }
     }
 
@@ -99,6 +126,18 @@ impl CacheConfigSpec {
             max_skip_steps: self.max_skip_steps.or(base.max_skip_steps),
             retention_ratio: self.retention_ratio.or(base.retention_ratio),
             mag_ratios: self.mag_ratios.clone().or_else(|| base.mag_ratios.clone()),
+            cache_interval: self.cache_interval.or(base.cache_interval),
+            disable_cache_before_step: self
+                .disable_cache_before_step
+                .or(base.disable_cache_before_step),
+            disable_cache_after_step: self
+                .disable_cache_after_step
+                .or(base.disable_cache_after_step),
+            max_order: self.max_order.or(base.max_order),
+            taylor_factors_dtype: self
+                .taylor_factors_dtype
+                .clone()
+                .or_else(|| base.taylor_factors_dtype.clone()),
         }
     }
 
@@ -144,6 +183,26 @@ impl CacheConfigSpec {
                 "mag_ratios must be 1 to {MAX_MAG_RATIOS} finite numbers > 0 (e.g. Calibrate's \
                  mag_ratios), got {} values starting {shown:?}",
                 m.len()
+            )));
+        }
+        if self.cache_interval == Some(0) {
+            return Err(ConfigError(
+                "cache_interval must be >= 1 (steps between computes), got 0".into(),
+            ));
+        }
+        if let Some(o) = self.max_order
+            && o > MAX_TAYLOR_ORDER
+        {
+            return Err(ConfigError(format!(
+                "max_order must be 0 to {MAX_TAYLOR_ORDER} (the Taylor expansion's order), got {o}"
+            )));
+        }
+        if let Some(d) = &self.taylor_factors_dtype
+            && FactorDType::parse(d).is_none()
+        {
+            return Err(ConfigError(format!(
+                "taylor_factors_dtype must be 'bfloat16', 'float32' or 'float16', got '{}'",
+                teaserve_proto::quote(d)
             )));
         }
         Ok(())
@@ -242,7 +301,7 @@ fn check_adapter(a: &str) -> Result<(), ConfigError> {
     } else {
         Err(ConfigError(format!(
             "Unknown cache adapter '{}'. Supported: ['none', 'tea_cache', \
-             'first_block_cache', 'mag_cache']",
+             'first_block_cache', 'mag_cache', 'taylor_seer']",
             teaserve_proto::quote(a)
         )))
     }
@@ -266,6 +325,8 @@ pub enum CachePlan {
     FirstBlockCache(FirstBlockParams),
     /// diffusers' MagCache.
     MagCache(MagCacheParams),
+    /// diffusers' TaylorSeer.
+    TaylorSeer(TaylorSeerParams),
 }
 
 impl CachePlan {
@@ -276,6 +337,7 @@ impl CachePlan {
             CachePlan::TeaCache { .. } => "tea_cache",
             CachePlan::FirstBlockCache(_) => "first_block_cache",
             CachePlan::MagCache(_) => "mag_cache",
+            CachePlan::TaylorSeer(_) => "taylor_seer",
         }
     }
 
@@ -286,6 +348,7 @@ impl CachePlan {
             CachePlan::TeaCache { params, .. } => params.rel_l1_thresh,
             CachePlan::FirstBlockCache(p) => p.threshold,
             CachePlan::MagCache(p) => p.threshold,
+            CachePlan::TaylorSeer(_) => 0.0,
         }
     }
 }
@@ -317,6 +380,19 @@ pub fn resolve(
             }));
         }
         "mag_cache" => return mag_cache_plan(&spec, model_class_name),
+        "taylor_seer" => {
+            return Ok(CachePlan::TaylorSeer(TaylorSeerParams {
+                cache_interval: spec.cache_interval.unwrap_or(5),
+                disable_cache_before_step: spec.disable_cache_before_step.unwrap_or(3),
+                disable_cache_after_step: spec.disable_cache_after_step,
+                max_order: spec.max_order.unwrap_or(1),
+                taylor_factors_dtype: spec
+                    .taylor_factors_dtype
+                    .as_deref()
+                    .and_then(FactorDType::parse)
+                    .unwrap_or(FactorDType::Bf16),
+            }));
+        }
         _ => {}
     }
     let model_type = match spec.model_type.as_deref() {
@@ -419,7 +495,7 @@ mod tests {
         );
         assert_eq!(
             err(resolve(&d, "fb_cache", None, "FluxPipeline")),
-            "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache']"
+            "Unknown cache adapter 'fb_cache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache', 'taylor_seer']"
         );
         assert!(
             err(resolve(

@@ -6,50 +6,18 @@
 
 use candle_core::Tensor;
 use teaserve_proto::TensorMap;
-use teaserve_proto::codec::{encode_tensor, map_bytes};
+use teaserve_proto::codec::encode_tensor;
 use teaserve_proto::v1::{self, DType};
 
+use crate::branch_calls::{postprocess, run_blocks};
 use crate::error::ControllerError;
-use crate::orchestrator::{CallCounts, Traffic, branch_name, decode_f32, decode_streams, missing};
+use crate::orchestrator::{CallCounts, Traffic, decode_f32, decode_streams, missing};
 use crate::policy::{Decision, FirstBlockParams};
 use crate::pool::DenoiserPool;
 use crate::session::{BranchRun, Session};
 
 /// The image stream.
 const IMAGE: &str = "hidden_states";
-
-/// The blocks `first..end` (`None`: to the last) of one branch.
-async fn run_blocks(
-    pool: &DenoiserPool,
-    model_type: &str,
-    branch: v1::Branch,
-    streams: TensorMap,
-    context: TensorMap,
-    (wire, first, end): (DType, u32, Option<u32>),
-    traffic: &Traffic<'_>,
-) -> Result<TensorMap, ControllerError> {
-    traffic.add("to_denoiser", map_bytes(&streams) + map_bytes(&context));
-    let req = v1::RunBlocksRequest {
-        streams,
-        context,
-        wire_dtype: wire as i32,
-        first_block: Some(first),
-        end_block: end,
-    };
-    let out = pool
-        .call(
-            model_type,
-            "RunBlocks",
-            branch_name(branch),
-            req,
-            |mut c, r| async move { c.run_blocks(r).await },
-        )
-        .await?
-        .response
-        .streams;
-    traffic.add("from_denoiser", map_bytes(&out));
-    Ok(out)
-}
 
 /// Checks that the served model runs blocks by range and has a head and a tail.
 pub(crate) fn check_model(describe: &v1::DescribeResponse) -> Result<(), ControllerError> {
@@ -102,12 +70,11 @@ async fn branch_step(
         pool,
         model_type,
         b.branch,
-        p.streams.clone(),
-        p.context.clone(),
-        (wire, 0, Some(1)),
+        range_request(p.streams.clone(), p, wire, (0, Some(1))),
         traffic,
     )
-    .await?;
+    .await?
+    .streams;
     counts.run_blocks += 1;
     let head_in = decode_f32(
         p.streams
@@ -124,12 +91,11 @@ async fn branch_step(
             pool,
             model_type,
             b.branch,
-            head,
-            p.context.clone(),
-            (wire, 1, None),
+            range_request(head, p, wire, (1, None)),
             traffic,
         )
-        .await?;
+        .await?
+        .streams;
         counts.run_blocks += 1;
         let tail_out = sorted(decode_streams(&tail)?);
         b.state.first_block.store(residual, &head_out, &tail_out)?;
@@ -148,38 +114,21 @@ async fn branch_step(
     Ok((d, decode_f32(&sample, "sample")?))
 }
 
-async fn postprocess(
-    pool: &DenoiserPool,
-    model_type: &str,
-    branch: v1::Branch,
-    hidden: v1::Tensor,
+/// RunBlocks over `streams` for the blocks `first..end` (`None`: to the last).
+fn range_request(
+    streams: TensorMap,
     p: &v1::PreprocessResponse,
     wire: DType,
-    traffic: &Traffic<'_>,
-) -> Result<v1::Tensor, ControllerError> {
-    traffic.add(
-        "to_denoiser",
-        hidden.data.len() as u64 + map_bytes(&p.context),
-    );
-    let req = v1::PostprocessRequest {
-        hidden_states: Some(hidden),
+    (first, end): (u32, Option<u32>),
+) -> v1::RunBlocksRequest {
+    v1::RunBlocksRequest {
+        streams,
         context: p.context.clone(),
         wire_dtype: wire as i32,
-    };
-    let sample = pool
-        .call(
-            model_type,
-            "Postprocess",
-            branch_name(branch),
-            req,
-            |mut c, r| async move { c.postprocess(r).await },
-        )
-        .await?
-        .response
-        .sample
-        .ok_or_else(|| missing("sample", "Postprocess"))?;
-    traffic.add("from_denoiser", sample.data.len() as u64);
-    Ok(sample)
+        first_block: Some(first),
+        end_block: end,
+        ..Default::default()
+    }
 }
 
 fn sorted(map: std::collections::HashMap<String, Tensor>) -> Vec<(String, Tensor)> {

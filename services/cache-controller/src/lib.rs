@@ -2,6 +2,7 @@
 //! CFG-branch TeaCache state) and drives stateless denoisers step by step, deciding every
 //! timestep whether the transformer blocks run or a cached residual is reused.
 
+mod branch_calls;
 pub mod cache_config;
 pub mod calibration;
 pub mod config;
@@ -16,6 +17,7 @@ mod resident;
 pub mod schedule;
 pub mod server;
 pub mod session;
+mod taylor_step;
 pub mod text_mode;
 
 pub use error::ControllerError;

@@ -401,6 +401,14 @@ async fn wire_step(
         record_path(traffic, metrics);
         return Ok((decisions, preds));
     }
+    if let CachePlan::TaylorSeer(params) = &session.plan {
+        let params = params.clone();
+        let (mut decisions, preds) =
+            crate::taylor_step::step(session, pool, counts, &pre, &params, traffic).await?;
+        share_and_trace(&session.plan, &mut session.branches, &mut decisions);
+        record_path(traffic, metrics);
+        return Ok((decisions, preds));
+    }
 
     // 2. Decide per branch (pure policy), then apply the shared-CFG extension.
     let mut decisions = Vec::with_capacity(pre.len());
@@ -434,10 +442,11 @@ async fn wire_step(
                 decisions.push(b.state.mag.decide(params, n, kept));
                 streams_in.push(Some(streams));
             }
-            CachePlan::FirstBlockCache(_) => {
-                return Err(ControllerError::Internal(
-                    "first_block_cache runs its own step".into(),
-                ));
+            CachePlan::FirstBlockCache(_) | CachePlan::TaylorSeer(_) => {
+                return Err(ControllerError::Internal(format!(
+                    "{} runs its own step",
+                    session.plan.adapter()
+                )));
             }
         }
     }

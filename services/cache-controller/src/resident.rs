@@ -98,7 +98,7 @@ pub(crate) async fn step(
             }
             (decisions, resp.samples)
         }
-        CachePlan::FirstBlockCache(_) | CachePlan::MagCache(_) => {
+        CachePlan::FirstBlockCache(_) | CachePlan::MagCache(_) | CachePlan::TaylorSeer(_) => {
             return Err(ControllerError::Internal(format!(
                 "{} does not run in resident mode",
                 session.plan.adapter()

@@ -144,7 +144,7 @@ fn diffusion_cache_adapter_env_is_the_default_adapter_flag() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("Unknown cache adapter 'magcache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache']"),
+        err.contains("Unknown cache adapter 'magcache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache', 'taylor_seer']"),
         "{err}"
     );
 }
@@ -168,7 +168,7 @@ fn bad_configuration_fails_fast() {
                 "--cache-adapter",
                 "magcache",
             ],
-            "Unknown cache adapter 'magcache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache']",
+            "Unknown cache adapter 'magcache'. Supported: ['none', 'tea_cache', 'first_block_cache', 'mag_cache', 'taylor_seer']",
         ),
         (
             vec!["--denoiser", "127.0.0.1:50051"],

@@ -285,12 +285,87 @@ pub trait ModelAdapter: Send {
         context: &Tensors,
         blocks: Range<usize>,
     ) -> Result<Tensors, DenoiserError>;
+    /// [`ModelAdapter::run_blocks`] with TaylorSeer's hook on every block's attention module:
+    /// `given` (keys `<block>.<k>`, see [`attention_lists`]) stands in for computing attention;
+    /// returns the streams and the attention outputs every block used, keyed the same way.
+    fn run_blocks_attention(
+        &self,
+        _streams: &Tensors,
+        _context: &Tensors,
+        _blocks: Range<usize>,
+        _given: Option<&Tensors>,
+    ) -> Result<(Tensors, Tensors), DenoiserError> {
+        Err(DenoiserError::Config(format!(
+            "{} does not expose its attention modules (TaylorSeer)",
+            self.info().model_type
+        )))
+    }
     /// Final norm and projection.
     fn postprocess(
         &self,
         hidden_states: &Tensor,
         context: &Tensors,
     ) -> Result<Tensor, DenoiserError>;
+}
+
+/// Attention outputs keyed `<block>.<k>` as one list per block of `blocks` (`per_block`
+/// outputs each); refuses missing, extra or malformed keys.
+pub fn attention_lists(
+    given: &Tensors,
+    blocks: Range<usize>,
+    per_block: impl Fn(usize) -> usize,
+) -> Result<Vec<Vec<Tensor>>, DenoiserError> {
+    let mut lists = Vec::with_capacity(blocks.len());
+    let mut wanted = 0;
+    for b in blocks.clone() {
+        let n = per_block(b);
+        wanted += n;
+        let list = (0..n)
+            .map(|k| {
+                given.get(&format!("{b}.{k}")).cloned().ok_or_else(|| {
+                    crate::spec::InputError::Invalid(format!(
+                        "RunBlocks attention lacks '{b}.{k}': give every output of blocks \
+                         {}..{} as '<block>.<output>'",
+                        blocks.start, blocks.end
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        lists.push(list);
+    }
+    if given.len() != wanted {
+        return Err(crate::spec::InputError::Invalid(format!(
+            "RunBlocks attention has {} tensors; blocks {}..{} take {wanted} ('<block>.<output>')",
+            given.len(),
+            blocks.start,
+            blocks.end
+        ))
+        .into());
+    }
+    Ok(lists)
+}
+
+/// Every block's attention outputs keyed `<block>.<k>`.
+pub fn attention_map(blocks: Range<usize>, used: Vec<Vec<Tensor>>) -> Tensors {
+    blocks
+        .zip(used)
+        .flat_map(|(b, list)| {
+            list.into_iter()
+                .enumerate()
+                .map(move |(k, t)| (format!("{b}.{k}"), t))
+        })
+        .collect()
+}
+
+/// A model computation over client-given attention tensors: a shape the model refuses is
+/// the request's mistake.
+pub fn given_attention_error(e: candle_core::Error) -> DenoiserError {
+    let msg = e.to_string();
+    crate::spec::InputError::Invalid(format!(
+        "RunBlocks attention: {}",
+        msg.chars().take(300).collect::<String>()
+    ))
+    .into()
 }
 
 /// How to load one weight set onto a device.

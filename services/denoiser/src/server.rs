@@ -454,6 +454,45 @@ fn check_run_blocks(
     block_range(info, req).map(|_| ())
 }
 
+/// Most attention tensors one RunBlocks call may carry.
+const MAX_ATTENTION_TENSORS: usize = 4096;
+
+/// Decodes the attention tensors of a RunBlocks request (floating point, within the size
+/// limit; their shapes are checked by the model).
+fn decode_attention(
+    map: &TensorMap,
+    info: &ModelInfo,
+    max: usize,
+) -> Result<crate::registry::Tensors, DenoiserError> {
+    if map.len() > MAX_ATTENTION_TENSORS {
+        return Err(InputError::Invalid(format!(
+            "RunBlocks attention has {} tensors; at most {MAX_ATTENTION_TENSORS}",
+            map.len()
+        ))
+        .into());
+    }
+    map.iter()
+        .map(|(k, t)| {
+            let bad = |why: String| -> DenoiserError {
+                InputError::Invalid(format!(
+                    "RunBlocks attention '{}': {why}",
+                    teaserve_proto::quote(k)
+                ))
+                .into()
+            };
+            let x = teaserve_proto::codec::decode_tensor(t, &info.device, max)
+                .map_err(|e| bad(e.to_string()))?;
+            if !x.dtype().is_float() {
+                return Err(bad(format!(
+                    "dtype {:?} is not accepted; use F32, BF16 or F16",
+                    x.dtype()
+                )));
+            }
+            Ok((k.clone(), x.to_dtype(info.dtype)?))
+        })
+        .collect()
+}
+
 /// The blocks a RunBlocks request names (unset ends: every block), checked against the model.
 fn block_range(
     info: &ModelInfo,
@@ -484,9 +523,25 @@ pub(crate) fn run_blocks(
     let max = limits.max_message_bytes;
     let streams = decode_map(&req.streams, &stage.inputs, info, max)?;
     let context = decode_map(&req.context, &stage.context, info, max)?;
-    let out = model.run_blocks(&streams, &context, block_range(info, &req)?)?;
+    let blocks = block_range(info, &req)?;
+    if req.attention.is_empty() && !req.return_attention {
+        let out = model.run_blocks(&streams, &context, blocks)?;
+        return Ok(v1::RunBlocksResponse {
+            streams: encode_map(&out, out_dtype)?,
+            attention: TensorMap::new(),
+        });
+    }
+    let given = (!req.attention.is_empty())
+        .then(|| decode_attention(&req.attention, info, max))
+        .transpose()?;
+    let (out, used) = model.run_blocks_attention(&streams, &context, blocks, given.as_ref())?;
     Ok(v1::RunBlocksResponse {
         streams: encode_map(&out, out_dtype)?,
+        attention: if req.return_attention {
+            encode_map(&used, out_dtype)?
+        } else {
+            TensorMap::new()
+        },
     })
 }
 
@@ -548,7 +603,10 @@ pub(crate) fn run_blocks_group(
             {
                 Ok(parts) => {
                     for (&k, streams) in members.iter().zip(parts) {
-                        results[k] = Some(Ok(v1::RunBlocksResponse { streams }));
+                        results[k] = Some(Ok(v1::RunBlocksResponse {
+                            streams,
+                            ..Default::default()
+                        }));
                     }
                 }
                 // A failure of the stacked call is reported per request, as if unbatched.

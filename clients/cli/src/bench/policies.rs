@@ -1,4 +1,5 @@
-//! The policy comparison: every cache policy (TeaCache, FirstBlockCache, MagCache) at a few
+//! The policy comparison: every cache policy (TeaCache, FirstBlockCache, MagCache,
+//! TaylorSeer) at a few
 //! settings on the embedded model and on the tiny FLUX / Qwen-Image pipelines, side by side in
 //! one run: computed steps, speedup over the uncached generation, ideal speedup, PSNR of the
 //! picture against the uncached one. MagCache runs with ratios `Calibrate` produced on the
@@ -19,7 +20,8 @@ struct Target {
     model_type: &'static str,
     dir: Option<PathBuf>,
     request: v1::GenerateRequest,
-    /// (cache_adapter, threshold) pairs.
+    /// (cache_adapter, setting) pairs: the threshold, or TaylorSeer's `cache_interval` (with
+    /// `disable_cache_before_step` 2, `max_order` 2, float32 factors).
     settings: Vec<(&'static str, f64)>,
 }
 
@@ -69,6 +71,8 @@ fn targets(a: &BenchArgs, fixtures: &Path) -> Vec<Target> {
             ("first_block_cache", 0.3),
             ("mag_cache", 0.06),
             ("mag_cache", 0.3),
+            ("taylor_seer", 2.0),
+            ("taylor_seer", 4.0),
         ],
     }];
     let flux = fixtures.join("flux-pipeline-tiny");
@@ -85,6 +89,8 @@ fn targets(a: &BenchArgs, fixtures: &Path) -> Vec<Target> {
                 ("first_block_cache", 0.7),
                 ("mag_cache", 0.1),
                 ("mag_cache", 0.3),
+                ("taylor_seer", 2.0),
+                ("taylor_seer", 3.0),
             ],
         });
     }
@@ -107,6 +113,8 @@ fn targets(a: &BenchArgs, fixtures: &Path) -> Vec<Target> {
                 ("first_block_cache", 1.2),
                 ("mag_cache", 0.1),
                 ("mag_cache", 0.25),
+                ("taylor_seer", 2.0),
+                ("taylor_seer", 3.0),
             ],
         });
     }
@@ -148,6 +156,13 @@ fn with_policy(
             rel_l1_thresh: Some(threshold),
             ..Default::default()
         },
+        "taylor_seer" => v1::CacheConfig {
+            cache_interval: Some(threshold as u32),
+            disable_cache_before_step: Some(2),
+            max_order: Some(2),
+            taylor_factors_dtype: "float32".into(),
+            ..Default::default()
+        },
         _ => v1::CacheConfig {
             threshold: Some(threshold),
             mag_ratios: if adapter == "mag_cache" {
@@ -169,11 +184,13 @@ pub(super) async fn policies(
 ) -> anyhow::Result<Vec<Point>> {
     r.line("## Cache policies side by side\n");
     r.line(format!(
-        "Each model's uncached generation, then every policy at two settings, median wall time \
+        "Each model's uncached generation, then every policy at a few settings, median wall time \
          of {} runs each (client side, prompt encoding and decoding included); speedup = \
          uncached / cached; ideal = model calls / computed calls; PSNR of the cached picture \
-         against the uncached one. MagCache uses ratios from `Calibrate` on the same call. \
-         FirstBlockCache and MagCache run in wire mode (resident mode serves TeaCache). The \
+         against the uncached one. MagCache uses ratios from `Calibrate` on the same call; \
+         TaylorSeer's setting is its `cache_interval` (`disable_cache_before_step` 2, \
+         `max_order` 2, float32 factors). FirstBlockCache, MagCache and TaylorSeer run in wire \
+         mode (resident mode serves TeaCache and the uncached baseline). The \
          tiny pipelines have random weights: their thresholds are far above the defaults, as \
          in diffusers' own fixture runs, and the numbers say how each policy's mechanics \
          cost, not how good it is on a trained model.\n",

@@ -5,11 +5,14 @@
 //! - [`teacache`]: TeaCache (the modulated input's accumulated rescaled rel-L1).
 //! - [`mag_cache`]: MagCache (calibrated magnitude ratios; no signal needed).
 //! - [`first_block`]: FirstBlockCache (the first block's output residual).
+//! - [`taylor_seer`]: TaylorSeer (a schedule; forecasts every attention output).
 
 pub mod first_block;
 pub mod mag_cache;
+pub mod taylor_seer;
 pub mod teacache;
 
 pub use first_block::{FirstBlockParams, FirstBlockState};
 pub use mag_cache::{MagCacheParams, MagState};
+pub use taylor_seer::{FactorDType, TaylorSeerParams, TaylorState};
 pub use teacache::{BranchState, Coefficients, Decision, Forced, TeaCacheParams};

@@ -104,6 +104,8 @@ pub struct BranchState {
     pub mag: super::mag_cache::MagState,
     /// FirstBlockCache's kept residuals.
     pub first_block: super::first_block::FirstBlockState,
+    /// TaylorSeer's step counter and factors.
+    pub taylor: super::taylor_seer::TaylorState,
 }
 
 impl BranchState {

@@ -12,7 +12,8 @@ use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::flux::{Config, Flux, Inputs};
 use crate::registry::{
-    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors, required,
+    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
+    attention_lists, attention_map, given_attention_error, required,
 };
 use crate::spec::{Dim, Kind, TensorSpec};
 
@@ -197,6 +198,43 @@ impl ModelAdapter for FluxAdapter {
             ("hidden_states".to_string(), img),
             ("encoder_hidden_states".to_string(), txt),
         ]))
+    }
+
+    fn run_blocks_attention(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+        given: Option<&Tensors>,
+    ) -> Result<(Tensors, Tensors), DenoiserError> {
+        let doubles = self.model.config().num_layers;
+        let lists = given
+            .map(|g| attention_lists(g, blocks.clone(), |b| if b < doubles { 2 } else { 1 }))
+            .transpose()?;
+        let rope = self
+            .model
+            .rope(required(context, "txt_ids")?, required(context, "img_ids")?)?;
+        let ((img, txt), used) = self
+            .model
+            .run_blocks_hooked(
+                required(streams, "hidden_states")?,
+                required(streams, "encoder_hidden_states")?,
+                required(context, "temb")?,
+                &rope,
+                blocks.clone(),
+                lists.as_deref(),
+            )
+            .map_err(|e| match given {
+                Some(_) => given_attention_error(e),
+                None => e.into(),
+            })?;
+        Ok((
+            Tensors::from([
+                ("hidden_states".to_string(), img),
+                ("encoder_hidden_states".to_string(), txt),
+            ]),
+            attention_map(blocks, used),
+        ))
     }
 
     fn postprocess(

@@ -183,6 +183,17 @@ impl<T: ModelAdapter, M: TextMode + Send> ModelAdapter for PipelineAdapter<T, M>
             .run_blocks(streams, context, blocks)
     }
 
+    fn run_blocks_attention(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+        given: Option<&Tensors>,
+    ) -> Result<(Tensors, Tensors), DenoiserError> {
+        self.transformer("RunBlocks")?
+            .run_blocks_attention(streams, context, blocks, given)
+    }
+
     fn postprocess(
         &self,
         hidden_states: &Tensor,

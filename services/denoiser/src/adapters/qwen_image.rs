@@ -13,7 +13,8 @@ use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::qwen_image::{Config, Inputs, QwenImage};
 use crate::registry::{
-    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors, required,
+    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
+    attention_lists, attention_map, given_attention_error, required,
 };
 use crate::spec::{Dim, InputError, Kind, TensorSpec};
 
@@ -210,6 +211,44 @@ impl ModelAdapter for QwenImageAdapter {
             ("hidden_states".to_string(), img),
             ("encoder_hidden_states".to_string(), txt),
         ]))
+    }
+
+    fn run_blocks_attention(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+        given: Option<&Tensors>,
+    ) -> Result<(Tensors, Tensors), DenoiserError> {
+        let lists = given
+            .map(|g| attention_lists(g, blocks.clone(), |_| 2))
+            .transpose()?;
+        let img = required(streams, "hidden_states")?;
+        let txt = required(streams, "encoder_hidden_states")?;
+        let shape = img_shape(required(context, "img_shapes")?, img.dim(1)?)?;
+        let rope = self.model.rope(shape, txt.dim(1)?)?;
+        let ((img, txt), used) = self
+            .model
+            .run_blocks_hooked(
+                img,
+                txt,
+                required(context, "temb")?,
+                &rope,
+                context.get("encoder_hidden_states_mask"),
+                blocks.clone(),
+                lists.as_deref(),
+            )
+            .map_err(|e| match given {
+                Some(_) => given_attention_error(e),
+                None => e.into(),
+            })?;
+        Ok((
+            Tensors::from([
+                ("hidden_states".to_string(), img),
+                ("encoder_hidden_states".to_string(), txt),
+            ]),
+            attention_map(blocks, used),
+        ))
     }
 
     fn postprocess(

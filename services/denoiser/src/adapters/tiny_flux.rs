@@ -122,6 +122,17 @@ impl ModelAdapter for TinyFluxAdapter {
         self.flux.run_blocks(streams, context, blocks)
     }
 
+    fn run_blocks_attention(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        blocks: Range<usize>,
+        given: Option<&Tensors>,
+    ) -> Result<(Tensors, Tensors), DenoiserError> {
+        self.flux
+            .run_blocks_attention(streams, context, blocks, given)
+    }
+
     fn postprocess(
         &self,
         hidden_states: &Tensor,

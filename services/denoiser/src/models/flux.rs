@@ -191,27 +191,43 @@ impl SingleBlock {
         })
     }
 
-    /// Returns `(img, txt)` after the block; text and image are joined as `[text ; image]`.
+    /// Returns `(img, txt)` after the block (text and image are joined as `[text ; image]`),
+    /// and the attention module's output `[B, T + N, inner_dim]` it used: `given` (TaylorSeer's
+    /// forecast) replaces computing attention.
     fn forward(
         &self,
         img: &Tensor,
         txt: &Tensor,
         temb: &Tensor,
         rope: &(Tensor, Tensor),
-    ) -> Result<(Tensor, Tensor)> {
+        given: Option<&[Tensor]>,
+    ) -> Result<((Tensor, Tensor), Vec<Tensor>)> {
         let t_len = txt.dim(1)?;
         let xs = Tensor::cat(&[txt, img], 1)?;
         let [shift, scale, gate] = ada_chunks::<3>(&self.norm_linear, temb)?;
         let normed = modulate(&self.norm.forward(&xs)?, &shift, &scale)?;
         let mlp = self.proj_mlp.forward(&normed)?.gelu()?;
-        let (q, k, v) = self.qkv.project(&normed, self.num_heads)?;
-        let attn = attention(&q, &k, &v, rope, None, xs.dtype())?;
+        let attn = match given {
+            Some([a]) if a.dims() == xs.dims() => a.to_dtype(xs.dtype())?,
+            Some(g) => candle_core::bail!(
+                "a single-stream block's attention output is [text ; image] {:?}, got {:?}",
+                xs.dims(),
+                g.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>()
+            ),
+            None => {
+                let (q, k, v) = self.qkv.project(&normed, self.num_heads)?;
+                attention(&q, &k, &v, rope, None, xs.dtype())?
+            }
+        };
         let out = self
             .proj_out
             .forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
         let xs = (xs + gated(&gate, &out)?)?;
         let s = xs.dim(1)?;
-        Ok((xs.narrow(1, t_len, s - t_len)?, xs.narrow(1, 0, t_len)?))
+        Ok((
+            (xs.narrow(1, t_len, s - t_len)?, xs.narrow(1, 0, t_len)?),
+            vec![attn],
+        ))
     }
 }
 
@@ -374,7 +390,7 @@ impl Flux {
     ) -> Result<(Tensor, Tensor)> {
         let (mut img, mut txt) = (img.clone(), txt.clone());
         for block in &self.single_blocks {
-            (img, txt) = block.forward(&img, &txt, temb, rope)?;
+            ((img, txt), _) = block.forward(&img, &txt, temb, rope, None)?;
         }
         Ok((img, txt))
     }
@@ -394,6 +410,23 @@ impl Flux {
         rope: &(Tensor, Tensor),
         blocks: Range<usize>,
     ) -> Result<(Tensor, Tensor)> {
+        let (out, _) = self.run_blocks_hooked(img, txt, temb, rope, blocks, None)?;
+        Ok(out)
+    }
+
+    /// [`Flux::run_blocks`] with TaylorSeer's hook on every block's attention module: `given`
+    /// (one list per block of the range, FLUX double blocks `[image, text]`, single blocks
+    /// `[text ; image]`) replaces computing attention; returns the streams and the attention
+    /// outputs every block used.
+    pub fn run_blocks_hooked(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        blocks: Range<usize>,
+        given: Option<&[Vec<Tensor>]>,
+    ) -> Result<crate::models::layers::HookedBlocks> {
         if blocks.start > blocks.end || blocks.end > self.num_blocks() {
             candle_core::bail!(
                 "blocks {}..{} out of 0..{}",
@@ -404,13 +437,17 @@ impl Flux {
         }
         let doubles = self.double_blocks.len();
         let (mut img, mut txt) = (img.clone(), txt.clone());
-        for i in blocks {
-            (img, txt) = match i.checked_sub(doubles) {
-                None => self.double_blocks[i].forward(&img, &txt, temb, rope, None)?,
-                Some(s) => self.single_blocks[s].forward(&img, &txt, temb, rope)?,
+        let mut used = Vec::with_capacity(blocks.len());
+        for (k, i) in blocks.enumerate() {
+            let g = given.and_then(|g| g.get(k)).map(Vec::as_slice);
+            let attn;
+            ((img, txt), attn) = match i.checked_sub(doubles) {
+                None => self.double_blocks[i].forward_hooked(&img, &txt, temb, rope, None, g)?,
+                Some(s) => self.single_blocks[s].forward(&img, &txt, temb, rope, g)?,
             };
+            used.push(attn);
         }
-        Ok((img, txt))
+        Ok(((img, txt), used))
     }
 
     /// `norm_out` (AdaLayerNormContinuous, scale first) then `proj_out`: the model output.

@@ -318,6 +318,10 @@ pub(crate) struct DualStreamNames {
     pub txt_mlp: &'static str,
 }
 
+/// What blocks run with TaylorSeer's attention hook return: the streams `(image, text)` and
+/// the attention outputs every block used (one list per block).
+pub type HookedBlocks = ((Tensor, Tensor), Vec<Vec<Tensor>>);
+
 /// A dual-stream (MM-DiT) block: adaLN-Zero modulation of each stream (chunks shift, scale,
 /// gate for attention, then for the MLP), joint attention over `[text ; image]` with
 /// per-stream QK-normed projections, gated residuals, per-stream MLPs. FLUX's
@@ -390,13 +394,23 @@ impl DualStreamBlock {
         rope: &(Tensor, Tensor),
         key_bias: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let [shift1, scale1, gate1, shift2, scale2, gate2] = ada_chunks::<6>(&self.img_mod, temb)?;
-        let [t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2] =
-            ada_chunks::<6>(&self.txt_mod, temb)?;
-        let img_mod = modulate(&self.norm.forward(img)?, &shift1, &scale1)?;
-        let txt_mod = modulate(&self.norm.forward(txt)?, &t_shift1, &t_scale1)?;
-        let (iq, ik, iv) = self.img_qkv.project(&img_mod, self.num_heads)?;
-        let (tq, tk, tv) = self.txt_qkv.project(&txt_mod, self.num_heads)?;
+        let (out, _) = self.forward_hooked(img, txt, temb, rope, key_bias, None)?;
+        Ok(out)
+    }
+
+    /// The attention module's outputs `[image, text]` (after `to_out` / `to_add_out`, what
+    /// diffusers' `attn` returns), computed from the streams.
+    fn attention_outputs(
+        &self,
+        (img, txt): (&Tensor, &Tensor),
+        (img_mod, txt_mod): (&[Tensor; 6], &[Tensor; 6]),
+        rope: &(Tensor, Tensor),
+        key_bias: Option<&Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let img_in = modulate(&self.norm.forward(img)?, &img_mod[0], &img_mod[1])?;
+        let txt_in = modulate(&self.norm.forward(txt)?, &txt_mod[0], &txt_mod[1])?;
+        let (iq, ik, iv) = self.img_qkv.project(&img_in, self.num_heads)?;
+        let (tq, tk, tv) = self.txt_qkv.project(&txt_in, self.num_heads)?;
         let q = Tensor::cat(&[&tq, &iq], 2)?;
         let k = Tensor::cat(&[&tk, &ik], 2)?;
         let v = Tensor::cat(&[&tv, &iv], 2)?;
@@ -404,18 +418,54 @@ impl DualStreamBlock {
         let t_len = txt.dim(1)?;
         let txt_attn = attn.narrow(1, 0, t_len)?.contiguous()?;
         let img_attn = attn.narrow(1, t_len, attn.dim(1)? - t_len)?.contiguous()?;
+        Ok(vec![
+            self.to_out.forward(&img_attn)?,
+            self.to_add_out.forward(&txt_attn)?,
+        ])
+    }
 
-        let img = (img + gated(&gate1, &self.to_out.forward(&img_attn)?)?)?;
-        let txt = (txt + gated(&t_gate1, &self.to_add_out.forward(&txt_attn)?)?)?;
-        let img_ff =
-            self.img_mlp
-                .forward(&modulate(&self.norm.forward(&img)?, &shift2, &scale2)?)?;
+    /// [`Self::forward`] with TaylorSeer's hook on the attention module: `given` (`[image,
+    /// text]` attention outputs) replaces computing attention; returns the block's streams
+    /// and the attention outputs it used.
+    pub(crate) fn forward_hooked(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        key_bias: Option<&Tensor>,
+        given: Option<&[Tensor]>,
+    ) -> Result<((Tensor, Tensor), Vec<Tensor>)> {
+        let img_mod = ada_chunks::<6>(&self.img_mod, temb)?;
+        let txt_mod = ada_chunks::<6>(&self.txt_mod, temb)?;
+        let attn = match given {
+            Some([i, t]) if i.dims() == img.dims() && t.dims() == txt.dims() => {
+                vec![i.to_dtype(img.dtype())?, t.to_dtype(img.dtype())?]
+            }
+            Some(g) => candle_core::bail!(
+                "a dual-stream block's attention outputs are [image {:?}, text {:?}], got {:?}",
+                img.dims(),
+                txt.dims(),
+                g.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>()
+            ),
+            None => self.attention_outputs((img, txt), (&img_mod, &txt_mod), rope, key_bias)?,
+        };
+        let [_, _, gate1, shift2, scale2, gate2] = &img_mod;
+        let [_, _, t_gate1, t_shift2, t_scale2, t_gate2] = &txt_mod;
+        let img = (img + gated(gate1, &attn[0])?)?;
+        let txt = (txt + gated(t_gate1, &attn[1])?)?;
+        let img_ff = self
+            .img_mlp
+            .forward(&modulate(&self.norm.forward(&img)?, shift2, scale2)?)?;
         let txt_ff =
             self.txt_mlp
-                .forward(&modulate(&self.norm.forward(&txt)?, &t_shift2, &t_scale2)?)?;
+                .forward(&modulate(&self.norm.forward(&txt)?, t_shift2, t_scale2)?)?;
         Ok((
-            (img + gated(&gate2, &img_ff)?)?,
-            (txt + gated(&t_gate2, &txt_ff)?)?,
+            (
+                (img + gated(gate2, &img_ff)?)?,
+                (txt + gated(t_gate2, &txt_ff)?)?,
+            ),
+            attn,
         ))
     }
 }

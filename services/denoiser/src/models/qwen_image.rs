@@ -325,6 +325,24 @@ impl QwenImage {
         mask: Option<&Tensor>,
         blocks: Range<usize>,
     ) -> Result<(Tensor, Tensor)> {
+        let (out, _) = self.run_blocks_hooked(img, txt, temb, rope, mask, blocks, None)?;
+        Ok(out)
+    }
+
+    /// [`QwenImage::run_blocks`] with TaylorSeer's hook on every block's attention module:
+    /// `given` (one `[image, text]` list per block of the range) replaces computing attention;
+    /// returns the streams and the attention outputs every block used.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_blocks_hooked(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &(Tensor, Tensor),
+        mask: Option<&Tensor>,
+        blocks: Range<usize>,
+        given: Option<&[Vec<Tensor>]>,
+    ) -> Result<crate::models::layers::HookedBlocks> {
         let Some(selected) = self.blocks.get(blocks.clone()) else {
             candle_core::bail!(
                 "blocks {}..{} out of 0..{}",
@@ -335,10 +353,14 @@ impl QwenImage {
         };
         let bias = mask.map(|m| self.key_bias(m, img.dim(1)?)).transpose()?;
         let (mut img, mut txt) = (img.clone(), txt.clone());
-        for block in selected {
-            (img, txt) = block.forward(&img, &txt, temb, rope, bias.as_ref())?;
+        let mut used = Vec::with_capacity(selected.len());
+        for (k, block) in selected.iter().enumerate() {
+            let g = given.and_then(|g| g.get(k)).map(Vec::as_slice);
+            let attn;
+            ((img, txt), attn) = block.forward_hooked(&img, &txt, temb, rope, bias.as_ref(), g)?;
+            used.push(attn);
         }
-        Ok((img, txt))
+        Ok(((img, txt), used))
     }
 
     /// `norm_out` (scale first) then `proj_out`: the model output.
