@@ -96,6 +96,30 @@ def test_generate_streams_progress_and_returns_a_picture():
 
 
 @needs_services
+def test_other_cache_policies_take_their_settings():
+    with teaserve.Client(ADDRESS) as c:
+        fbc = c.generate(PROMPT, model=MODEL, steps=12, cache_adapter="first_block_cache", threshold=0.3, seed=3)
+        taylor = c.generate(
+            PROMPT,
+            model=MODEL,
+            steps=12,
+            cache_adapter="taylor_seer",
+            cache_settings={"cache_interval": 3, "disable_cache_before_step": 2, "max_order": 2},
+            seed=3,
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            c.generate(PROMPT, model=MODEL, steps=4, cache_adapter="mag_cache", cache_settings={"mag_ratios": [1.0, -1.0]})
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "mag_ratios" in e.value.details()
+        with pytest.raises(ValueError, match="cache_settings"):
+            c.generate(PROMPT, model=MODEL, cache_adapter="mag_cache", cache_settings={"mag": 1})
+    assert fbc.computed_steps + fbc.reused_steps == 12 and fbc.reused_steps > 0
+    # Steps 0, 1, 3, 6, 9 compute; the others forecast.
+    assert (taylor.computed_steps, taylor.reused_steps) == (5, 7)
+    assert np.isfinite(taylor.latents).all()
+
+
+@needs_services
 def test_bad_requests_get_clear_errors():
     with teaserve.Client(ADDRESS) as c:
         with pytest.raises(grpc.RpcError) as e:

@@ -72,6 +72,20 @@ DEFAULT_CONTROLLER = "127.0.0.1:50050"
 
 _WIRE_DTYPES = {"f32": tensor_pb2.F32, "f16": tensor_pb2.F16, "bf16": tensor_pb2.BF16}
 
+# Policies whose ``threshold`` is their own (not TeaCache's rel_l1_thresh).
+_THRESHOLD_POLICIES = ("first_block_cache", "mag_cache")
+# cache_config fields of the policies after TeaCache, by diffusers' names.
+_POLICY_SETTINGS = (
+    "max_skip_steps",
+    "retention_ratio",
+    "mag_ratios",
+    "cache_interval",
+    "disable_cache_before_step",
+    "disable_cache_after_step",
+    "max_order",
+    "taylor_factors_dtype",
+)
+
 
 class NotAControllerError(grpc.RpcError):
     """The server at the address answered, but does not implement teaserve.v1.CacheController
@@ -216,6 +230,7 @@ class Client:
         cooldown_steps: Optional[int] = None,
         max_consecutive_reuses: Optional[int] = None,
         shared_cfg_decision: Optional[bool] = None,
+        cache_settings: Optional[Mapping[str, object]] = None,
         negative_prompt: Optional[str] = None,
         true_cfg_scale: Optional[float] = None,
         cfg_renorm: Optional[bool] = None,
@@ -247,18 +262,28 @@ class Client:
         QwenImagePipeline). ``negative_prompt`` given, even ``""``, turns true CFG on when the
         CFG scale is above 1, as in diffusers. ``rel_l1_thresh`` (alias ``threshold``) or any
         other TeaCache setting without ``cache_adapter`` turns TeaCache on; with
-        ``cache_adapter="none"`` it is a ValueError.
+        ``cache_adapter="none"`` it is a ValueError. With ``cache_adapter="first_block_cache"``
+        or ``"mag_cache"`` ``threshold`` is that policy's threshold; their other settings and
+        TaylorSeer's (``cache_adapter="taylor_seer"``) go in ``cache_settings`` by diffusers'
+        names, e.g. ``{"mag_ratios": [...], "max_skip_steps": 3}`` or
+        ``{"cache_interval": 3, "max_order": 2, "taylor_factors_dtype": "float32"}``.
 
         Errors come back as ``grpc.RpcError`` with the controller's status and message
         (:class:`NotAControllerError` when the address is not a controller).
         """
         model_class_name = _alias("model_class_name", model_class_name, "model", model) or ""
         rel_l1_thresh = _alias("rel_l1_thresh", rel_l1_thresh, "threshold", threshold)
+        policy_threshold = (cache_adapter or "").strip() in _THRESHOLD_POLICIES
+        unknown = sorted(set(cache_settings or {}) - set(_POLICY_SETTINGS))
+        if unknown:
+            raise ValueError(
+                f"cache_settings {unknown} are not accepted; accepted: {list(_POLICY_SETTINGS)}"
+            )
         coefficients = list(coefficients)
         given = [
             name
             for name, value in [
-                ("rel_l1_thresh", rel_l1_thresh),
+                ("rel_l1_thresh", None if policy_threshold else rel_l1_thresh),
                 ("model_type", model_type or None),
                 ("coefficients", coefficients or None),
                 ("warmup_steps", warmup_steps),
@@ -270,8 +295,15 @@ class Client:
         ]
         adapter = _cache_adapter(cache_adapter, given)
         config = controller_pb2.CacheConfig(model_type=model_type, coefficients=coefficients)
-        if rel_l1_thresh is not None:
+        if rel_l1_thresh is not None and policy_threshold:
+            config.threshold = rel_l1_thresh
+        elif rel_l1_thresh is not None:
             config.rel_l1_thresh = rel_l1_thresh
+        for name, value in (cache_settings or {}).items():
+            if name == "mag_ratios":
+                config.mag_ratios.extend(float(v) for v in value)
+            else:
+                setattr(config, name, value)
         if warmup_steps is not None:
             config.warmup_steps = warmup_steps
         if cooldown_steps is not None:
