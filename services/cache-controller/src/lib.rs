@@ -19,5 +19,6 @@ pub mod server;
 pub mod session;
 mod taylor_step;
 pub mod text_mode;
+mod wire_step;
 
 pub use error::ControllerError;
