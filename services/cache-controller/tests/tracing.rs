@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
@@ -15,7 +14,7 @@ use teaserve_tests::{Fixture, TestDenoiser};
 use tokio_stream::StreamExt as _;
 
 mod common;
-use common::{Span, counter, http_get, spans, start_collector, start_controller};
+use common::{Span, counter, http_get, spans, start_collector, start_controller, stop_controller};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_trace_holds_every_step_decision_and_denoiser_call() {
@@ -158,19 +157,7 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     );
 
     // Stop the controller (its exporter flushes on shutdown) and flush this process.
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "controller did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stop_controller(&mut child).await;
     telemetry.flush().await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let all = loop {

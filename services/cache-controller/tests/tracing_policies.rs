@@ -4,7 +4,6 @@
 //! the policy, its decision and the numbers it decided from, equal to the StepEvents.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
@@ -14,7 +13,7 @@ use teaserve_tests::{Fixture, TestDenoiser};
 use tokio_stream::StreamExt as _;
 
 mod common;
-use common::{spans, start_collector, start_controller};
+use common::{spans, start_collector, start_controller, stop_controller};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_step_names_the_policy_its_decision_and_numbers() {
@@ -69,19 +68,7 @@ async fn every_step_names_the_policy_its_decision_and_numbers() {
     let result = result.unwrap();
     assert!(result.reused_steps > 0, "MagCache 0.3 skipped nothing");
 
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "controller did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stop_controller(&mut child).await;
     telemetry.flush().await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let all = loop {

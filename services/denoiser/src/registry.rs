@@ -345,6 +345,30 @@ pub fn attention_lists(
     Ok(lists)
 }
 
+/// What [`ModelAdapter::run_blocks_attention`] returns, from a dual-stream model's hooked
+/// blocks: the streams by name and the attention outputs keyed `<block>.<k>`. A failure over
+/// client-given attention tensors is the request's mistake.
+pub fn hooked_result(
+    result: candle_core::Result<crate::models::layers::HookedBlocks>,
+    given: bool,
+    blocks: Range<usize>,
+) -> Result<(Tensors, Tensors), DenoiserError> {
+    let ((img, txt), used) = result.map_err(|e| {
+        if given {
+            given_attention_error(e)
+        } else {
+            e.into()
+        }
+    })?;
+    Ok((
+        Tensors::from([
+            ("hidden_states".to_string(), img),
+            ("encoder_hidden_states".to_string(), txt),
+        ]),
+        attention_map(blocks, used),
+    ))
+}
+
 /// Every block's attention outputs keyed `<block>.<k>`.
 pub fn attention_map(blocks: Range<usize>, used: Vec<Vec<Tensor>>) -> Tensors {
     blocks
@@ -359,7 +383,7 @@ pub fn attention_map(blocks: Range<usize>, used: Vec<Vec<Tensor>>) -> Tensors {
 
 /// A model computation over client-given attention tensors: a shape the model refuses is
 /// the request's mistake.
-pub fn given_attention_error(e: candle_core::Error) -> DenoiserError {
+fn given_attention_error(e: candle_core::Error) -> DenoiserError {
     let msg = e.to_string();
     crate::spec::InputError::Invalid(format!(
         "RunBlocks attention: {}",

@@ -179,3 +179,24 @@ pub fn start_controller(denoiser: &str, otlp: &str, extra: &[&str]) -> (Child, S
     std::thread::spawn(move || for _ in lines {});
     (child, grpc.unwrap(), metrics.unwrap())
 }
+
+/// Stops the controller with SIGTERM (its exporter flushes on shutdown) and waits up to 20 s
+/// for it to exit.
+pub async fn stop_controller(child: &mut Child) {
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "controller did not exit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

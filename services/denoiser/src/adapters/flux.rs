@@ -13,7 +13,7 @@ use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::flux::{Config, Flux, Inputs};
 use crate::registry::{
     DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
-    attention_lists, attention_map, given_attention_error, required,
+    attention_lists, hooked_result, required,
 };
 use crate::spec::{Dim, Kind, TensorSpec};
 
@@ -214,27 +214,15 @@ impl ModelAdapter for FluxAdapter {
         let rope = self
             .model
             .rope(required(context, "txt_ids")?, required(context, "img_ids")?)?;
-        let ((img, txt), used) = self
-            .model
-            .run_blocks_hooked(
-                required(streams, "hidden_states")?,
-                required(streams, "encoder_hidden_states")?,
-                required(context, "temb")?,
-                &rope,
-                blocks.clone(),
-                lists.as_deref(),
-            )
-            .map_err(|e| match given {
-                Some(_) => given_attention_error(e),
-                None => e.into(),
-            })?;
-        Ok((
-            Tensors::from([
-                ("hidden_states".to_string(), img),
-                ("encoder_hidden_states".to_string(), txt),
-            ]),
-            attention_map(blocks, used),
-        ))
+        let result = self.model.run_blocks_hooked(
+            required(streams, "hidden_states")?,
+            required(streams, "encoder_hidden_states")?,
+            required(context, "temb")?,
+            &rope,
+            blocks.clone(),
+            lists.as_deref(),
+        );
+        hooked_result(result, given.is_some(), blocks)
     }
 
     fn postprocess(

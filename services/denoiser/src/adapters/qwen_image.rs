@@ -14,7 +14,7 @@ use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::qwen_image::{Config, Inputs, QwenImage};
 use crate::registry::{
     DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
-    attention_lists, attention_map, given_attention_error, required,
+    attention_lists, hooked_result, required,
 };
 use crate::spec::{Dim, InputError, Kind, TensorSpec};
 
@@ -227,28 +227,16 @@ impl ModelAdapter for QwenImageAdapter {
         let txt = required(streams, "encoder_hidden_states")?;
         let shape = img_shape(required(context, "img_shapes")?, img.dim(1)?)?;
         let rope = self.model.rope(shape, txt.dim(1)?)?;
-        let ((img, txt), used) = self
-            .model
-            .run_blocks_hooked(
-                img,
-                txt,
-                required(context, "temb")?,
-                &rope,
-                context.get("encoder_hidden_states_mask"),
-                blocks.clone(),
-                lists.as_deref(),
-            )
-            .map_err(|e| match given {
-                Some(_) => given_attention_error(e),
-                None => e.into(),
-            })?;
-        Ok((
-            Tensors::from([
-                ("hidden_states".to_string(), img),
-                ("encoder_hidden_states".to_string(), txt),
-            ]),
-            attention_map(blocks, used),
-        ))
+        let result = self.model.run_blocks_hooked(
+            img,
+            txt,
+            required(context, "temb")?,
+            &rope,
+            context.get("encoder_hidden_states_mask"),
+            blocks.clone(),
+            lists.as_deref(),
+        );
+        hooked_result(result, given.is_some(), blocks)
     }
 
     fn postprocess(
