@@ -175,6 +175,30 @@ async fn policy_runs_as_diffusers(pipeline: &str, runs: &[&str]) {
     // The default controller (resident mode on): these policies run their steps on the wire.
     let ctl = TestController::start(&["--denoiser", &d.url()]).await;
     let mut c = ctl.client().await;
+    // ListModels lists the policies and the model's default MagCache ratios.
+    let models = c
+        .list_models(v1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let m = models
+        .iter()
+        .find(|m| m.model_type == model_type(pipeline))
+        .unwrap();
+    for a in [
+        "none",
+        "tea_cache",
+        "first_block_cache",
+        "mag_cache",
+        "taylor_seer",
+    ] {
+        assert!(m.cache_adapters.iter().any(|x| x == a), "{a} not listed");
+    }
+    assert_eq!(
+        m.mag_ratios.len(),
+        if pipeline.starts_with("flux") { 28 } else { 0 }
+    );
     for name in runs {
         let run = load(pipeline, name);
         let what = format!("{pipeline} {name}");

@@ -651,6 +651,83 @@ mod tests {
                 .contains("Unknown cache adapter 'teacache'")
         );
     }
+
+    #[test]
+    fn every_surface_configures_every_policy() {
+        // Stage YAML: MagCache with its settings; the request only names the model.
+        let stage = StageConfig::parse(
+            "cache_adapter: mag_cache\ncache_config:\n  threshold: 0.1\n  max_skip_steps: 2\n  retention_ratio: 0.25\n  mag_ratios: [1.0, 0.9, 1.1]\n",
+        )
+        .unwrap();
+        let d = CacheDefaults::merge(Some(&stage), None, None).unwrap();
+        assert_eq!(
+            resolve(&d, "", None, "QwenImagePipeline").unwrap(),
+            CachePlan::MagCache(MagCacheParams {
+                threshold: 0.1,
+                max_skip_steps: 2,
+                retention_ratio: 0.25,
+                mag_ratios: vec![1.0, 0.9, 1.1],
+            })
+        );
+        // --cache-config JSON and the environment's adapter: TaylorSeer.
+        let json = CacheConfigSpec::from_json(
+            r#"{"cache_interval": 3, "disable_cache_before_step": 2, "max_order": 2, "taylor_factors_dtype": "float32"}"#,
+        )
+        .unwrap();
+        let d = CacheDefaults::merge(None, Some(&json), Some("taylor_seer")).unwrap();
+        assert_eq!(
+            resolve(&d, "", None, "FluxPipeline").unwrap(),
+            CachePlan::TaylorSeer(TaylorSeerParams {
+                cache_interval: 3,
+                disable_cache_before_step: 2,
+                disable_cache_after_step: None,
+                max_order: 2,
+                taylor_factors_dtype: FactorDType::F32,
+            })
+        );
+        // The request wins: FirstBlockCache at its own threshold over the defaults.
+        let req = v1::CacheConfig {
+            threshold: Some(0.7),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&d, "first_block_cache", Some(&req), "FluxPipeline").unwrap(),
+            CachePlan::FirstBlockCache(FirstBlockParams { threshold: 0.7 })
+        );
+        // Defaults: diffusers' (FLUX's MagCache ratios; TaylorSeer's bfloat16 factors).
+        let plain = CacheDefaults::default();
+        match resolve(&plain, "mag_cache", None, "FluxPipeline").unwrap() {
+            CachePlan::MagCache(p) => {
+                assert_eq!(
+                    (p.threshold, p.max_skip_steps, p.retention_ratio),
+                    (0.06, 3, 0.2)
+                );
+                assert_eq!(p.mag_ratios.len(), 28);
+            }
+            other => panic!("{other:?}"),
+        }
+        match resolve(&plain, "taylor_seer", None, "FluxPipeline").unwrap() {
+            CachePlan::TaylorSeer(p) => {
+                assert_eq!(
+                    (p.cache_interval, p.disable_cache_before_step, p.max_order),
+                    (5, 3, 1)
+                );
+                assert_eq!(p.taylor_factors_dtype, FactorDType::Bf16);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            resolve(&plain, "first_block_cache", None, "").unwrap(),
+            CachePlan::FirstBlockCache(FirstBlockParams { threshold: 0.05 })
+        );
+        // Bad settings in the stage file fail at startup, naming the setting.
+        assert!(
+            StageConfig::parse("cache_adapter: taylor_seer\ncache_config:\n  cache_interval: 0\n")
+                .unwrap_err()
+                .0
+                .contains("cache_interval must be >= 1")
+        );
+    }
 }
 
 /// Every cache configuration surface a client or operator writes (request fields, JSON,
