@@ -172,8 +172,20 @@ fn check_decisions(what: &str, run: &Run, got: &[v1::StepEvent]) {
 
 async fn policy_runs_as_diffusers(pipeline: &str, runs: &[&str]) {
     let d = TestDenoiser::start(&["--model", &folder(pipeline)]).await;
-    // The default controller (resident mode on): these policies run their steps on the wire.
+    // The default controller (resident mode: MagCache keeps its tensors on the denoiser,
+    // FirstBlockCache and TaylorSeer run their steps on the wire) and a wire-mode one, which
+    // must give the same bits; it runs the branches one by one, as resident mode does (a
+    // batched call with padded text rounds differently in the last bits).
     let ctl = TestController::start(&["--denoiser", &d.url()]).await;
+    let wire = TestController::start(&[
+        "--denoiser",
+        &d.url(),
+        "--resident-tensors",
+        "false",
+        "--batch-cfg",
+        "false",
+    ])
+    .await;
     let mut c = ctl.client().await;
     // ListModels lists the policies and the model's default MagCache ratios.
     let models = c
@@ -206,7 +218,33 @@ async fn policy_runs_as_diffusers(pipeline: &str, runs: &[&str]) {
         let (adapter, config) = cache(&run);
         req.cache_adapter = adapter.into();
         req.cache_config = Some(config);
-        let got = generate_run(&mut c, req).await.unwrap();
+        let got = generate_run(&mut c, req.clone()).await.unwrap();
+        let on_wire = generate_run(&mut wire.client().await, req).await.unwrap();
+        assert_eq!(
+            decode(got.result.latents.as_ref().unwrap())
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            decode(on_wire.result.latents.as_ref().unwrap())
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            "{what}: resident and wire mode differ"
+        );
+        assert_eq!(
+            got.steps
+                .iter()
+                .map(|e| e.branches.iter().map(|b| b.computed).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+            on_wire
+                .steps
+                .iter()
+                .map(|e| e.branches.iter().map(|b| b.computed).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+            "{what}: resident and wire decisions differ"
+        );
         for ev in &got.steps {
             for b in &ev.branches {
                 assert_eq!(b.policy, adapter, "{what}: the deciding policy");
@@ -418,4 +456,45 @@ async fn bad_policy_settings_are_invalid_arguments() {
         assert!(err.message().contains(want), "{adapter}: {}", err.message());
         assert!(err.message().len() < 600, "bounded: {}", err.message());
     }
+}
+
+/// MagCache in resident mode when the denoiser keeps nothing (a 1-byte store: every kept
+/// tensor is evicted at once) rebuilds what it lacks and still gives diffusers' result, bit
+/// for bit what a roomy store gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mag_cache_survives_a_store_that_keeps_nothing() {
+    let pipeline = "qwen-image-pipeline-tiny";
+    let run = load(pipeline, "p0__magcache_cal_t0.25");
+    let mut req = request(pipeline, &run.json["call"], &run.tensors["latents_init"]);
+    let (adapter, config) = cache(&run);
+    req.cache_adapter = adapter.into();
+    req.cache_config = Some(config);
+    let mut got = Vec::new();
+    for store in ["4294967296", "1"] {
+        let d =
+            TestDenoiser::start(&["--model", &folder(pipeline), "--resident-bytes", store]).await;
+        let ctl = TestController::start(&["--denoiser", &d.url()]).await;
+        let out = generate_run(&mut ctl.client().await, req.clone())
+            .await
+            .unwrap();
+        got.push(
+            decode(out.result.latents.as_ref().unwrap())
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+        );
+    }
+    assert_eq!(got[0], got[1], "evictions changed the result");
+    let want: Vec<f32> = run.tensors["latents_final"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let worst = got[1]
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-3, "{worst}");
 }

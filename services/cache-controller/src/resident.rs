@@ -30,9 +30,12 @@ pub(crate) fn applies(
     describe: &v1::DescribeResponse,
     pool: &DenoiserPool,
 ) -> bool {
-    // The policies after TeaCache decide in wire mode for now (their signals are not
-    // computed on the denoiser yet).
-    let policy = matches!(session.plan, CachePlan::None | CachePlan::TeaCache { .. });
+    // FirstBlockCache and TaylorSeer run their steps in wire mode for now (the first block's
+    // residual and the Taylor factors are not kept on the denoiser yet).
+    let policy = matches!(
+        session.plan,
+        CachePlan::None | CachePlan::TeaCache { .. } | CachePlan::MagCache(_)
+    );
     policy
         && session.resident.on
         && session.calibration.is_none()
@@ -82,12 +85,14 @@ pub(crate) async fn step(
                 .await?;
             (decisions, resp.samples)
         }
-        CachePlan::TeaCache { params, .. } => {
+        plan @ (CachePlan::TeaCache { .. } | CachePlan::MagCache(_)) => {
+            // SIGNAL preprocesses every branch on the denoiser (and, for TeaCache, measures
+            // the indicator's change); MagCache decides from its ratios alone.
             let signals = call
                 .run(session, at, ResidentPhase::Signal, &[])
                 .await?
                 .signals;
-            let decisions = decide(session, &params, at, &signals)?;
+            let decisions = decide(session, &plan, at, &signals)?;
             let resp = call
                 .run(session, at, ResidentPhase::Advance, &decisions)
                 .await?;
@@ -98,7 +103,7 @@ pub(crate) async fn step(
             }
             (decisions, resp.samples)
         }
-        CachePlan::FirstBlockCache(_) | CachePlan::MagCache(_) | CachePlan::TaylorSeer(_) => {
+        CachePlan::FirstBlockCache(_) | CachePlan::TaylorSeer(_) => {
             return Err(ControllerError::Internal(format!(
                 "{} does not run in resident mode",
                 session.plan.adapter()
@@ -135,7 +140,7 @@ pub(crate) async fn step(
 /// the modulated inputs themselves.
 fn decide(
     session: &mut Session,
-    params: &crate::policy::TeaCacheParams,
+    plan: &CachePlan,
     at: &StepAt,
     signals: &[v1::BranchSignal],
 ) -> Result<Vec<Decision>, ControllerError> {
@@ -153,12 +158,25 @@ fn decide(
             .iter()
             .map(|&d| d.max(0) as usize)
             .collect();
-        let mut d = b
-            .state
-            .decide_on_signal(params, at.i, at.n, &shape, s.rel_l1);
-        if !d.compute && b.state.resident_residual().is_none() {
-            b.state.force_compute(&mut d, Forced::ShapeChanged);
-        }
+        let kept = b.state.resident_residual().is_some();
+        let d = match plan {
+            CachePlan::MagCache(params) => b.state.mag.decide(params, at.n, kept),
+            CachePlan::TeaCache { params, .. } => {
+                let mut d = b
+                    .state
+                    .decide_on_signal(params, at.i, at.n, &shape, s.rel_l1);
+                if !d.compute && !kept {
+                    b.state.force_compute(&mut d, Forced::ShapeChanged);
+                }
+                d
+            }
+            other => {
+                return Err(ControllerError::Internal(format!(
+                    "{} does not decide on signals",
+                    other.adapter()
+                )));
+            }
+        };
         decisions.push(d);
     }
     share_and_trace(&session.plan, &mut session.branches, &mut decisions);

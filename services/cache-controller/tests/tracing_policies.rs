@@ -1,6 +1,5 @@
 //! The policies after TeaCache in the trace: the real `cache-controller` binary (resident mode,
-//! its default, which serves these policies on the wire) and a denoiser export spans to an
-//! in-process OTLP collector. Every step span holds one `cache.decide` span per branch naming
+//! its default) and a denoiser export spans to an in-process OTLP collector. Every step span holds one `cache.decide` span per branch naming
 //! the policy, its decision and the numbers it decided from, equal to the StepEvents.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -92,8 +91,8 @@ async fn every_step_names_the_policy_its_decision_and_numbers() {
         "TeaCache did not decide"
     );
     for (s, ev) in step_spans.iter().zip(&events) {
-        // These policies run their steps on the wire, also under a resident controller.
-        assert_eq!(s.str("path"), Some("wire"));
+        // MagCache runs in resident mode (SIGNAL, then ADVANCE with its decision).
+        assert_eq!(s.str("path"), Some("resident"));
         let decides: Vec<_> = in_trace
             .iter()
             .filter(|d| d.name == "cache.decide" && d.parent == s.id)

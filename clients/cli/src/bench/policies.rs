@@ -193,8 +193,8 @@ pub(super) async fn policies(
          of the pairs' wall-time ratios (client side, prompt encoding and decoding included); ideal = model calls / computed calls; PSNR of the cached picture \
          against the uncached one. MagCache uses ratios from `Calibrate` on the same call; \
          TaylorSeer's setting is its `cache_interval` (`disable_cache_before_step` 2, \
-         `max_order` 2, float32 factors). FirstBlockCache, MagCache and TaylorSeer run in wire \
-         mode (resident mode serves TeaCache and the uncached baseline). The \
+         `max_order` 2, float32 factors). FirstBlockCache and TaylorSeer run in wire mode \
+         (resident mode serves the uncached baseline, TeaCache and MagCache). The \
          tiny pipelines have random weights: their thresholds are far above the defaults, as \
          in diffusers' own fixture runs, and the numbers say how each policy's mechanics \
          cost, not how good it is on a trained model.\n",
