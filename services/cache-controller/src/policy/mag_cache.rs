@@ -39,8 +39,8 @@ impl MagCacheParams {
     /// round half to even), as float32.
     pub fn ratios_for(&self, n: usize) -> Vec<f32> {
         let src: Vec<f32> = self.mag_ratios.iter().map(|&r| r as f32).collect();
-        if src.len() == n || src.is_empty() {
-            return src;
+        if src.len() == n || src.is_empty() || n == 0 {
+            return if n == 0 { Vec::new() } else { src };
         }
         if n == 1 {
             return src[src.len() - 1..].to_vec();
@@ -137,6 +137,7 @@ mod tests {
             .collect();
         assert_eq!(p.ratios_for(8), want);
         assert_eq!(p.ratios_for(1), vec![0.89062]);
+        assert!(p.ratios_for(0).is_empty());
         assert_eq!(p.retention_step(8), 2);
         assert_eq!(p.retention_step(28), 6);
     }
