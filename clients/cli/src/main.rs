@@ -669,6 +669,23 @@ fn models_table(models: &[v1::ModelInfo]) -> String {
             format!("[{}]", coeffs.join(", "))
         ));
     }
+    if let Some(m) = models.iter().find(|m| !m.cache_adapters.is_empty()) {
+        out.push_str(&format!(
+            "cache adapters: {}\n",
+            m.cache_adapters.join(", ")
+        ));
+    }
+    let with_ratios: Vec<String> = models
+        .iter()
+        .filter(|m| !m.mag_ratios.is_empty())
+        .map(|m| format!("{} ({} values)", m.model_type, m.mag_ratios.len()))
+        .collect();
+    if !with_ratios.is_empty() {
+        out.push_str(&format!(
+            "mag_cache default ratios: {}; other models need mag_ratios (teaserve calibrate)\n",
+            with_ratios.join(", ")
+        ));
+    }
     out
 }
 
@@ -910,8 +927,18 @@ mod tests {
             default_width: 768,
             default_true_cfg_scale: 1.0,
             default_guidance_scale: Some(3.5),
+            cache_adapters: vec!["none".into(), "tea_cache".into(), "mag_cache".into()],
+            mag_ratios: vec![1.0; 28],
             ..Default::default()
         }]);
+        assert!(
+            table.contains("cache adapters: none, tea_cache, mag_cache"),
+            "{table}"
+        );
+        assert!(
+            table.contains("mag_cache default ratios: FluxPipeline (28 values)"),
+            "{table}"
+        );
         let row = table.lines().nth(1).unwrap_or_default();
         for want in [
             "FluxPipeline",
