@@ -70,8 +70,9 @@ impl Call<'_> {
         };
         if !d.compute {
             for (k, t) in b.state.taylor.predict()? {
-                // The forecast travels in full precision: it is the policy's own arithmetic.
-                req.attention.insert(k, encode_tensor(&t, DType::F32)?);
+                // In the wire dtype, as the streams travel (the model's own dtype by default,
+                // which is what diffusers forecasts in).
+                req.attention.insert(k, encode_tensor(&t, self.wire)?);
             }
         }
         let out = run_blocks(self.pool, self.model_type, b.branch, req, self.traffic).await?;
