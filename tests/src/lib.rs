@@ -576,6 +576,8 @@ pub struct RecordingProxy {
     /// The next this-many compute calls (RunBlocks, ResidentStep) are refused exactly as a
     /// denoiser whose compute queue is full refuses them (its own error mapping's status).
     pub queue_full_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
+    /// Describe reports no `num_blocks`, as a denoiser from before block ranges does.
+    pub hide_num_blocks: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RecordingProxy {
@@ -587,6 +589,7 @@ impl RecordingProxy {
             fail_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             queue_full_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             resident_unimplemented: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            hide_num_blocks: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -648,7 +651,14 @@ impl Denoiser for RecordingProxy {
         &self,
         req: Request<v1::DescribeRequest>,
     ) -> Result<Response<v1::DescribeResponse>, Status> {
-        self.upstream.clone().describe(req.into_inner()).await
+        let mut resp = self.upstream.clone().describe(req.into_inner()).await?;
+        if self
+            .hide_num_blocks
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            resp.get_mut().num_blocks = 0;
+        }
+        Ok(resp)
     }
 
     async fn preprocess(

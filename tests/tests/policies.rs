@@ -14,7 +14,8 @@ use candle_core::{Device, Tensor};
 use teaserve_proto::encode_tensor;
 use teaserve_proto::v1::{self, DType};
 use teaserve_tests::{
-    TestController, TestDenoiser, check_within, decode, fixtures_dir, generate_run, png_pixels,
+    RecordingProxy, TestController, TestDenoiser, check_within, decode, fixtures_dir, generate_run,
+    png_pixels,
 };
 use tokio_stream::StreamExt as _;
 use tonic::Code;
@@ -497,4 +498,47 @@ async fn mag_cache_survives_a_store_that_keeps_nothing() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(worst <= 1e-3, "{worst}");
+}
+
+/// A fleet with a denoiser from before block ranges (Describe without num_blocks): the
+/// policies whose RunBlocks fields it would ignore are refused with FAILED_PRECONDITION, not
+/// run wrongly; MagCache and TeaCache still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_denoiser_refuses_what_it_cannot_do() {
+    let pipeline = "flux-pipeline-tiny";
+    let d = TestDenoiser::start(&["--model", &folder(pipeline)]).await;
+    let (url, proxy) = RecordingProxy::start(&d).await;
+    proxy
+        .hide_num_blocks
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let ctl = TestController::start(&["--denoiser", &url]).await;
+    let mut c = ctl.client().await;
+    for name in [
+        "p0__fbc_t0.7",
+        "p0__taylorseer_o2_i3",
+        "p0__magcache_cal_t0.1",
+    ] {
+        let run = load(pipeline, name);
+        let mut req = request(pipeline, &run.json["call"], &run.tensors["latents_init"]);
+        let (adapter, config) = cache(&run);
+        req.cache_adapter = adapter.into();
+        req.cache_config = Some(config);
+        match (adapter, generate_run(&mut c, req).await) {
+            ("mag_cache", got) => assert!(got.is_ok(), "{:?}", got.err()),
+            (_, Err(e)) => {
+                assert_eq!(
+                    e.code(),
+                    Code::FailedPrecondition,
+                    "{adapter}: {}",
+                    e.message()
+                );
+                assert!(
+                    e.message().contains("run blocks by range"),
+                    "{}",
+                    e.message()
+                );
+            }
+            (_, Ok(_)) => panic!("{adapter} ran on a denoiser that ignores its fields"),
+        }
+    }
 }

@@ -19,13 +19,26 @@ use crate::session::{BranchRun, Session};
 /// The image stream.
 const IMAGE: &str = "hidden_states";
 
-/// Checks that the served model runs blocks by range and has a head and a tail.
-pub(crate) fn check_model(describe: &v1::DescribeResponse) -> Result<(), ControllerError> {
-    if describe.num_blocks < 2 {
+/// Checks that every denoiser of the model runs blocks by range (FirstBlockCache and
+/// TaylorSeer need it: an older version would ignore the range and attention fields) and,
+/// for FirstBlockCache, that the model has a head and a tail.
+pub(crate) fn check_model(
+    policy: &str,
+    describe: &v1::DescribeResponse,
+    pool: &DenoiserPool,
+) -> Result<(), ControllerError> {
+    if !pool.blocks_by_range(&describe.model_type) {
+        return Err(ControllerError::FailedPrecondition(format!(
+            "{policy} needs every denoiser serving '{}' to run blocks by range (Describe \
+             num_blocks); one does not (an older version?): use tea_cache, mag_cache or none \
+             until they are updated",
+            teaserve_proto::quote(&describe.model_type)
+        )));
+    }
+    if policy == "first_block_cache" && describe.num_blocks < 2 {
         return Err(ControllerError::InvalidArgument(format!(
-            "first_block_cache needs a denoiser that runs blocks by range over a model with at \
-             least 2 blocks; '{}' reports {} (an older denoiser reports 0): use tea_cache, \
-             mag_cache or none",
+            "first_block_cache needs a model with at least 2 blocks (a head and a tail); '{}' \
+             has {}: use tea_cache, mag_cache or none",
             teaserve_proto::quote(&describe.model_type),
             describe.num_blocks
         )));

@@ -443,13 +443,26 @@ impl DenoiserPool {
     /// tensors (`ResidentStep`); one that does not (`--resident-bytes 0`, or an older
     /// version during a rolling update) keeps the model's sessions in wire mode.
     pub fn resident_capable(&self, model_type: &str) -> bool {
+        self.every_transformer(model_type, |d| d.resident_budget_bytes > 0)
+    }
+
+    /// Whether every described denoiser with the transformer of `model_type` runs blocks by
+    /// range and exposes its attention modules (`Describe.num_blocks` set: FirstBlockCache's
+    /// and TaylorSeer's RunBlocks fields; an older version would ignore them).
+    pub fn blocks_by_range(&self, model_type: &str) -> bool {
+        self.every_transformer(model_type, |d| d.num_blocks > 0)
+    }
+
+    /// Whether `ok` holds for every described denoiser serving `model_type`'s transformer
+    /// (and there is one).
+    fn every_transformer(&self, model_type: &str, ok: impl Fn(&DescribeResponse) -> bool) -> bool {
         let mut any = false;
         for m in self.members() {
             if let Some(d) = m.described()
                 && d.model_type == model_type
                 && (d.components.is_empty() || d.components.iter().any(|c| c == "transformer"))
             {
-                if d.resident_budget_bytes == 0 {
+                if !ok(&d) {
                     return false;
                 }
                 any = true;
