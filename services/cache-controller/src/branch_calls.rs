@@ -1,5 +1,6 @@
 //! One branch's RunBlocks and Postprocess calls, for the policies whose steps call the stages
-//! branch by branch (FirstBlockCache's head and tail, TaylorSeer's attention tensors).
+//! branch by branch (FirstBlockCache's head and tail, TaylorSeer's attention tensors), and
+//! the check that every denoiser of the model understands those calls.
 
 use teaserve_proto::codec::map_bytes;
 use teaserve_proto::v1::{self, DType};
@@ -70,4 +71,31 @@ pub(crate) async fn postprocess(
         .ok_or_else(|| missing("sample", "Postprocess"))?;
     traffic.add("from_denoiser", sample.data.len() as u64);
     Ok(sample)
+}
+
+/// Checks that every denoiser of the model runs blocks by range (FirstBlockCache and
+/// TaylorSeer need it: an older version would ignore the range and attention fields) and,
+/// for FirstBlockCache, that the model has a head and a tail.
+pub(crate) fn check_model(
+    policy: &str,
+    describe: &v1::DescribeResponse,
+    pool: &DenoiserPool,
+) -> Result<(), ControllerError> {
+    if !pool.blocks_by_range(&describe.model_type) {
+        return Err(ControllerError::FailedPrecondition(format!(
+            "{policy} needs every denoiser serving '{}' to run blocks by range (Describe \
+             num_blocks); one does not (an older version?): use tea_cache, mag_cache or none \
+             until they are updated",
+            teaserve_proto::quote(&describe.model_type)
+        )));
+    }
+    if policy == "first_block_cache" && describe.num_blocks < 2 {
+        return Err(ControllerError::InvalidArgument(format!(
+            "first_block_cache needs a model with at least 2 blocks (a head and a tail); '{}' \
+             has {}: use tea_cache, mag_cache or none",
+            teaserve_proto::quote(&describe.model_type),
+            describe.num_blocks
+        )));
+    }
+    Ok(())
 }

@@ -19,33 +19,6 @@ use crate::session::{BranchRun, Session};
 /// The image stream.
 const IMAGE: &str = "hidden_states";
 
-/// Checks that every denoiser of the model runs blocks by range (FirstBlockCache and
-/// TaylorSeer need it: an older version would ignore the range and attention fields) and,
-/// for FirstBlockCache, that the model has a head and a tail.
-pub(crate) fn check_model(
-    policy: &str,
-    describe: &v1::DescribeResponse,
-    pool: &DenoiserPool,
-) -> Result<(), ControllerError> {
-    if !pool.blocks_by_range(&describe.model_type) {
-        return Err(ControllerError::FailedPrecondition(format!(
-            "{policy} needs every denoiser serving '{}' to run blocks by range (Describe \
-             num_blocks); one does not (an older version?): use tea_cache, mag_cache or none \
-             until they are updated",
-            teaserve_proto::quote(&describe.model_type)
-        )));
-    }
-    if policy == "first_block_cache" && describe.num_blocks < 2 {
-        return Err(ControllerError::InvalidArgument(format!(
-            "first_block_cache needs a model with at least 2 blocks (a head and a tail); '{}' \
-             has {}: use tea_cache, mag_cache or none",
-            teaserve_proto::quote(&describe.model_type),
-            describe.num_blocks
-        )));
-    }
-    Ok(())
-}
-
 /// Runs every branch of the step; returns each branch's decision and prediction.
 pub(crate) async fn step(
     session: &mut Session,

@@ -37,7 +37,7 @@ pub(crate) async fn step(
     counts.preprocess += pre.len() as u32;
     let (decisions, preds) = match session.plan.clone() {
         CachePlan::FirstBlockCache(params) => {
-            crate::first_block_step::check_model("first_block_cache", describe, pool)?;
+            crate::branch_calls::check_model("first_block_cache", describe, pool)?;
             let (mut decisions, preds) =
                 crate::first_block_step::step(session, pool, counts, &pre, &params, &traffic)
                     .await?;
@@ -45,7 +45,7 @@ pub(crate) async fn step(
             (decisions, preds)
         }
         CachePlan::TaylorSeer(params) => {
-            crate::first_block_step::check_model("taylor_seer", describe, pool)?;
+            crate::branch_calls::check_model("taylor_seer", describe, pool)?;
             let (mut decisions, preds) =
                 crate::taylor_step::step(session, pool, counts, &pre, &params, &traffic).await?;
             share_and_trace(&session.plan, &mut session.branches, &mut decisions);

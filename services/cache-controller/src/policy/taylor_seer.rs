@@ -187,20 +187,25 @@ mod tests {
         BTreeMap::from([("0.0".to_string(), Tensor::new(&[v], &Device::Cpu).unwrap())])
     }
 
+    /// Which of `n` calls compute (each computed call updating with a constant output).
+    fn computes(p: &TaylorSeerParams, n: usize) -> Vec<bool> {
+        let mut s = TaylorState::default();
+        (0..n)
+            .map(|_| {
+                let d = s.decide(p);
+                if d.compute {
+                    s.update(p, &one(1.0)).unwrap();
+                }
+                d.compute
+            })
+            .collect()
+    }
+
     #[test]
     fn schedule_is_diffusers() {
         // cache_interval 3, disable_cache_before_step 2: compute 0, 1, 3, 6.
         let p = params(2);
-        let mut s = TaylorState::default();
-        let got: Vec<bool> = (0..8)
-            .map(|_| {
-                let d = s.decide(&p);
-                if d.compute {
-                    s.update(&p, &one(1.0)).unwrap();
-                }
-                d.compute
-            })
-            .collect();
+        let got = computes(&p, 8);
         assert_eq!(
             got,
             vec![true, true, false, true, false, false, true, false]
@@ -211,16 +216,7 @@ mod tests {
             disable_cache_before_step: 3,
             ..params(1)
         };
-        let mut s = TaylorState::default();
-        let got: Vec<bool> = (0..8)
-            .map(|_| {
-                let d = s.decide(&p);
-                if d.compute {
-                    s.update(&p, &one(1.0)).unwrap();
-                }
-                d.compute
-            })
-            .collect();
+        let got = computes(&p, 8);
         assert_eq!(
             got,
             vec![true, true, true, false, true, false, false, false]
