@@ -136,8 +136,16 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
         let wire = TestController::start(&["--denoiser", &url, WIRE[0], WIRE[1]]).await;
         let steps = 10;
         let mut reused = 0;
-        for (adapter, thresh) in [("none", 0.0), ("tea_cache", 0.3), ("tea_cache", 0.8)] {
-            let req = request(&fx, adapter, thresh, steps);
+        // Caching off runs the three stages in one call: with BF16 on the wire its streams
+        // must still be rounded as the stage calls round them.
+        for (adapter, thresh, wire_dtype) in [
+            ("none", 0.0, DType::F32),
+            ("none", 0.0, DType::Bf16),
+            ("tea_cache", 0.3, DType::F32),
+            ("tea_cache", 0.8, DType::F32),
+        ] {
+            let mut req = request(&fx, adapter, thresh, steps);
+            req.wire_dtype = wire_dtype as i32;
             proxy.clear();
             let w = generate(&wire, req.clone(), |_| {}).await.unwrap();
             assert_eq!(proxy.log.lock().unwrap().resident_steps, 0);
@@ -155,7 +163,11 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
                 assert_eq!((log.preprocess, log.run_blocks, log.postprocess), (0, 0, 0));
                 assert_eq!(log.resident_rebuilds, 0, "one healthy replica: no misses");
             }
-            same(&format!("{fixture} {adapter} {thresh}"), &r, &w);
+            same(
+                &format!("{fixture} {adapter} {thresh} {wire_dtype:?}"),
+                &r,
+                &w,
+            );
             // The finished session's tensors are released on the denoiser.
             let id = r.result.session_id.clone();
             for _ in 0..200 {
@@ -170,7 +182,7 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
             );
             reused += r.result.reused_steps;
             eprintln!(
-                "{fixture} {adapter} {thresh}: resident == wire, {} computed / {} reused",
+                "{fixture} {adapter} {thresh} {wire_dtype:?}: resident == wire, {} computed / {} reused",
                 r.result.computed_steps, r.result.reused_steps
             );
         }

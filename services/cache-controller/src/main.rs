@@ -4,6 +4,13 @@ use anyhow::Context as _;
 use clap::Parser;
 use teaserve_controller::config::Args;
 
+/// mimalloc instead of glibc malloc: glibc's per-thread arenas returned freed tensor memory
+/// to the OS after every step, so each step page-faulted it back in (measured on the denoiser's
+/// compute thread: ~13K faults/s, several per cent of a step). Every teaserve binary uses the
+/// same allocator, so `teaserve bench` compares like with like.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

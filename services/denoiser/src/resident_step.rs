@@ -14,9 +14,11 @@ use teaserve_proto::codec::{decode_tensor, encode_tensor};
 use teaserve_proto::v1::{self, ResidentPhase};
 
 use crate::error::DenoiserError;
-use crate::registry::ModelAdapter;
+use crate::registry::{ModelAdapter, Tensors};
 use crate::resident::{Entry, ResidentStore};
-use crate::server::{Limits, output_dtype, postprocess, preprocess, run_blocks};
+use crate::server::{
+    Limits, as_received, output_dtype, postprocess, preprocess, preprocess_tensors, run_blocks,
+};
 use crate::spec::InputError;
 
 /// Longest session id accepted.
@@ -179,6 +181,24 @@ impl Step<'_> {
         timestep: Option<&v1::Tensor>,
         what: &str,
     ) -> Result<v1::PreprocessResponse, DenoiserError> {
+        preprocess(
+            self.model,
+            v1::PreprocessRequest {
+                inputs: Self::inputs(conditioning, hidden_states, timestep, what)?,
+                wire_dtype: self.wire(),
+            },
+            self.limits,
+        )
+    }
+
+    /// Preprocess's inputs: the conditioning with the latents and timestep (wire tensors;
+    /// their payloads are shared, not copied).
+    fn inputs(
+        conditioning: &TensorMap,
+        hidden_states: Option<&v1::Tensor>,
+        timestep: Option<&v1::Tensor>,
+        what: &str,
+    ) -> Result<TensorMap, DenoiserError> {
         let (Some(h), Some(t)) = (hidden_states, timestep) else {
             return Err(invalid(format!(
                 "{what}: hidden_states and timestep are required"
@@ -187,14 +207,7 @@ impl Step<'_> {
         let mut inputs = conditioning.clone();
         inputs.insert("hidden_states".into(), h.clone());
         inputs.insert("timestep".into(), t.clone());
-        preprocess(
-            self.model,
-            v1::PreprocessRequest {
-                inputs,
-                wire_dtype: self.wire(),
-            },
-            self.limits,
-        )
+        Ok(inputs)
     }
 
     /// The indicator of a Preprocess result as the controller's policy sees it.
@@ -415,14 +428,39 @@ impl Step<'_> {
             // Only new conditioning changes the entry (`get` already marked it used).
             self.store.put(key, entry);
         }
-        let pre = self.preprocess(
+        let inputs = Self::inputs(
             &cond,
             self.req.hidden_states.as_ref(),
             self.req.timestep.as_ref(),
             "FUSED",
         )?;
-        let out = self.run_blocks(&pre)?;
-        let hidden = hidden_states(&out.streams, "RunBlocks")?.clone();
-        self.postprocess(hidden, &pre)
+        self.forward(&inputs)
+    }
+
+    /// The three stages back to back on tensors, each receiving exactly what the stage RPCs
+    /// would ([`as_received`]: the streams rounded to the wire dtype), without encoding
+    /// anything but the prediction.
+    fn forward(&self, inputs: &TensorMap) -> Result<v1::Tensor, DenoiserError> {
+        let (model, info) = (self.model, self.model.info());
+        let wire = output_dtype(self.wire())?;
+        let pre = preprocess_tensors(model, inputs, self.limits)?;
+        let stage = &info.run_blocks;
+        let streams = as_received(&pre.streams, Some(wire), &stage.inputs, info)?;
+        let context = as_received(&pre.context, None, &stage.context, info)?;
+        let out = model.run_blocks(&streams, &context, 0..info.num_blocks)?;
+        let stage = &info.postprocess;
+        let spec = stage
+            .inputs
+            .first()
+            .ok_or_else(|| DenoiserError::Config("model declares no Postprocess input".into()))?;
+        let hidden = out
+            .get("hidden_states")
+            .ok_or_else(|| DenoiserError::Config("RunBlocks returned no hidden_states".into()))?;
+        let hidden = Tensors::from([(spec.name.to_string(), hidden.clone())]);
+        let hidden = as_received(&hidden, Some(wire), &stage.inputs, info)?
+            .remove(spec.name)
+            .ok_or_else(|| DenoiserError::Config("the hidden states vanished".into()))?;
+        let context = as_received(&pre.context, None, &stage.context, info)?;
+        Ok(encode_tensor(&model.postprocess(&hidden, &context)?, wire)?)
     }
 }

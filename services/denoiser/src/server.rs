@@ -325,13 +325,42 @@ fn decode_map(
                     source: Box::new(source),
                 }
             })?;
-            if specs
-                .iter()
-                .any(|s| s.name == name && s.kind == crate::spec::Kind::Float)
-            {
+            if takes_model_dtype(specs, name) {
                 x = x.to_dtype(info.dtype)?;
             }
             Ok((name.clone(), x))
+        })
+        .collect()
+}
+
+/// Whether the stage decodes tensor `name` to the model dtype (its spec says float).
+fn takes_model_dtype(specs: &[TensorSpec], name: &str) -> bool {
+    specs
+        .iter()
+        .any(|s| s.name == name && s.kind == crate::spec::Kind::Float)
+}
+
+/// What a stage call would receive if `map`, a stage's results, travelled to it: each tensor
+/// cast to `wire` (None: its own dtype, as context travels), then to the model dtype where
+/// the receiving stage's `specs` say float, contiguous. The same values as [`encode_map`]
+/// then [`decode_map`], without the bytes: stages run back to back in one call use it, so
+/// their results equal the stage RPCs' bit for bit.
+pub(crate) fn as_received(
+    map: &Tensors,
+    wire: Option<DType>,
+    specs: &[TensorSpec],
+    info: &ModelInfo,
+) -> Result<Tensors, DenoiserError> {
+    map.iter()
+        .map(|(name, t)| {
+            let mut x = match wire {
+                Some(d) => t.to_dtype(codec::to_candle_dtype(d)?)?,
+                None => t.clone(),
+            };
+            if takes_model_dtype(specs, name) {
+                x = x.to_dtype(info.dtype)?;
+            }
+            Ok((name.clone(), x.contiguous()?))
         })
         .collect()
 }
@@ -395,26 +424,36 @@ pub fn device_name(device: &candle_core::Device) -> String {
     }
 }
 
-pub(crate) fn preprocess(
+/// Preprocess on wire inputs, checked against the model's contract and this worker's limits;
+/// the results stay tensors.
+pub(crate) fn preprocess_tensors(
     model: &dyn ModelAdapter,
-    req: v1::PreprocessRequest,
+    inputs: &TensorMap,
     limits: Limits,
-) -> Result<v1::PreprocessResponse, DenoiserError> {
+) -> Result<crate::registry::PreprocessOutput, DenoiserError> {
     let info = model.info();
     let specs = &info.preprocess.inputs;
-    let out_dtype = output_dtype(req.wire_dtype)?;
     let mut bindings = Bindings::default();
     check_map(
         "Preprocess",
         "inputs",
         specs,
-        &req.inputs,
+        inputs,
         limits.max_message_bytes,
         &mut bindings,
     )?;
     check_limits(&bindings, &limits)?;
-    let inputs = decode_map(&req.inputs, specs, info, limits.max_message_bytes)?;
-    let out = model.preprocess(&inputs)?;
+    let inputs = decode_map(inputs, specs, info, limits.max_message_bytes)?;
+    model.preprocess(&inputs)
+}
+
+pub(crate) fn preprocess(
+    model: &dyn ModelAdapter,
+    req: v1::PreprocessRequest,
+    limits: Limits,
+) -> Result<v1::PreprocessResponse, DenoiserError> {
+    let out_dtype = output_dtype(req.wire_dtype)?;
+    let out = preprocess_tensors(model, &req.inputs, limits)?;
     Ok(v1::PreprocessResponse {
         modulated_input: Some(encode_tensor(&out.modulated_input, out_dtype)?),
         streams: encode_map(&out.streams, out_dtype)?,
