@@ -96,6 +96,16 @@ pub struct BenchArgs {
         allow_negative_numbers = true
     )]
     repeats: usize,
+    /// Back-to-back pairs behind each target ratio (split overhead, cache efficiency): the
+    /// median of the per-pair ratios is reported, the pair order alternating so that drift of
+    /// the machine cancels.
+    #[arg(
+        long,
+        env = "TEASERVE_BENCH_PAIRS",
+        default_value_t = 9,
+        allow_negative_numbers = true
+    )]
+    pairs: usize,
     /// Concurrent generations in the scaling section.
     #[arg(
         long,
@@ -331,6 +341,13 @@ impl BenchModel {
     }
 
     /// The reference: one monolithic forward per step, Euler in f32, no network.
+    /// [`BenchModel::in_process`] and its wall time, ms.
+    fn timed_in_process(&self, steps: u32) -> anyhow::Result<(Tensor, f64)> {
+        let t = Instant::now();
+        let latents = self.in_process(steps)?;
+        Ok((latents, t.elapsed().as_secs_f64() * 1e3))
+    }
+
     fn in_process(&self, steps: u32) -> anyhow::Result<Tensor> {
         let dev = Device::Cpu;
         let get = |n: &str| -> anyhow::Result<Tensor> {
@@ -573,13 +590,15 @@ impl Report {
 async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyhow::Result<()> {
     r.line("## Split overhead: services vs one in-process forward loop\n");
     r.line(format!(
-        "Caching off, {} steps, same inputs and sigmas; median of {} runs. Wire mode runs \
+        "Caching off, {} steps, same inputs and sigmas; {} pairs. Wire mode runs \
          Preprocess / RunBlocks / Postprocess over loopback gRPC; resident mode (the default) \
          one ResidentStep call per step with the tensors kept on the denoiser; both with the \
          controller's Euler step. The reference calls the same model's monolithic `forward` in \
-         this process. Each repeat runs the reference and the services back to back; the ratio \
-         is the median of the per-repeat ratios (times are the medians).\n",
-        a.steps, a.repeats
+         this process. Each pair runs the reference and the services back to back, in \
+         alternating order; the ratio is the median of the per-pair ratios (times are the \
+         medians).\n",
+        a.steps,
+        a.pairs.max(1)
     ));
     r.line("| model | mode | in-process | services | ratio (target <= 1.03x) | max abs diff of latents |");
     r.line("|---|---|---|---|---|---|");
@@ -591,11 +610,15 @@ async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyh
             m.in_process(a.steps)?;
             let (mut split, mut mono, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
             let mut diff = 0.0f32;
-            for _ in 0..a.repeats.max(1) {
-                let t = Instant::now();
-                let want = m.in_process(a.steps)?;
-                let in_process = t.elapsed().as_secs_f64() * 1e3;
-                let run = generate(&mut s.client, req.clone()).await?;
+            for pair in 0..a.pairs.max(1) {
+                let (want, in_process, run) = if pair % 2 == 0 {
+                    let (want, ms) = m.timed_in_process(a.steps)?;
+                    (want, ms, generate(&mut s.client, req.clone()).await?)
+                } else {
+                    let run = generate(&mut s.client, req.clone()).await?;
+                    let (want, ms) = m.timed_in_process(a.steps)?;
+                    (want, ms, run)
+                };
                 mono.push(in_process);
                 split.push(run.wall_ms);
                 ratios.push(run.wall_ms / in_process);
@@ -696,12 +719,14 @@ async fn cache(
 
     // Cache efficiency where a step costs tens of milliseconds, in both modes.
     r.line(format!(
-        "Cache efficiency on the {}, {} steps; each repeat runs uncached then cached back to \
-         back, speedup = the median of the {} per-repeat ratios. Its weights are random, so \
+        "Cache efficiency on the {}, {} steps; each pair runs uncached and cached back to \
+         back, in alternating order, speedup = the median of the {} per-pair ratios. Its weights are random, so \
          TeaCache runs with identity rescaling (coefficients [0, 0, 0, 1, 0]: the raw input \
          rel-L1 is accumulated); the decisions are arbitrary, the point is how much of what a \
          skipped step should save arrives:\n",
-        synthetic.name, a.steps, a.repeats
+        synthetic.name,
+        a.steps,
+        a.pairs.max(1)
     ));
     r.line("| mode | threshold | computed | speedup | ideal | efficiency (target >= 0.97) |");
     r.line("|---|---|---|---|---|---|");
@@ -727,9 +752,14 @@ async fn cache(
             )?;
             // Cached and uncached back to back per repeat: drift of the machine cancels.
             let (mut speedups, mut computed) = (Vec::new(), 0);
-            for _ in 0..a.repeats.max(1) {
-                let off = generate(&mut s.client, off_req.clone()).await?;
-                let on = generate(&mut s.client, req.clone()).await?;
+            for pair in 0..a.pairs.max(1) {
+                let (off, on) = if pair % 2 == 0 {
+                    let off = generate(&mut s.client, off_req.clone()).await?;
+                    (off, generate(&mut s.client, req.clone()).await?)
+                } else {
+                    let on = generate(&mut s.client, req.clone()).await?;
+                    (generate(&mut s.client, off_req.clone()).await?, on)
+                };
                 speedups.push(off.wall_ms / on.wall_ms);
                 computed = on.computed;
             }
