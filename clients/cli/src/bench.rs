@@ -340,7 +340,6 @@ impl BenchModel {
         })
     }
 
-    /// The reference: one monolithic forward per step, Euler in f32, no network.
     /// [`BenchModel::in_process`] and its wall time, ms.
     fn timed_in_process(&self, steps: u32) -> anyhow::Result<(Tensor, f64)> {
         let t = Instant::now();
@@ -348,6 +347,7 @@ impl BenchModel {
         Ok((latents, t.elapsed().as_secs_f64() * 1e3))
     }
 
+    /// The reference: one monolithic forward per step, Euler in f32, no network.
     fn in_process(&self, steps: u32) -> anyhow::Result<Tensor> {
         let dev = Device::Cpu;
         let get = |n: &str| -> anyhow::Result<Tensor> {
@@ -750,7 +750,7 @@ async fn cache(
                 vec![0.0, 0.0, 0.0, 1.0, 0.0],
                 DType::F32,
             )?;
-            // Cached and uncached back to back per repeat: drift of the machine cancels.
+            // Cached and uncached back to back per pair: drift of the machine cancels.
             let (mut speedups, mut computed) = (Vec::new(), 0);
             for pair in 0..a.pairs.max(1) {
                 let (off, on) = if pair % 2 == 0 {
