@@ -5,16 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
-use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
-use teaserve_proto::v1::{self, DType, generate_event};
-use teaserve_telemetry::{LogFormat, OtelConfig};
+use teaserve_proto::v1::{self, DType};
 use teaserve_tests::{Fixture, TestDenoiser};
-use tokio_stream::StreamExt as _;
 
 mod common;
-use common::{Span, counter, http_get, spans, start_collector, start_controller, stop_controller};
+use common::{
+    Span, counter, generate_in_trace, http_get, init_denoiser_telemetry, start_collector,
+    start_controller, stop_controller, wait_for_spans,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_trace_holds_every_step_decision_and_denoiser_call() {
@@ -22,14 +21,7 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     let (collector, otlp) = start_collector().await;
 
     // This process plays the denoiser, exporting through the same telemetry code.
-    let telemetry = teaserve_telemetry::init(
-        LogFormat::Text,
-        &OtelConfig {
-            endpoint: Some(otlp.clone()),
-            service_name: "denoiser".into(),
-        },
-    )
-    .unwrap();
+    let telemetry = init_denoiser_telemetry(&otlp);
     let fx = Fixture::load("flux-tiny");
     let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
 
@@ -64,25 +56,7 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
         ..Default::default()
     };
     let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let mut request = tonic::Request::new(req);
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{client_trace}-00f067aa0ba902b7-01")
-            .parse()
-            .unwrap(),
-    );
-    let mut c = CacheControllerClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let mut stream = c.generate(request).await.unwrap().into_inner();
-    let (mut events, mut result) = (Vec::new(), None);
-    while let Some(ev) = stream.next().await {
-        match ev.unwrap().event.unwrap() {
-            generate_event::Event::Step(s) => events.push(s),
-            generate_event::Event::Result(r) => result = Some(r),
-        }
-    }
-    let result = result.unwrap();
+    let (events, result) = generate_in_trace(&grpc, req, client_trace).await;
     assert_eq!(result.trace_id, client_trace, "the result names the trace");
 
     // Background calls, as Kubernetes probes and tools make them: health checks on both
@@ -159,24 +133,17 @@ async fn one_trace_holds_every_step_decision_and_denoiser_call() {
     // Stop the controller (its exporter flushes on shutdown) and flush this process.
     stop_controller(&mut child).await;
     telemetry.flush().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let all = loop {
-        let all = spans(&collector);
+    let all = wait_for_spans(&collector, |all| {
         let services: std::collections::HashSet<&str> =
             all.iter().map(|s| s.service.as_str()).collect();
         let steps_seen = all.iter().filter(|s| s.name == "step").count();
-        if services.contains("cache-controller")
+        (services.contains("cache-controller")
             && services.contains("denoiser")
-            && steps_seen >= steps as usize
-        {
-            break all;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spans never arrived: {services:?}, {steps_seen} steps"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+            && steps_seen >= steps as usize)
+            .then_some(())
+            .ok_or(format!("{services:?}, {steps_seen} steps"))
+    })
+    .await;
 
     // Health checks, reflection and background Describe calls are not traced by default:
     // every span either service exported belongs to the one generation's trace.

@@ -3,28 +3,19 @@
 //! the policy, its decision and the numbers it decided from, equal to the StepEvents.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
-
-use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
-use teaserve_proto::v1::{self, DType, generate_event};
-use teaserve_telemetry::{LogFormat, OtelConfig};
+use teaserve_proto::v1::{self, DType};
 use teaserve_tests::{Fixture, TestDenoiser};
-use tokio_stream::StreamExt as _;
 
 mod common;
-use common::{spans, start_collector, start_controller, stop_controller};
+use common::{
+    generate_in_trace, init_denoiser_telemetry, start_collector, start_controller, stop_controller,
+    wait_for_spans,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_step_names_the_policy_its_decision_and_numbers() {
     let (collector, otlp) = start_collector().await;
-    let telemetry = teaserve_telemetry::init(
-        LogFormat::Text,
-        &OtelConfig {
-            endpoint: Some(otlp.clone()),
-            service_name: "denoiser".into(),
-        },
-    )
-    .unwrap();
+    let telemetry = init_denoiser_telemetry(&otlp);
     let fx = Fixture::load("flux-tiny");
     let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
     let (mut child, grpc, _metrics) = start_controller(&denoiser.url(), &otlp, &[]);
@@ -46,42 +37,18 @@ async fn every_step_names_the_policy_its_decision_and_numbers() {
         ..Default::default()
     };
     let client_trace = "6df92f3577b34da6a3ce929d0e0e4738";
-    let mut request = tonic::Request::new(req);
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{client_trace}-00f067aa0ba902b7-01")
-            .parse()
-            .unwrap(),
-    );
-    let mut c = CacheControllerClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let mut stream = c.generate(request).await.unwrap().into_inner();
-    let (mut events, mut result) = (Vec::new(), None);
-    while let Some(ev) = stream.next().await {
-        match ev.unwrap().event.unwrap() {
-            generate_event::Event::Step(s) => events.push(s),
-            generate_event::Event::Result(r) => result = Some(r),
-        }
-    }
-    let result = result.unwrap();
+    let (events, result) = generate_in_trace(&grpc, req, client_trace).await;
     assert!(result.reused_steps > 0, "MagCache 0.3 skipped nothing");
 
     stop_controller(&mut child).await;
     telemetry.flush().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let all = loop {
-        let all = spans(&collector);
+    let all = wait_for_spans(&collector, |all| {
         let decided = all.iter().filter(|s| s.name == "cache.decide").count();
-        if decided >= steps as usize {
-            break all;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spans never arrived: {decided} cache.decide"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        (decided >= steps as usize)
+            .then_some(())
+            .ok_or(format!("{decided} cache.decide"))
+    })
+    .await;
     let in_trace: Vec<_> = all.iter().filter(|s| s.trace_id == client_trace).collect();
     let mut step_spans: Vec<_> = in_trace.iter().filter(|s| s.name == "step").collect();
     step_spans.sort_by_key(|s| s.f64("step").unwrap() as i64);

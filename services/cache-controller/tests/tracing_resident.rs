@@ -4,28 +4,19 @@
 //! two ResidentStep calls (SIGNAL, ADVANCE) and no stage calls; `/metrics` counts the paths.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::time::{Duration, Instant};
-
-use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
-use teaserve_proto::v1::{self, DType, generate_event};
-use teaserve_telemetry::{LogFormat, OtelConfig};
+use teaserve_proto::v1::{self, DType};
 use teaserve_tests::{Fixture, TestDenoiser};
-use tokio_stream::StreamExt as _;
 
 mod common;
-use common::{counter, http_get, spans, start_collector, start_controller, stop_controller};
+use common::{
+    counter, generate_in_trace, http_get, init_denoiser_telemetry, start_collector,
+    start_controller, stop_controller, wait_for_spans,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_step_span_names_its_path_and_bytes() {
     let (collector, otlp) = start_collector().await;
-    let telemetry = teaserve_telemetry::init(
-        LogFormat::Text,
-        &OtelConfig {
-            endpoint: Some(otlp.clone()),
-            service_name: "denoiser".into(),
-        },
-    )
-    .unwrap();
+    let telemetry = init_denoiser_telemetry(&otlp);
     let fx = Fixture::load("flux-tiny");
     let denoiser = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
     let (mut child, grpc, metrics) = start_controller(&denoiser.url(), &otlp, &[]);
@@ -45,24 +36,7 @@ async fn every_step_span_names_its_path_and_bytes() {
         ..Default::default()
     };
     let client_trace = "5cf92f3577b34da6a3ce929d0e0e4737";
-    let mut request = tonic::Request::new(req);
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{client_trace}-00f067aa0ba902b7-01")
-            .parse()
-            .unwrap(),
-    );
-    let mut c = CacheControllerClient::connect(format!("http://{grpc}"))
-        .await
-        .unwrap();
-    let mut stream = c.generate(request).await.unwrap().into_inner();
-    let mut result = None;
-    while let Some(ev) = stream.next().await {
-        if let generate_event::Event::Result(r) = ev.unwrap().event.unwrap() {
-            result = Some(r);
-        }
-    }
-    let result = result.unwrap();
+    let (_, result) = generate_in_trace(&grpc, req, client_trace).await;
     assert!(result.reused_steps > 0, "TeaCache 0.6 reused nothing");
 
     let text = http_get(&metrics, "/metrics").await;
@@ -75,23 +49,17 @@ async fn every_step_span_names_its_path_and_bytes() {
 
     stop_controller(&mut child).await;
     telemetry.flush().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let all = loop {
-        let all = spans(&collector);
+    let all = wait_for_spans(&collector, |all| {
         let steps_seen = all.iter().filter(|s| s.name == "step").count();
         let served = all
             .iter()
             .filter(|s| s.name == "teaserve.v1.Denoiser/ResidentStep")
             .count();
-        if steps_seen >= steps as usize && served >= 2 * steps as usize {
-            break all;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spans never arrived: {steps_seen} steps, {served} ResidentStep"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        (steps_seen >= steps as usize && served >= 2 * steps as usize)
+            .then_some(())
+            .ok_or(format!("{steps_seen} steps, {served} ResidentStep"))
+    })
+    .await;
     let in_trace: Vec<_> = all.iter().filter(|s| s.trace_id == client_trace).collect();
     let step_spans: Vec<_> = in_trace.iter().filter(|s| s.name == "step").collect();
     assert_eq!(step_spans.len(), steps as usize);

@@ -200,3 +200,70 @@ pub async fn stop_controller(child: &mut Child) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Telemetry for this process, which plays the denoiser: it exports to `otlp` through the same
+/// telemetry code the binaries use.
+pub fn init_denoiser_telemetry(otlp: &str) -> teaserve_telemetry::Telemetry {
+    teaserve_telemetry::init(
+        teaserve_telemetry::LogFormat::Text,
+        &teaserve_telemetry::OtelConfig {
+            endpoint: Some(otlp.to_string()),
+            service_name: "denoiser".into(),
+        },
+    )
+    .unwrap()
+}
+
+/// Runs `req` on the controller at `grpc` inside the client trace `trace_id` (a W3C
+/// `traceparent`); returns its step events and result.
+pub async fn generate_in_trace(
+    grpc: &str,
+    req: teaserve_proto::v1::GenerateRequest,
+    trace_id: &str,
+) -> (
+    Vec<teaserve_proto::v1::StepEvent>,
+    teaserve_proto::v1::GenerateResult,
+) {
+    use teaserve_proto::v1::cache_controller_client::CacheControllerClient;
+    use teaserve_proto::v1::generate_event::Event;
+    use tokio_stream::StreamExt as _;
+    let mut request = tonic::Request::new(req);
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    let mut c = CacheControllerClient::connect(format!("http://{grpc}"))
+        .await
+        .unwrap();
+    let mut stream = c.generate(request).await.unwrap().into_inner();
+    let (mut events, mut result) = (Vec::new(), None);
+    while let Some(ev) = stream.next().await {
+        match ev.unwrap().event.unwrap() {
+            Event::Step(s) => events.push(s),
+            Event::Result(r) => result = Some(r),
+        }
+    }
+    (events, result.unwrap())
+}
+
+/// Every span the collector holds once `ready` accepts them; `ready` says what is still
+/// missing, and after 20 s that is the failure.
+pub async fn wait_for_spans(
+    collector: &Collector,
+    ready: impl Fn(&[Span]) -> Result<(), String>,
+) -> Vec<Span> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let all = spans(collector);
+        match ready(&all) {
+            Ok(()) => return all,
+            Err(missing) => assert!(
+                std::time::Instant::now() < deadline,
+                "spans never arrived: {missing}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
