@@ -552,6 +552,8 @@ pub struct Recorded {
     pub resident_steps: usize,
     /// ResidentStep calls sent with `rebuild` (after a resident miss).
     pub resident_rebuilds: usize,
+    /// The phase of every ResidentStep call, in order (`v1::ResidentPhase` values).
+    pub resident_phases: Vec<i32>,
     /// Sessions whose resident tensors were released (ReleaseSession), in order.
     pub released: Vec<String>,
     /// Every Preprocess call in arrival order: its timestep, its `encoder_hidden_states`
@@ -578,6 +580,8 @@ pub struct RecordingProxy {
     pub queue_full_run_blocks: Arc<std::sync::atomic::AtomicUsize>,
     /// Describe reports no `num_blocks`, as a denoiser from before block ranges does.
     pub hide_num_blocks: Arc<std::sync::atomic::AtomicBool>,
+    /// ResidentStep refuses the STEP phase exactly as a denoiser from before STEP does.
+    pub step_phase_unknown: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RecordingProxy {
@@ -590,6 +594,7 @@ impl RecordingProxy {
             queue_full_run_blocks: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             resident_unimplemented: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             hide_num_blocks: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            step_phase_unknown: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -716,10 +721,21 @@ impl Denoiser for RecordingProxy {
         }
         self.injected_fault()?;
         let req = req.into_inner();
+        let step = v1::ResidentPhase::Step as i32;
+        if req.phase == step
+            && self
+                .step_phase_unknown
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(Status::invalid_argument(format!(
+                "phase {step} is not accepted; use SIGNAL, ADVANCE or FUSED"
+            )));
+        }
         {
             let mut log = self.log.lock().unwrap();
             log.resident_steps += 1;
             log.resident_rebuilds += usize::from(req.rebuild);
+            log.resident_phases.push(req.phase);
         }
         self.upstream.clone().resident_step(req).await
     }

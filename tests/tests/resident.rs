@@ -23,6 +23,8 @@ fn flux_request(fx: &Fixture, adapter: &str, thresh: f64, steps: u32) -> v1::Gen
         .get("b2.in.encoder_hidden_states")
         .narrow(0, 1, 1)
         .unwrap();
+    // Its own pooled text too, so the branches' indicators (and decisions) differ.
+    let neg_pooled = (fx.get("b2.in.pooled_projections").narrow(0, 1, 1).unwrap() * 8.0).unwrap();
     v1::GenerateRequest {
         model_class_name: "FluxPipeline".into(),
         cache_adapter: adapter.into(),
@@ -32,10 +34,16 @@ fn flux_request(fx: &Fixture, adapter: &str, thresh: f64, steps: u32) -> v1::Gen
         }),
         num_inference_steps: steps,
         inputs,
-        negative_inputs: TensorMap::from([(
-            "encoder_hidden_states".to_string(),
-            encode_tensor(&neg, DType::F32).unwrap(),
-        )]),
+        negative_inputs: TensorMap::from([
+            (
+                "encoder_hidden_states".to_string(),
+                encode_tensor(&neg, DType::F32).unwrap(),
+            ),
+            (
+                "pooled_projections".to_string(),
+                encode_tensor(&neg_pooled, DType::F32).unwrap(),
+            ),
+        ]),
         true_cfg_scale: Some(3.0),
         ..Default::default()
     }
@@ -135,17 +143,25 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
         let resident = TestController::start(&["--denoiser", &url]).await;
         let wire = TestController::start(&["--denoiser", &url, WIRE[0], WIRE[1]]).await;
         let steps = 10;
-        let mut reused = 0;
+        let (mut reused, mut decided_apart) = (0, 0);
         // Caching off runs the three stages in one call: with BF16 on the wire its streams
         // must still be rounded as the stage calls round them.
-        for (adapter, thresh, wire_dtype) in [
-            ("none", 0.0, DType::F32),
-            ("none", 0.0, DType::Bf16),
-            ("tea_cache", 0.3, DType::F32),
-            ("tea_cache", 0.8, DType::F32),
+        // TeaCache runs one call per step (STEP), the denoiser taking the branch the
+        // controller's rule gives on its signal: with BF16 too, and with the CFG branches
+        // deciding together.
+        for (adapter, thresh, wire_dtype, shared) in [
+            ("none", 0.0, DType::F32, false),
+            ("none", 0.0, DType::Bf16, false),
+            ("tea_cache", 0.3, DType::F32, false),
+            ("tea_cache", 0.8, DType::F32, false),
+            ("tea_cache", 0.8, DType::Bf16, false),
+            ("tea_cache", 0.8, DType::F32, true),
         ] {
             let mut req = request(&fx, adapter, thresh, steps);
             req.wire_dtype = wire_dtype as i32;
+            if let Some(c) = req.cache_config.as_mut() {
+                c.shared_cfg_decision = Some(shared);
+            }
             proxy.clear();
             let w = generate(&wire, req.clone(), |_| {}).await.unwrap();
             assert_eq!(proxy.log.lock().unwrap().resident_steps, 0);
@@ -153,18 +169,22 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
             let r = generate(&resident, req, |_| {}).await.unwrap();
             {
                 let log = proxy.log.lock().unwrap();
-                // One call per step with caching off, two with TeaCache; no stage calls.
-                let per_step = if adapter == "none" { 1 } else { 2 };
+                // One call per step, caching on or off; no stage calls.
+                let phase = if adapter == "none" {
+                    v1::ResidentPhase::Fused
+                } else {
+                    v1::ResidentPhase::Step
+                };
                 assert_eq!(
-                    log.resident_steps,
-                    per_step * steps as usize,
+                    log.resident_phases,
+                    vec![phase as i32; steps as usize],
                     "{fixture} {adapter}"
                 );
                 assert_eq!((log.preprocess, log.run_blocks, log.postprocess), (0, 0, 0));
                 assert_eq!(log.resident_rebuilds, 0, "one healthy replica: no misses");
             }
             same(
-                &format!("{fixture} {adapter} {thresh} {wire_dtype:?}"),
+                &format!("{fixture} {adapter} {thresh} {wire_dtype:?} shared {shared}"),
                 &r,
                 &w,
             );
@@ -181,12 +201,32 @@ async fn resident_and_wire_modes_give_the_same_bits_with_cfg() {
                 "{id} not released"
             );
             reused += r.result.reused_steps;
+            // Steps whose branches decided apart: none when they decide together.
+            let apart = r
+                .steps
+                .iter()
+                .filter(|s| {
+                    let computed = s.branches.iter().filter(|b| b.computed).count();
+                    computed > 0 && computed < s.branches.len()
+                })
+                .count();
+            if shared {
+                assert_eq!(apart, 0, "{fixture}: shared decisions came apart");
+            } else {
+                decided_apart += apart;
+            }
             eprintln!(
-                "{fixture} {adapter} {thresh} {wire_dtype:?}: resident == wire, {} computed / {} reused",
+                "{fixture} {adapter} {thresh} {wire_dtype:?} shared {shared}: resident == wire, {} computed / {} reused",
                 r.result.computed_steps, r.result.reused_steps
             );
         }
         assert!(reused > 0, "{fixture}: TeaCache reused nothing");
+        // Qwen-Image's indicator depends on the latents and timestep alone, so its branches
+        // always decide alike; FLUX's on the pooled text too.
+        assert!(
+            fixture != "flux-tiny" || decided_apart > 0,
+            "{fixture}: the branches never decided apart, so the shared case shows nothing"
+        );
     }
 }
 
@@ -335,9 +375,18 @@ async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
         }],
         wire_dtype: DType::F32 as i32,
         rebuild: false,
+        shared_decision: false,
     };
     type Edit = fn(&mut v1::ResidentStepRequest);
-    let cases: [(Edit, &str); 6] = [
+    fn rule(r: &mut v1::ResidentStepRequest, coefficients: Vec<f64>) {
+        r.phase = v1::ResidentPhase::Step as i32;
+        r.branches[0].reuse_rule = Some(v1::ReuseRule {
+            accumulated: 0.0,
+            threshold: 0.5,
+            coefficients,
+        });
+    }
+    let cases: [(Edit, &str); 8] = [
         (
             |r| r.session_id.clear(),
             "session_id must be 1 to 128 bytes",
@@ -364,6 +413,14 @@ async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
         (
             |r| r.hidden_states = None,
             "hidden_states and timestep are required",
+        ),
+        (
+            |r| rule(r, vec![1.0; 4]),
+            "reuse_rule.coefficients must hold 5 numbers",
+        ),
+        (
+            |r| rule(r, vec![0.0, 0.0, 0.0, f64::NAN, 0.0]),
+            "reuse_rule numbers must be finite",
         ),
     ];
     for (edit, says) in cases {
@@ -453,4 +510,30 @@ async fn a_replica_without_resident_mode_turns_the_session_to_wire_mode() {
         switched.branches.iter().all(|b| b.computed && b.forced),
         "{switched:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_step_phase_gets_two_calls_per_cached_step() {
+    let fx = Fixture::load("flux-tiny");
+    let d = TestDenoiser::start(&["--model", fx.dir.to_str().unwrap()]).await;
+    let (url, proxy) = RecordingProxy::start(&d).await;
+    let ctl = TestController::start(&["--denoiser", &url]).await;
+    let wire = TestController::start(&["--denoiser", &d.url(), WIRE[0], WIRE[1]]).await;
+    let req = flux_request(&fx, "tea_cache", 0.8, 10);
+    let want = generate(&wire, req.clone(), |_| {}).await.unwrap();
+    // A denoiser from before STEP refuses it as an unknown phase: the session goes on in
+    // resident mode with SIGNAL then ADVANCE, the same bits.
+    proxy
+        .step_phase_unknown
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let got = generate(&ctl, req, |_| {}).await.unwrap();
+    same("replica without STEP", &got, &want);
+    assert!(got.result.reused_steps > 0);
+    let log = proxy.log.lock().unwrap();
+    let (signal, advance) = (
+        v1::ResidentPhase::Signal as i32,
+        v1::ResidentPhase::Advance as i32,
+    );
+    assert_eq!(log.resident_phases, [signal, advance].repeat(10));
+    assert_eq!((log.preprocess, log.run_blocks, log.postprocess), (0, 0, 0));
 }

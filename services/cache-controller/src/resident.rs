@@ -1,8 +1,14 @@
 //! Resident mode of the step loop: the session's large tensors stay on the denoiser that
 //! computed them (`ResidentStep`), and per step only the latents, the policy's signals and the
-//! predictions travel. Caching off: one call per step (FUSED). TeaCache: a SIGNAL call (the
-//! denoiser preprocesses every branch and returns each branch's relative L1 distance), the
-//! policy decides here, then an ADVANCE call (blocks or the kept residual, then Postprocess).
+//! predictions travel, in one call. Caching off: FUSED (the three stages). TeaCache and
+//! MagCache: STEP, which carries the controller's decision down: MagCache's is taken before
+//! the call (from its ratios); TeaCache's depends on the step's signal, so each branch gets
+//! its rule with its accumulator ([`BranchState::rule_before_signal`]), the denoiser measures
+//! the signal and takes the branch the rule gives, and the policy then decides here from the
+//! returned signal, as in wire mode, and checks the denoiser's branch against its own. A
+//! replica that predates STEP gets SIGNAL then ADVANCE.
+//!
+//! [`BranchState::rule_before_signal`]: crate::policy::BranchState::rule_before_signal
 //!
 //! The controller stays the source of truth: it keeps the latents of every step a kept tensor
 //! came from, so when a denoiser lacks one (another replica, eviction, a restart) and answers
@@ -80,28 +86,11 @@ pub(crate) async fn step(
     let (decisions, samples) = match session.plan.clone() {
         CachePlan::None => {
             let decisions = vec![crate::orchestrator::always_compute(); session.branches.len()];
-            let resp = call
-                .run(session, at, ResidentPhase::Fused, &decisions)
-                .await?;
+            let resp = call.run(session, at, ResidentPhase::Fused, &[]).await?;
             (decisions, resp.samples)
         }
         plan @ (CachePlan::TeaCache { .. } | CachePlan::MagCache(_)) => {
-            // SIGNAL preprocesses every branch on the denoiser (and, for TeaCache, measures
-            // the indicator's change); MagCache decides from its ratios alone.
-            let signals = call
-                .run(session, at, ResidentPhase::Signal, &[])
-                .await?
-                .signals;
-            let decisions = decide(session, &plan, at, &signals)?;
-            let resp = call
-                .run(session, at, ResidentPhase::Advance, &decisions)
-                .await?;
-            for (b, d) in session.branches.iter_mut().zip(&decisions) {
-                if d.compute {
-                    b.state.residual_kept_from(at.i);
-                }
-            }
-            (decisions, resp.samples)
+            cached_step(&mut call, session, &plan, at).await?
         }
         CachePlan::FirstBlockCache(_) | CachePlan::TaylorSeer(_) => {
             return Err(ControllerError::Internal(format!(
@@ -136,32 +125,193 @@ pub(crate) async fn step(
     Ok((decisions, preds))
 }
 
+/// A cached step: one STEP call carrying the controller's decisions (TeaCache: its rule on
+/// the step's signal), or SIGNAL then ADVANCE where a replica does not know STEP.
+async fn cached_step(
+    call: &mut Caller<'_>,
+    session: &mut Session,
+    plan: &CachePlan,
+    at: &StepAt,
+) -> Result<(Vec<Decision>, Vec<v1::Tensor>), ControllerError> {
+    if !session.resident.two_calls {
+        let before: Vec<_> = session.branches.iter().map(|b| b.state.clone()).collect();
+        match one_call(call, session, plan, at).await {
+            Err(e) if step_unsupported(&e) => {
+                tracing::warn!(
+                    session_id = %session.id,
+                    error = %e,
+                    "a denoiser does not know the STEP phase; this session's cached steps take \
+                     two calls"
+                );
+                for (b, state) in session.branches.iter_mut().zip(before) {
+                    b.state = state;
+                }
+                session.resident.two_calls = true;
+            }
+            other => return other,
+        }
+    }
+    let signals = call
+        .run(session, at, ResidentPhase::Signal, &[])
+        .await?
+        .signals;
+    let decisions = decide(session, plan, at, &signals)?;
+    let resp = call
+        .run(
+            session,
+            at,
+            ResidentPhase::Advance,
+            &intents(session, &decisions)?,
+        )
+        .await?;
+    kept_residuals(session, &decisions, at);
+    Ok((decisions, resp.samples))
+}
+
+/// Whether a STEP call failed because the replica predates the STEP phase.
+fn step_unsupported(e: &ControllerError) -> bool {
+    matches!(
+        e,
+        ControllerError::Denoiser {
+            method: "ResidentStep",
+            code: tonic::Code::InvalidArgument,
+            message,
+            ..
+        } if message.contains("phase 4 is not accepted")
+    )
+}
+
+/// One STEP call. MagCache decides before it (from its ratios); TeaCache sends each
+/// branch's rule and decides from the returned signals, which must give the branches the
+/// denoiser took (if not, ADVANCE redoes the step with the controller's decisions).
+async fn one_call(
+    call: &mut Caller<'_>,
+    session: &mut Session,
+    plan: &CachePlan,
+    at: &StepAt,
+) -> Result<(Vec<Decision>, Vec<v1::Tensor>), ControllerError> {
+    let (decisions, resp) = if let CachePlan::TeaCache { params, .. } = plan {
+        let rules = rules(session, params, at);
+        let resp = call.run(session, at, ResidentPhase::Step, &rules).await?;
+        (decide(session, plan, at, &resp.signals)?, resp)
+    } else {
+        let decisions = decide(session, plan, at, &[])?;
+        let fixed = intents(session, &decisions)?;
+        let resp = call.run(session, at, ResidentPhase::Step, &fixed).await?;
+        (decisions, resp)
+    };
+    let took = resp.signals.iter().map(|s| s.computed);
+    let mut samples = resp.samples;
+    if !took.eq(decisions.iter().map(|d| d.compute)) {
+        tracing::warn!(
+            session_id = %session.id,
+            step = at.i,
+            "the denoiser's branches differ from the controller's decisions; redoing the step \
+             with ADVANCE"
+        );
+        let fixed = intents(session, &decisions)?;
+        samples = call
+            .run(session, at, ResidentPhase::Advance, &fixed)
+            .await?
+            .samples;
+    }
+    kept_residuals(session, &decisions, at);
+    Ok((decisions, samples))
+}
+
+/// The branches that computed now keep this step's residual on the denoiser.
+fn kept_residuals(session: &mut Session, decisions: &[Decision], at: &StepAt) {
+    for (b, d) in session.branches.iter_mut().zip(decisions) {
+        if d.compute {
+            b.state.residual_kept_from(at.i);
+        }
+    }
+}
+
+/// What the denoiser is told to do with one branch at a step.
+#[derive(Debug, Clone)]
+enum Intent {
+    /// Run the blocks.
+    Compute,
+    /// Reuse the residual kept from this step.
+    Reuse(usize),
+    /// Decide by TeaCache's rule on this step's signal (reusing the residual kept from
+    /// `residual_step` if the rule reuses).
+    Rule {
+        rule: v1::ReuseRule,
+        residual_step: usize,
+    },
+}
+
+/// Intents from decisions already taken.
+fn intents(session: &Session, decisions: &[Decision]) -> Result<Vec<Intent>, ControllerError> {
+    session
+        .branches
+        .iter()
+        .zip(decisions)
+        .map(|(b, d)| {
+            if d.compute {
+                return Ok(Intent::Compute);
+            }
+            b.state
+                .resident_residual()
+                .map(Intent::Reuse)
+                .ok_or_else(|| ControllerError::Internal("reuse without a kept residual".into()))
+        })
+        .collect()
+}
+
+/// TeaCache, before the signal: each branch's rule, or compute where the step computes
+/// whatever the signal (forced, reuse cap, or no residual kept to reuse).
+fn rules(session: &Session, params: &crate::policy::TeaCacheParams, at: &StepAt) -> Vec<Intent> {
+    session
+        .branches
+        .iter()
+        .map(|b| {
+            let rule = b.state.rule_before_signal(params, at.i, at.n);
+            match (rule, b.state.resident_residual()) {
+                (Some((accumulated, threshold)), Some(residual_step)) => Intent::Rule {
+                    rule: v1::ReuseRule {
+                        accumulated,
+                        threshold,
+                        coefficients: params.coefficients.to_vec(),
+                    },
+                    residual_step,
+                },
+                _ => Intent::Compute,
+            }
+        })
+        .collect()
+}
+
 /// The policy's decisions from the denoiser's signals, exactly as the wire path decides from
-/// the modulated inputs themselves.
+/// the modulated inputs themselves (MagCache decides from its ratios alone: no signals).
 fn decide(
     session: &mut Session,
     plan: &CachePlan,
     at: &StepAt,
     signals: &[v1::BranchSignal],
 ) -> Result<Vec<Decision>, ControllerError> {
-    if signals.len() != session.branches.len() {
+    let signals_needed = matches!(plan, CachePlan::TeaCache { .. });
+    if signals_needed && signals.len() != session.branches.len() {
         return Err(ControllerError::Internal(format!(
             "ResidentStep returned {} signals for {} branches",
             signals.len(),
             session.branches.len()
         )));
     }
-    let mut decisions = Vec::with_capacity(signals.len());
-    for (b, s) in session.branches.iter_mut().zip(signals) {
-        let shape: Vec<usize> = s
-            .indicator_shape
-            .iter()
-            .map(|&d| d.max(0) as usize)
-            .collect();
+    let mut decisions = Vec::with_capacity(session.branches.len());
+    for (k, b) in session.branches.iter_mut().enumerate() {
         let kept = b.state.resident_residual().is_some();
         let d = match plan {
             CachePlan::MagCache(params) => b.state.mag.decide(params, at.n, kept),
             CachePlan::TeaCache { params, .. } => {
+                let s = &signals[k];
+                let shape: Vec<usize> = s
+                    .indicator_shape
+                    .iter()
+                    .map(|&d| d.max(0) as usize)
+                    .collect();
                 let mut d = b
                     .state
                     .decide_on_signal(params, at.i, at.n, &shape, s.rel_l1);
@@ -212,9 +362,9 @@ impl Caller<'_> {
         session: &mut Session,
         at: &StepAt,
         phase: ResidentPhase,
-        decisions: &[Decision],
+        intents: &[Intent],
     ) -> Result<v1::ResidentStepResponse, ControllerError> {
-        let light = request(session, at, phase, decisions, false)?;
+        let light = request(session, at, phase, intents, false)?;
         match self.send(session, light).await {
             Err(ControllerError::ResidentMiss { endpoint, message }) => {
                 tracing::info!(
@@ -224,7 +374,7 @@ impl Caller<'_> {
                     "resident miss: rebuilding on the denoiser"
                 );
                 self.rebuilt = true;
-                let full = request(session, at, phase, decisions, true)?;
+                let full = request(session, at, phase, intents, true)?;
                 self.send(session, full).await
             }
             other => other,
@@ -305,7 +455,7 @@ fn request(
     session: &Session,
     at: &StepAt,
     phase: ResidentPhase,
-    decisions: &[Decision],
+    intents: &[Intent],
     rebuild: bool,
 ) -> Result<v1::ResidentStepRequest, ControllerError> {
     let batch = session.latents.dim(0)?;
@@ -322,32 +472,39 @@ fn request(
             },
             ..Default::default()
         };
-        match phase {
-            ResidentPhase::Signal => {
-                // The policy state already moved past this step when it decided; the signal
-                // compares with the step its previous indicator came from.
-                let previous = b.state.previous_step().filter(|&p| p < at.i);
-                rb.previous_step = previous.map(|p| p as u32);
-                if rebuild && let Some(p) = previous {
-                    rb.previous = Some(rebuild_inputs(session, p, batch)?);
+        let signal = phase == ResidentPhase::Signal
+            || (phase == ResidentPhase::Step && matches!(session.plan, CachePlan::TeaCache { .. }));
+        if signal {
+            // SIGNAL: the policy state already moved past this step when it decided; the
+            // signal compares with the step its previous indicator came from.
+            let previous = b.state.previous_step().filter(|&p| p < at.i);
+            rb.previous_step = previous.map(|p| p as u32);
+            if rebuild && let Some(p) = previous {
+                rb.previous = Some(rebuild_inputs(session, p, batch)?);
+            }
+        }
+        if matches!(phase, ResidentPhase::Advance | ResidentPhase::Step) {
+            let intent = intents
+                .get(k)
+                .ok_or_else(|| ControllerError::Internal("a branch without a decision".into()))?;
+            let from = match intent {
+                Intent::Compute => None,
+                Intent::Reuse(from) => Some(*from),
+                Intent::Rule {
+                    rule,
+                    residual_step,
+                } => {
+                    rb.reuse_rule = Some(rule.clone());
+                    Some(*residual_step)
+                }
+            };
+            rb.compute = from.is_none();
+            if let Some(from) = from {
+                rb.residual_step = Some(from as u32);
+                if rebuild {
+                    rb.residual = Some(rebuild_inputs(session, from, batch)?);
                 }
             }
-            ResidentPhase::Advance => {
-                let d = decisions.get(k).ok_or_else(|| {
-                    ControllerError::Internal("a branch without a decision".into())
-                })?;
-                rb.compute = d.compute;
-                if !d.compute {
-                    let from = b.state.resident_residual().ok_or_else(|| {
-                        ControllerError::Internal("reuse without a kept residual".into())
-                    })?;
-                    rb.residual_step = Some(from as u32);
-                    if rebuild {
-                        rb.residual = Some(rebuild_inputs(session, from, batch)?);
-                    }
-                }
-            }
-            _ => {}
         }
         branches.push(rb);
     }
@@ -362,5 +519,13 @@ fn request(
         branches,
         wire_dtype: session.wire_dtype as i32,
         rebuild,
+        shared_decision: phase == ResidentPhase::Step
+            && matches!(
+                session.plan,
+                CachePlan::TeaCache {
+                    shared_cfg_decision: true,
+                    ..
+                }
+            ),
     })
 }

@@ -94,6 +94,9 @@ pub struct Resident {
     /// The latents (wire) of earlier steps that a kept tensor came from: the previous step's
     /// and each branch's residual step, to rebuild them on a miss.
     pub history: std::collections::BTreeMap<usize, v1::Tensor>,
+    /// A replica answered that it does not know the one-call STEP phase (an older version):
+    /// this session's cached steps take two calls, SIGNAL then ADVANCE.
+    pub two_calls: bool,
 }
 
 fn invalid(msg: impl Into<String>) -> ControllerError {

@@ -58,7 +58,7 @@ async fn every_step_names_the_policy_its_decision_and_numbers() {
         "TeaCache did not decide"
     );
     for (s, ev) in step_spans.iter().zip(&events) {
-        // MagCache runs in resident mode (SIGNAL, then ADVANCE with its decision).
+        // MagCache runs in resident mode (one STEP call carrying its decision).
         assert_eq!(s.str("path"), Some("resident"));
         let decides: Vec<_> = in_trace
             .iter()

@@ -1,10 +1,12 @@
 //! `ResidentStep`: one step of a session whose large tensors stay here ([`ResidentStore`]).
 //!
-//! It runs exactly the arithmetic the controller runs in wire mode, on the same wire-encoded
-//! tensors: the stages are this service's own Preprocess / RunBlocks / Postprocess handlers,
-//! the indicator and residuals are decoded to f32 on the CPU as the controller decodes them,
-//! and TeaCache's signal is [`teaserve_proto::signals::rel_l1`], the function the controller's
-//! policy uses. So a resident generation gives the same bits as a wire one.
+//! FUSED (caching off) and STEP (a cached step with the controller's decision, [`decided`])
+//! run the stages back to back on tensors, each receiving exactly what the stage RPCs would;
+//! SIGNAL and ADVANCE (the two-call form, for controllers that predate STEP) run this
+//! service's own Preprocess / RunBlocks / Postprocess handlers on the same wire-encoded
+//! tensors, with the indicator and residuals decoded to f32 on the CPU as the controller
+//! decodes them. TeaCache's signal is [`teaserve_proto::signals::rel_l1`], the function the
+//! controller's policy uses. So a resident generation gives the same bits as a wire one.
 
 use std::sync::Arc;
 
@@ -20,6 +22,8 @@ use crate::server::{
     Limits, as_received, output_dtype, postprocess, preprocess, preprocess_tensors, run_blocks,
 };
 use crate::spec::InputError;
+
+mod decided;
 
 /// Longest session id accepted.
 const MAX_SESSION_ID: usize = 128;
@@ -90,9 +94,14 @@ fn check(req: &v1::ResidentStepRequest, limits: &Limits) -> Result<ResidentPhase
     }
     output_dtype(req.wire_dtype)?;
     match ResidentPhase::try_from(req.phase) {
-        Ok(p @ (ResidentPhase::Signal | ResidentPhase::Advance | ResidentPhase::Fused)) => Ok(p),
+        Ok(
+            p @ (ResidentPhase::Signal
+            | ResidentPhase::Advance
+            | ResidentPhase::Fused
+            | ResidentPhase::Step),
+        ) => Ok(p),
         _ => Err(invalid(format!(
-            "phase {} is not accepted; use SIGNAL, ADVANCE or FUSED",
+            "phase {} is not accepted; use SIGNAL, ADVANCE, FUSED or STEP",
             req.phase
         ))),
     }
@@ -114,14 +123,10 @@ pub(crate) fn resident_step(
         hits: 0,
         rebuilt: 0,
     };
-    let mut out = v1::ResidentStepResponse::default();
-    for b in &req.branches {
-        match phase {
-            ResidentPhase::Signal => out.signals.push(step.signal(b)?),
-            ResidentPhase::Advance => out.samples.push(step.advance(b)?),
-            _ => out.samples.push(step.fused(b)?),
-        }
-    }
+    let mut out = match phase {
+        ResidentPhase::Step => step.decided()?,
+        _ => step.branch_by_branch(phase)?,
+    };
     out.resident_hits = step.hits;
     out.rebuilt = step.rebuilt;
     if step.rebuilt == 0 {
@@ -143,6 +148,22 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
+    /// SIGNAL, ADVANCE or FUSED: each branch on its own, in request order.
+    fn branch_by_branch(
+        &mut self,
+        phase: ResidentPhase,
+    ) -> Result<v1::ResidentStepResponse, DenoiserError> {
+        let mut out = v1::ResidentStepResponse::default();
+        for b in &self.req.branches {
+            match phase {
+                ResidentPhase::Signal => out.signals.push(self.signal(b)?),
+                ResidentPhase::Advance => out.samples.push(self.advance(b)?),
+                _ => out.samples.push(self.fused(b)?),
+            }
+        }
+        Ok(out)
+    }
+
     fn key(&self, b: &v1::ResidentBranch) -> (String, String) {
         (self.req.session_id.clone(), b.branch.clone())
     }
@@ -249,6 +270,7 @@ impl Step<'_> {
             branch: b.branch.clone(),
             rel_l1,
             indicator_shape: shape.iter().map(|&d| d as i64).collect(),
+            computed: false,
         })
     }
 

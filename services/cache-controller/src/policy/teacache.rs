@@ -17,7 +17,8 @@ use candle_core::Tensor;
 /// Coefficients of `poly(x) = c0 x^4 + c1 x^3 + c2 x^2 + c3 x + c4` (highest power first).
 pub type Coefficients = [f64; 5];
 
-pub use teaserve_proto::signals::{REL_EPS, rel_l1};
+use teaserve_proto::signals::teacache_accumulate;
+pub use teaserve_proto::signals::{REL_EPS, poly, rel_l1};
 
 /// TeaCache settings for one session (shared by its branches).
 #[derive(Debug, Clone, PartialEq)]
@@ -32,11 +33,6 @@ pub struct TeaCacheParams {
     pub cooldown_steps: u32,
     /// Extension: compute after this many reuses in a row (`None` = reference behaviour).
     pub max_consecutive_reuses: Option<u32>,
-}
-
-/// Evaluates the rescaling polynomial (Horner, highest power first).
-pub fn poly(c: &Coefficients, x: f64) -> f64 {
-    c.iter().fold(0.0, |acc, &ci| acc * x + ci)
 }
 
 /// Why a step computed regardless of the distance.
@@ -175,6 +171,45 @@ impl BranchState {
         self.prev.as_ref().map(|p| p.step)
     }
 
+    /// Why step `step` of `num_steps` computes whatever the distance: first, last, warmup or
+    /// cooldown (`None`: the distance decides, unless the shape changed).
+    fn forced_by_schedule(
+        params: &TeaCacheParams,
+        step: usize,
+        num_steps: usize,
+    ) -> Option<Forced> {
+        if step == 0 {
+            Some(Forced::First)
+        } else if step + 1 >= num_steps {
+            Some(Forced::Last)
+        } else if step < params.warmup_steps as usize {
+            Some(Forced::Warmup)
+        } else if step + params.cooldown_steps as usize >= num_steps {
+            Some(Forced::Cooldown)
+        } else {
+            None
+        }
+    }
+
+    /// Resident mode, before the step's signal is known: the rule this branch will decide by
+    /// at step `step` (`Some((accumulated, threshold))`, see
+    /// [`teaserve_proto::signals::teacache_computes`]), or `None` when the step computes
+    /// whatever the signal says (forced, no previous indicator, or the reuse cap reached).
+    /// [`BranchState::decide_on_signal`] then takes exactly the decision the rule gives.
+    pub fn rule_before_signal(
+        &self,
+        params: &TeaCacheParams,
+        step: usize,
+        num_steps: usize,
+    ) -> Option<(f64, f64)> {
+        let capped = params
+            .max_consecutive_reuses
+            .is_some_and(|cap| self.consecutive_reuses >= cap);
+        let forced = Self::forced_by_schedule(params, step, num_steps).is_some();
+        (!forced && !capped && self.prev.is_some())
+            .then_some((self.accumulated, params.rel_l1_thresh))
+    }
+
     /// The decision rule: forced steps compute; otherwise `distance()` is rescaled and
     /// accumulated. `same_shape` says whether a previous indicator of this shape exists.
     fn decide_with(
@@ -185,27 +220,17 @@ impl BranchState {
         same_shape: Option<bool>,
         distance: impl FnOnce() -> f64,
     ) -> Decision {
-        let forced = if step == 0 {
-            Some(Forced::First)
-        } else if step + 1 >= num_steps {
-            Some(Forced::Last)
-        } else if step < params.warmup_steps as usize {
-            Some(Forced::Warmup)
-        } else if step + params.cooldown_steps as usize >= num_steps {
-            Some(Forced::Cooldown)
-        } else {
-            match same_shape {
-                None => Some(Forced::First),
-                Some(false) => Some(Forced::ShapeChanged),
-                Some(true) => None,
-            }
-        };
+        let forced = Self::forced_by_schedule(params, step, num_steps).or(match same_shape {
+            None => Some(Forced::First),
+            Some(false) => Some(Forced::ShapeChanged),
+            Some(true) => None,
+        });
         let decision = match forced {
             None => {
                 let rel = distance();
-                let rescaled = poly(&params.coefficients, rel).abs();
-                self.accumulated += rescaled;
-                let compared = self.accumulated;
+                let (rescaled, compared) =
+                    teacache_accumulate(self.accumulated, &params.coefficients, rel);
+                self.accumulated = compared;
                 let capped = params
                     .max_consecutive_reuses
                     .is_some_and(|cap| self.consecutive_reuses >= cap);
@@ -389,6 +414,57 @@ mod tests {
         // The next representable threshold above it: reuse.
         let d = run(&params(edge.next_up()), &[2.0, 3.0, 3.0, 3.0]);
         assert!(!d[1].compute);
+    }
+
+    /// The rule sent before the signal (resident STEP) takes the decision the policy takes
+    /// on the signal, at every step, whatever the schedule extensions say.
+    #[test]
+    fn the_rule_before_the_signal_decides_as_the_policy() {
+        let settings = [
+            params(0.3),
+            TeaCacheParams {
+                coefficients: [
+                    4.98651651e2,
+                    -2.83781631e2,
+                    5.58554382e1,
+                    -3.82021401,
+                    2.64230861e-1,
+                ],
+                warmup_steps: 2,
+                cooldown_steps: 1,
+                max_consecutive_reuses: Some(2),
+                ..params(0.4)
+            },
+        ];
+        let rels = [
+            0.05, 0.1, 0.3, 0.02, 0.2, 0.25, 0.01, 0.0, 0.4, 0.15, 0.05, 0.12,
+        ];
+        let n = rels.len();
+        for p in &settings {
+            let mut s = BranchState::new();
+            let (mut decided_by_rule, mut reused) = (0, 0);
+            for (i, &rel) in rels.iter().enumerate() {
+                let rule = s.rule_before_signal(p, i, n);
+                let signal = (i > 0).then_some(rel);
+                let d = s.decide_on_signal(p, i, n, &[1, 4], signal);
+                reused += usize::from(!d.compute);
+                match rule {
+                    Some((acc, thresh)) => {
+                        decided_by_rule += 1;
+                        let computes = teaserve_proto::signals::teacache_computes(
+                            acc,
+                            thresh,
+                            &p.coefficients,
+                            signal,
+                        );
+                        assert_eq!(computes, d.compute, "step {i}: {d:?}");
+                    }
+                    None => assert!(d.compute, "step {i}: no rule, yet {d:?}"),
+                }
+            }
+            assert!(decided_by_rule > 3, "{decided_by_rule} steps had a rule");
+            assert!(reused > 1, "{reused} reuses");
+        }
     }
 
     #[test]
