@@ -513,6 +513,18 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
+/// The lower and upper quartiles (nearest rank): the middle half of per-pair ratios, so the
+/// report shows how much the host moved between pairs.
+fn quartiles(xs: &[f64]) -> (f64, f64) {
+    let mut xs = xs.to_vec();
+    xs.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let i = (q * (xs.len().max(1) - 1) as f64).round() as usize;
+        xs.get(i).copied().unwrap_or(f64::NAN)
+    };
+    (at(0.25), at(0.75))
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> anyhow::Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
@@ -595,13 +607,13 @@ async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyh
          one ResidentStep call per step with the tensors kept on the denoiser; both with the \
          controller's Euler step. The reference calls the same model's monolithic `forward` in \
          this process. Each pair runs the reference and the services back to back, in \
-         alternating order; the ratio is the median of the per-pair ratios (times are the \
-         medians).\n",
+         alternating order; the ratio is the median of the per-pair ratios, with the middle \
+         half of them beside it (times are the medians).\n",
         a.steps,
         a.pairs.max(1)
     ));
-    r.line("| model | mode | in-process | services | ratio (target <= 1.03x) | max abs diff of latents |");
-    r.line("|---|---|---|---|---|---|");
+    r.line("| model | mode | in-process | services | ratio (target <= 1.03x) | middle half of pairs | max abs diff of latents |");
+    r.line("|---|---|---|---|---|---|---|");
     for m in models {
         for mode in Mode::BOTH {
             let mut s = stack_with(m.dir.as_deref(), m.model_type, 1, &[], mode, &[]).await?;
@@ -624,15 +636,16 @@ async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyh
                 ratios.push(run.wall_ms / in_process);
                 diff = diff.max(max_abs_diff(&run.latents, &want)?);
             }
+            let (lo, hi) = quartiles(&ratios);
             let (split, mono, ratio) = (median(split), median(mono), median(ratios));
             r.line(format!(
-                "| {} | {} | {mono:.1} ms ({:.2} ms/step) | {split:.1} ms | **{ratio:.3}x** | {diff:.1e} |",
+                "| {} | {} | {mono:.1} ms ({:.2} ms/step) | {split:.1} ms | **{ratio:.3}x** | {lo:.3}-{hi:.3}x | {diff:.1e} |",
                 m.name,
                 mode.name(),
                 mono / f64::from(a.steps),
             ));
             r.summary.push(format!(
-                "split overhead, {}, {}: {ratio:.3}x",
+                "split overhead, {}, {}: {ratio:.3}x (middle half of pairs {lo:.3}-{hi:.3}x)",
                 m.name,
                 mode.name(),
             ));
@@ -728,8 +741,8 @@ async fn cache(
         a.steps,
         a.pairs.max(1)
     ));
-    r.line("| mode | threshold | computed | speedup | ideal | efficiency (target >= 0.97) |");
-    r.line("|---|---|---|---|---|---|");
+    r.line("| mode | threshold | computed | speedup | ideal | efficiency (target >= 0.97) | middle half of pairs |");
+    r.line("|---|---|---|---|---|---|---|");
     for mode in Mode::BOTH {
         let mut s = stack_with(
             synthetic.dir.as_deref(),
@@ -763,17 +776,19 @@ async fn cache(
                 speedups.push(off.wall_ms / on.wall_ms);
                 computed = on.computed;
             }
-            let speedup = median(speedups);
             let ideal = f64::from(a.steps) / f64::from(computed.max(1));
+            let (lo, hi) = quartiles(&speedups);
+            let (lo, hi) = (lo / ideal, hi / ideal);
+            let speedup = median(speedups);
             r.line(format!(
-                "| {} | {t} | {computed} / {} | {speedup:.2}x | {ideal:.2}x | **{:.3}** |",
+                "| {} | {t} | {computed} / {} | {speedup:.2}x | {ideal:.2}x | **{:.3}** | {lo:.3}-{hi:.3} |",
                 mode.name(),
                 a.steps,
                 speedup / ideal
             ));
             r.summary.push(format!(
                 "cache efficiency, synthetic FLUX, {} at {t}: {:.3} ({speedup:.2}x of ideal \
-                 {ideal:.2}x)",
+                 {ideal:.2}x; middle half of pairs {lo:.3}-{hi:.3})",
                 mode.name(),
                 speedup / ideal
             ));
