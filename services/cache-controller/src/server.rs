@@ -654,6 +654,11 @@ pub async fn serve(
     health_reporter
         .set_serving::<CacheControllerServer<ControllerService>>()
         .await;
+    // Known from the first call on (NOT_SERVING until the pool has described a denoiser), so a
+    // probe never sees it unregistered.
+    health_reporter
+        .set_service_status(DENOISERS_HEALTH, tonic_health::ServingStatus::NotServing)
+        .await;
     let denoiser_health = spawn_denoiser_health(service.pool.clone(), health_reporter.clone());
     let (reflection, reflection_v1alpha) = reflection_services(
         <CacheControllerServer<ControllerService> as tonic::server::NamedService>::NAME,
