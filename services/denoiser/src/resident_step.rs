@@ -256,16 +256,31 @@ impl Step<'_> {
             "SIGNAL",
         )?;
         let (shape, values) = Self::indicator(&pre)?;
-        let previous = match b.previous_step {
-            None => None,
-            Some(p) => Some(self.previous(b, p, &entry, &cond)?),
-        };
-        let rel_l1 = previous
-            .filter(|(s, _)| *s == shape)
-            .map(|(_, prev)| teaserve_proto::signals::rel_l1(&values, &prev));
-        entry.indicator = Some((step, shape.clone(), values));
+        let signal = self.measure(b, &shape, &values, &entry, &cond)?;
+        entry.indicator = Some((step, shape, values));
         entry.current = Some((step, Arc::new(pre)));
         self.store.put(key, entry);
+        Ok(signal)
+    }
+
+    /// The branch's signal for this step's indicator (`shape`, `values`): TeaCache's relative
+    /// L1 distance to the kept indicator of `previous_step` (none without a previous step or
+    /// when the shapes differ).
+    fn measure(
+        &mut self,
+        b: &v1::ResidentBranch,
+        shape: &[usize],
+        values: &[f32],
+        entry: &Entry,
+        cond: &TensorMap,
+    ) -> Result<v1::BranchSignal, DenoiserError> {
+        let rel_l1 = match b.previous_step {
+            None => None,
+            Some(p) => {
+                let (s, prev) = self.previous(b, p, entry, cond)?;
+                (s == shape).then(|| teaserve_proto::signals::rel_l1(values, &prev))
+            }
+        };
         Ok(v1::BranchSignal {
             branch: b.branch.clone(),
             rel_l1,

@@ -60,10 +60,10 @@ fn own_decision(b: &v1::ResidentBranch, rel_l1: Option<f64>) -> Result<bool, Den
             rule.coefficients.len()
         ))
     })?;
-    let numbers = [rule.accumulated, rule.threshold]
+    let mut numbers = [rule.accumulated, rule.threshold]
         .into_iter()
         .chain(coefficients);
-    if numbers.into_iter().any(|x| !x.is_finite()) {
+    if numbers.any(|x| !x.is_finite()) {
         return Err(invalid(format!(
             "branch '{}': reuse_rule numbers must be finite",
             teaserve_proto::quote(&b.branch)
@@ -124,14 +124,8 @@ impl Step<'_> {
         let m = wire_f32(&pre.modulated_input, wire)?;
         let shape = m.dims().to_vec();
         let values: Arc<[f32]> = Arc::from(m.flatten_all()?.to_vec1::<f32>()?);
-        let rel_l1 = match b.previous_step {
-            None => None,
-            Some(p) => {
-                let (s, prev) = self.previous(b, p, &entry, &cond)?;
-                (s == shape).then(|| teaserve_proto::signals::rel_l1(&values, &prev))
-            }
-        };
-        entry.indicator = Some((self.req.step, shape.clone(), values));
+        let signal = self.measure(b, &shape, &values, &entry, &cond)?;
+        entry.indicator = Some((self.req.step, shape, values));
         // STEP keeps no streams between calls.
         entry.current = None;
         let stage = &info.run_blocks;
@@ -142,12 +136,7 @@ impl Step<'_> {
             hidden_in: wire_f32(hidden(&pre.streams, "Preprocess")?, wire)?,
             entry,
             cond,
-            signal: v1::BranchSignal {
-                branch: b.branch.clone(),
-                rel_l1,
-                indicator_shape: shape.iter().map(|&d| d as i64).collect(),
-                computed: false,
-            },
+            signal,
         })
     }
 
