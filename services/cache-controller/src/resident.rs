@@ -461,6 +461,9 @@ fn request(
     let batch = session.latents.dim(0)?;
     let r = &session.resident;
     let send_conditioning = rebuild || r.conditioned.is_none() || r.conditioned != r.endpoint;
+    // TeaCache's signal: measured by SIGNAL, and by STEP (MagCache needs none).
+    let signal = phase == ResidentPhase::Signal
+        || (phase == ResidentPhase::Step && matches!(session.plan, CachePlan::TeaCache { .. }));
     let mut branches = Vec::with_capacity(session.branches.len());
     for (k, b) in session.branches.iter().enumerate() {
         let mut rb = v1::ResidentBranch {
@@ -472,8 +475,6 @@ fn request(
             },
             ..Default::default()
         };
-        let signal = phase == ResidentPhase::Signal
-            || (phase == ResidentPhase::Step && matches!(session.plan, CachePlan::TeaCache { .. }));
         if signal {
             // SIGNAL: the policy state already moved past this step when it decided; the
             // signal compares with the step its previous indicator came from.

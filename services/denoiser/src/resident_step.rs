@@ -478,26 +478,44 @@ impl Step<'_> {
     /// would ([`as_received`]: the streams rounded to the wire dtype), without encoding
     /// anything but the prediction.
     fn forward(&self, inputs: &TensorMap) -> Result<v1::Tensor, DenoiserError> {
+        let pre = preprocess_tensors(self.model, inputs, self.limits)?;
+        let out = self.blocks_on(&pre.streams, &pre.context)?;
+        let hidden = out
+            .get("hidden_states")
+            .ok_or_else(|| DenoiserError::Config("RunBlocks returned no hidden_states".into()))?;
+        self.postprocess_on(hidden.clone(), &pre.context)
+    }
+
+    /// Every block over Preprocess's `streams` and `context`, received as the RunBlocks RPC
+    /// would receive them.
+    fn blocks_on(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
         let (model, info) = (self.model, self.model.info());
         let wire = output_dtype(self.wire())?;
-        let pre = preprocess_tensors(model, inputs, self.limits)?;
         let stage = &info.run_blocks;
-        let streams = as_received(&pre.streams, Some(wire), &stage.inputs, info)?;
-        let context = as_received(&pre.context, None, &stage.context, info)?;
-        let out = model.run_blocks(&streams, &context, 0..info.num_blocks)?;
+        let streams = as_received(streams, Some(wire), &stage.inputs, info)?;
+        let context = as_received(context, None, &stage.context, info)?;
+        model.run_blocks(&streams, &context, 0..info.num_blocks)
+    }
+
+    /// Postprocess of the image stream `hidden` with Preprocess's `context`, both received as
+    /// the Postprocess RPC would receive them; the prediction in the wire dtype.
+    fn postprocess_on(
+        &self,
+        hidden: Tensor,
+        context: &Tensors,
+    ) -> Result<v1::Tensor, DenoiserError> {
+        let (model, info) = (self.model, self.model.info());
+        let wire = output_dtype(self.wire())?;
         let stage = &info.postprocess;
         let spec = stage
             .inputs
             .first()
             .ok_or_else(|| DenoiserError::Config("model declares no Postprocess input".into()))?;
-        let hidden = out
-            .get("hidden_states")
-            .ok_or_else(|| DenoiserError::Config("RunBlocks returned no hidden_states".into()))?;
-        let hidden = Tensors::from([(spec.name.to_string(), hidden.clone())]);
+        let hidden = Tensors::from([(spec.name.to_string(), hidden)]);
         let hidden = as_received(&hidden, Some(wire), &stage.inputs, info)?
             .remove(spec.name)
             .ok_or_else(|| DenoiserError::Config("the hidden states vanished".into()))?;
-        let context = as_received(&pre.context, None, &stage.context, info)?;
+        let context = as_received(context, None, &stage.context, info)?;
         Ok(encode_tensor(&model.postprocess(&hidden, &context)?, wire)?)
     }
 }

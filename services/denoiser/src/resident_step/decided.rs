@@ -5,7 +5,7 @@
 //! ([`teaserve_proto::signals::teacache_computes`], the function its policy decides with),
 //! shared across branches when the request says so; then the blocks or the kept residual,
 //! then Postprocess. The stages run back to back on tensors, each receiving exactly what the
-//! stage RPCs would ([`as_received`]), and the indicator and residual are the f32 values the
+//! stage RPCs would ([`crate::server::as_received`]), and the indicator and residual are the f32 values the
 //! controller would decode, so a STEP gives the same bits as SIGNAL then ADVANCE, and as wire
 //! mode.
 
@@ -13,25 +13,23 @@ use std::sync::Arc;
 
 use candle_core::{DType as CDType, Tensor};
 use teaserve_proto::TensorMap;
-use teaserve_proto::codec::{encode_tensor, to_candle_dtype};
+use teaserve_proto::codec::to_candle_dtype;
 use teaserve_proto::v1;
 
 use super::{Step, invalid, miss};
 use crate::error::DenoiserError;
 use crate::registry::Tensors;
 use crate::resident::Entry;
-use crate::server::{as_received, output_dtype, preprocess_tensors};
+use crate::server::{output_dtype, preprocess_tensors};
 
 /// One branch after Preprocess and its signal, before the blocks.
 struct Prepared {
     entry: Entry,
     /// The branch's conditioning (sent or kept), for recomputing a missing residual.
     cond: Arc<TensorMap>,
-    /// The streams and context as RunBlocks receives them.
+    /// Preprocess's streams and context as they came out (cast for a stage only when it runs).
     streams: Tensors,
-    blocks_context: Tensors,
-    /// The context as Postprocess receives it.
-    post_context: Tensors,
+    context: Tensors,
     /// The image stream after the wire round trip, in f32 (what residuals are taken from).
     hidden_in: Tensor,
     signal: v1::BranchSignal,
@@ -118,9 +116,8 @@ impl Step<'_> {
             self.req.timestep.as_ref(),
             "STEP",
         )?;
-        let (model, info) = (self.model, self.model.info());
         let wire = output_dtype(self.wire())?;
-        let pre = preprocess_tensors(model, &inputs, self.limits)?;
+        let pre = preprocess_tensors(self.model, &inputs, self.limits)?;
         let m = wire_f32(&pre.modulated_input, wire)?;
         let shape = m.dims().to_vec();
         let values: Arc<[f32]> = Arc::from(m.flatten_all()?.to_vec1::<f32>()?);
@@ -128,12 +125,10 @@ impl Step<'_> {
         entry.indicator = Some((self.req.step, shape, values));
         // STEP keeps no streams between calls.
         entry.current = None;
-        let stage = &info.run_blocks;
         Ok(Prepared {
-            streams: as_received(&pre.streams, Some(wire), &stage.inputs, info)?,
-            blocks_context: as_received(&pre.context, None, &stage.context, info)?,
-            post_context: as_received(&pre.context, None, &info.postprocess.context, info)?,
             hidden_in: wire_f32(hidden(&pre.streams, "Preprocess")?, wire)?,
+            streams: pre.streams,
+            context: pre.context,
             entry,
             cond,
             signal,
@@ -146,10 +141,9 @@ impl Step<'_> {
         b: &v1::ResidentBranch,
         mut p: Prepared,
     ) -> Result<(v1::Tensor, Entry, v1::BranchSignal), DenoiserError> {
-        let (model, info) = (self.model, self.model.info());
         let wire = output_dtype(self.wire())?;
         let hidden_out = if p.signal.computed {
-            let out = model.run_blocks(&p.streams, &p.blocks_context, 0..info.num_blocks)?;
+            let out = self.blocks_on(&p.streams, &p.context)?;
             let out = hidden(&out, "RunBlocks")?;
             let residual = (wire_f32(out, wire)? - &p.hidden_in)?;
             p.entry.residual = Some((self.req.step, Arc::new(residual)));
@@ -166,20 +160,7 @@ impl Step<'_> {
             }
             (&p.hidden_in + r.to_device(p.hidden_in.device())?)?
         };
-        let spec =
-            info.postprocess.inputs.first().ok_or_else(|| {
-                DenoiserError::Config("model declares no Postprocess input".into())
-            })?;
-        let received = as_received(
-            &Tensors::from([(spec.name.to_string(), hidden_out)]),
-            Some(wire),
-            &info.postprocess.inputs,
-            info,
-        )?;
-        let h = received
-            .get(spec.name)
-            .ok_or_else(|| DenoiserError::Config("the hidden states vanished".into()))?;
-        let sample = encode_tensor(&model.postprocess(h, &p.post_context)?, wire)?;
+        let sample = self.postprocess_on(hidden_out, &p.context)?;
         Ok((sample, p.entry, p.signal))
     }
 }
