@@ -386,6 +386,33 @@ struct Stack {
     _controller: Service,
     client: CacheControllerClient<Channel>,
     metrics_port: u16,
+    /// Each denoiser's `/metrics` port.
+    denoiser_metrics_ports: Vec<u16>,
+}
+
+impl Stack {
+    /// Seconds the denoisers have spent inside `teaserve.v1.Denoiser` calls so far (the sum of
+    /// their server-side latency histograms): what is left of a generation's wall time is the
+    /// split's own cost (transport, scheduling, the controller).
+    fn denoiser_busy_s(&self) -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for port in &self.denoiser_metrics_ports {
+            total += seconds_in_denoiser_calls(&scrape(*port)?);
+        }
+        Ok(total)
+    }
+}
+
+/// The sum of a denoiser's server-side latency histograms over its `teaserve.v1.Denoiser`
+/// methods (every status), from its Prometheus text; health and reflection calls are left out.
+fn seconds_in_denoiser_calls(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("teaserve_grpc_server_latency_seconds_sum{method=\"teaserve.v1.Denoiser/")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// How the controller moves tensors.
@@ -435,9 +462,14 @@ async fn stack_with(
     let (denoiser_bin, controller_bin) = sibling_binaries()?;
     let mut fleet = Vec::new();
     let mut flags: Vec<String> = Vec::new();
+    let mut denoiser_metrics_ports = Vec::new();
     for _ in 0..denoisers {
         let dir = model_dir.map(|d| d.to_string_lossy().into_owned());
+        let port = free_port()?;
+        denoiser_metrics_ports.push(port);
+        let listen = format!("127.0.0.1:{port}");
         let mut args: Vec<&str> = denoiser_args.to_vec();
+        args.extend(["--metrics-listen", listen.as_str()]);
         if let Some(d) = &dir {
             args.extend(["--model", d.as_str()]);
         }
@@ -466,6 +498,7 @@ async fn stack_with(
         _controller: controller,
         client,
         metrics_port,
+        denoiser_metrics_ports,
     })
 }
 
@@ -571,6 +604,13 @@ fn text_request(
     }
 }
 
+/// One generation, with the milliseconds the denoisers spent inside its calls.
+async fn generate_busy(s: &mut Stack, req: &v1::GenerateRequest) -> anyhow::Result<(Run, f64)> {
+    let before = s.denoiser_busy_s()?;
+    let run = generate(&mut s.client, req.clone()).await?;
+    Ok((run, (s.denoiser_busy_s()? - before) * 1e3))
+}
+
 /// Times `repeats` runs of `req` and returns the median wall time and the last run.
 async fn timed(
     client: &mut CacheControllerClient<Channel>,
@@ -608,12 +648,15 @@ async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyh
          controller's Euler step. The reference calls the same model's monolithic `forward` in \
          this process. Each pair runs the reference and the services back to back, in \
          alternating order; the ratio is the median of the per-pair ratios, with the middle \
-         half of them beside it (times are the medians).\n",
+         half of them beside it (times are the medians). \"Outside the denoiser's calls\" is \
+         the generation's wall time less the time the denoiser spent inside its calls (its \
+         server-side latency metric): the split's own cost (transport, waking threads, the \
+         controller), which the compute's run-to-run noise does not move.\n",
         a.steps,
         a.pairs.max(1)
     ));
-    r.line("| model | mode | in-process | services | ratio (target <= 1.03x) | middle half of pairs | max abs diff of latents |");
-    r.line("|---|---|---|---|---|---|---|");
+    r.line("| model | mode | in-process | services | ratio (target <= 1.03x) | middle half of pairs | outside the denoiser's calls, per step (% of an in-process step) | max abs diff of latents |");
+    r.line("|---|---|---|---|---|---|---|---|");
     for m in models {
         for mode in Mode::BOTH {
             let mut s = stack_with(m.dir.as_deref(), m.model_type, 1, &[], mode, &[]).await?;
@@ -621,31 +664,36 @@ async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyh
             generate(&mut s.client, req.clone()).await?; // warm-up
             m.in_process(a.steps)?;
             let (mut split, mut mono, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            let mut outside = Vec::new();
             let mut diff = 0.0f32;
             for pair in 0..a.pairs.max(1) {
-                let (want, in_process, run) = if pair % 2 == 0 {
+                let (want, in_process, (run, busy_ms)) = if pair % 2 == 0 {
                     let (want, ms) = m.timed_in_process(a.steps)?;
-                    (want, ms, generate(&mut s.client, req.clone()).await?)
+                    (want, ms, generate_busy(&mut s, &req).await?)
                 } else {
-                    let run = generate(&mut s.client, req.clone()).await?;
+                    let run = generate_busy(&mut s, &req).await?;
                     let (want, ms) = m.timed_in_process(a.steps)?;
                     (want, ms, run)
                 };
                 mono.push(in_process);
                 split.push(run.wall_ms);
                 ratios.push(run.wall_ms / in_process);
+                outside.push((run.wall_ms - busy_ms) / f64::from(a.steps));
                 diff = diff.max(max_abs_diff(&run.latents, &want)?);
             }
             let (lo, hi) = quartiles(&ratios);
             let (split, mono, ratio) = (median(split), median(mono), median(ratios));
+            let outside = median(outside);
+            let step = mono / f64::from(a.steps);
             r.line(format!(
-                "| {} | {} | {mono:.1} ms ({:.2} ms/step) | {split:.1} ms | **{ratio:.3}x** | {lo:.3}-{hi:.3}x | {diff:.1e} |",
+                "| {} | {} | {mono:.1} ms ({step:.2} ms/step) | {split:.1} ms | **{ratio:.3}x** | {lo:.3}-{hi:.3}x | {outside:.2} ms ({:.1}%) | {diff:.1e} |",
                 m.name,
                 mode.name(),
-                mono / f64::from(a.steps),
+                100.0 * outside / step,
             ));
             r.summary.push(format!(
-                "split overhead, {}, {}: {ratio:.3}x (middle half of pairs {lo:.3}-{hi:.3}x)",
+                "split overhead, {}, {}: {ratio:.3}x (middle half of pairs {lo:.3}-{hi:.3}x); \
+                 outside the denoiser's calls {outside:.2} ms per step",
                 m.name,
                 mode.name(),
             ));
@@ -1287,5 +1335,18 @@ mod tests {
         assert_eq!(reference_speedup(0.4), "1.80x");
         assert_eq!(reference_speedup(0.8), "2.25x");
         assert_eq!(reference_speedup(0.1), "-");
+    }
+
+    #[test]
+    fn time_in_denoiser_calls_sums_the_denoiser_methods_only() {
+        let text = "\
+# TYPE teaserve_grpc_server_latency_seconds histogram
+teaserve_grpc_server_latency_seconds_sum{method=\"teaserve.v1.Denoiser/ResidentStep\",status=\"Ok\"} 1.25
+teaserve_grpc_server_latency_seconds_count{method=\"teaserve.v1.Denoiser/ResidentStep\",status=\"Ok\"} 20
+teaserve_grpc_server_latency_seconds_sum{method=\"teaserve.v1.Denoiser/Describe\",status=\"Unavailable\"} 0.5
+teaserve_grpc_server_latency_seconds_sum{method=\"grpc.health.v1.Health/Check\",status=\"Ok\"} 9
+";
+        assert!((seconds_in_denoiser_calls(text) - 1.75).abs() < 1e-12);
+        assert_eq!(seconds_in_denoiser_calls(""), 0.0);
     }
 }
