@@ -29,7 +29,8 @@ use crate::output::{Output, png_file_detail};
 use crate::plot::{Series, line_chart};
 use crate::rpc::status_error;
 use crate::spawn::{
-    Service, connect, free_port, metric, scrape, sibling_binaries, start, wait_until_served,
+    Service, connect, free_port, metric, metric_sum, scrape, sibling_binaries, start,
+    wait_until_served,
 };
 
 /// The parts of the benchmark.
@@ -406,13 +407,10 @@ impl Stack {
 /// The sum of a denoiser's server-side latency histograms over its `teaserve.v1.Denoiser`
 /// methods (every status), from its Prometheus text; health and reflection calls are left out.
 fn seconds_in_denoiser_calls(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("teaserve_grpc_server_latency_seconds_sum{method=\"teaserve.v1.Denoiser/")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(
+        metrics,
+        "teaserve_grpc_server_latency_seconds_sum{method=\"teaserve.v1.Denoiser/",
+    )
 }
 
 /// How the controller moves tensors.

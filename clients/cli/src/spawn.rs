@@ -149,6 +149,19 @@ pub fn scrape(port: u16) -> anyhow::Result<String> {
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+        .and_then(sample_value)
+}
+
+/// The sum of every sample whose line starts with `prefix` (e.g. a name and the start of its
+/// labels, to add up a family over the label values that follow).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(sample_value)
+        .sum()
+}
+
+/// A Prometheus text sample line's value (its last field).
+fn sample_value(line: &str) -> Option<f64> {
+    line.rsplit(' ').next()?.parse().ok()
 }
