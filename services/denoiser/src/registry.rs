@@ -277,6 +277,24 @@ pub trait ModelAdapter: Send {
     fn info(&self) -> &ModelInfo;
     /// Embeds the model-native inputs.
     fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError>;
+    /// What Preprocess and RunBlocks derive from a session's conditioning alone, the same at
+    /// every step (e.g. the embedded text stream, the pooled text projection, rotary tables),
+    /// computed from one step's `inputs` (which may be used for their shapes, never for the
+    /// latents' or timestep's values). Resident mode keeps it per session branch and passes
+    /// it to [`ModelAdapter::preprocess_embedded`] and [`ModelAdapter::run_blocks_embedded`].
+    /// Default: nothing (every step computes everything).
+    fn embed_conditioning(&self, _inputs: &Tensors) -> Result<Tensors, DenoiserError> {
+        Ok(Tensors::new())
+    }
+    /// [`ModelAdapter::preprocess`] given [`ModelAdapter::embed_conditioning`]'s result for the
+    /// same conditioning: the same output, bit for bit.
+    fn preprocess_embedded(
+        &self,
+        inputs: &Tensors,
+        _embedded: &Tensors,
+    ) -> Result<PreprocessOutput, DenoiserError> {
+        self.preprocess(inputs)
+    }
     /// Runs the transformer blocks `blocks` (indices in execution order, within
     /// `info().num_blocks`) over the streams.
     fn run_blocks(
@@ -285,6 +303,17 @@ pub trait ModelAdapter: Send {
         context: &Tensors,
         blocks: Range<usize>,
     ) -> Result<Tensors, DenoiserError>;
+    /// [`ModelAdapter::run_blocks`] given [`ModelAdapter::embed_conditioning`]'s result for the
+    /// session's conditioning: the same output, bit for bit.
+    fn run_blocks_embedded(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        _embedded: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        self.run_blocks(streams, context, blocks)
+    }
     /// [`ModelAdapter::run_blocks`] with TaylorSeer's hook on every block's attention module:
     /// `given` (keys `<block>.<k>`, see [`attention_lists`]) stands in for computing attention;
     /// returns the streams and the attention outputs every block used, keyed the same way.

@@ -20,8 +20,37 @@ use teaserve_proto::TensorMap;
 use teaserve_proto::codec::map_bytes;
 use teaserve_proto::v1;
 
+use crate::registry::Tensors;
+use crate::spec::Bindings;
+
 /// `(session_id, branch)`.
 pub type Key = (String, String);
+
+/// A session branch's conditioning (every Preprocess input but the latents and the timestep),
+/// checked and decoded once, with what the model derives from it alone
+/// ([`crate::registry::ModelAdapter::embed_conditioning`]), so a resident step checks and
+/// decodes only its latents and timestep and computes only what they change.
+#[derive(Debug)]
+pub struct Conditioned {
+    /// The symbolic dimensions the conditioning and the first step's latents bound; later
+    /// steps' latents must agree with them.
+    pub bindings: Bindings,
+    /// The conditioning, decoded onto the model's device.
+    pub decoded: Tensors,
+    /// What the model derives from it alone.
+    pub embedded: Tensors,
+}
+
+impl Conditioned {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.decoded
+            .values()
+            .chain(self.embedded.values())
+            .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+            .sum()
+    }
+}
 
 /// What one session branch keeps here. Each part carries the step it belongs to.
 #[derive(Debug, Clone, Default)]
@@ -30,6 +59,8 @@ pub struct Entry {
     pub generation: u64,
     /// Model-native inputs except the latents and the timestep (wire tensors).
     pub conditioning: Option<Arc<TensorMap>>,
+    /// The same, checked, decoded and embedded (made from `conditioning` when first needed).
+    pub conditioned: Option<Arc<Conditioned>>,
     /// The last modulated input, as f32 values after the wire round trip, with its shape.
     pub indicator: Option<(u32, Vec<usize>, Arc<[f32]>)>,
     /// The last Preprocess result (streams and context as the wire would carry them).
@@ -41,7 +72,8 @@ pub struct Entry {
 impl Entry {
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
-        let cond = self.conditioning.as_ref().map_or(0, |c| map_bytes(c));
+        let cond = self.conditioning.as_ref().map_or(0, |c| map_bytes(c))
+            + self.conditioned.as_ref().map_or(0, |c| c.bytes());
         let ind = self
             .indicator
             .as_ref()

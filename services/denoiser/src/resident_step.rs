@@ -17,12 +17,11 @@ use teaserve_proto::v1::{self, ResidentPhase};
 
 use crate::error::DenoiserError;
 use crate::registry::{ModelAdapter, Tensors};
-use crate::resident::{Entry, ResidentStore};
-use crate::server::{
-    Limits, as_received, output_dtype, postprocess, preprocess, preprocess_tensors, run_blocks,
-};
+use crate::resident::{Conditioned, Entry, ResidentStore};
+use crate::server::{Limits, as_received, output_dtype, postprocess, preprocess, run_blocks};
 use crate::spec::InputError;
 
+mod conditioned;
 mod decided;
 
 /// Longest session id accepted.
@@ -181,12 +180,50 @@ impl Step<'_> {
         if !b.conditioning.is_empty() {
             let c = Arc::new(b.conditioning.clone());
             entry.conditioning = Some(c.clone());
+            entry.conditioned = None;
             return Ok(c);
         }
         match &entry.conditioning {
             Some(c) => Ok(c.clone()),
             None => Err(self.missing(format!("the conditioning of branch '{}'", b.branch))),
         }
+    }
+
+    /// The branch's conditioning checked, decoded and embedded: kept, or made now (with this
+    /// step's latents and timestep) and kept in `entry`.
+    fn conditioned(
+        &self,
+        entry: &mut Entry,
+        cond: &TensorMap,
+        what: &str,
+    ) -> Result<Arc<Conditioned>, DenoiserError> {
+        if let Some(c) = &entry.conditioned {
+            return Ok(c.clone());
+        }
+        let (h, t) = self.step_inputs(what)?;
+        let c = Arc::new(conditioned::condition(self.model, cond, h, t, self.limits)?);
+        entry.conditioned = Some(c.clone());
+        Ok(c)
+    }
+
+    /// This step's latents and timestep, which FUSED and STEP require.
+    fn step_inputs(&self, what: &str) -> Result<(&v1::Tensor, &v1::Tensor), DenoiserError> {
+        match (&self.req.hidden_states, &self.req.timestep) {
+            (Some(h), Some(t)) => Ok((h, t)),
+            _ => Err(invalid(format!(
+                "{what}: hidden_states and timestep are required"
+            ))),
+        }
+    }
+
+    /// Preprocess of the conditioned branch at this step's latents and timestep.
+    fn preprocess_conditioned(
+        &self,
+        c: &Conditioned,
+        what: &str,
+    ) -> Result<crate::registry::PreprocessOutput, DenoiserError> {
+        let (h, t) = self.step_inputs(what)?;
+        conditioned::preprocess(self.model, c, h, t, self.limits)
     }
 
     fn missing(&self, what: String) -> DenoiserError {
@@ -461,25 +498,21 @@ impl Step<'_> {
         let key = self.key(b);
         let mut entry = self.store.get(&key, self.req.generation);
         let cond = self.conditioning(b, &mut entry)?;
-        if !b.conditioning.is_empty() {
+        let made = entry.conditioned.is_none();
+        let conditioned = self.conditioned(&mut entry, &cond, "FUSED")?;
+        if made {
             // Only new conditioning changes the entry (`get` already marked it used).
             self.store.put(key, entry);
         }
-        let inputs = Self::inputs(
-            &cond,
-            self.req.hidden_states.as_ref(),
-            self.req.timestep.as_ref(),
-            "FUSED",
-        )?;
-        self.forward(&inputs)
+        self.forward(&conditioned)
     }
 
     /// The three stages back to back on tensors, each receiving exactly what the stage RPCs
     /// would ([`as_received`]: the streams rounded to the wire dtype), without encoding
     /// anything but the prediction.
-    fn forward(&self, inputs: &TensorMap) -> Result<v1::Tensor, DenoiserError> {
-        let pre = preprocess_tensors(self.model, inputs, self.limits)?;
-        let out = self.blocks_on(&pre.streams, &pre.context)?;
+    fn forward(&self, c: &Conditioned) -> Result<v1::Tensor, DenoiserError> {
+        let pre = self.preprocess_conditioned(c, "FUSED")?;
+        let out = self.blocks_on(&pre.streams, &pre.context, &c.embedded)?;
         let hidden = out
             .get("hidden_states")
             .ok_or_else(|| DenoiserError::Config("RunBlocks returned no hidden_states".into()))?;
@@ -487,14 +520,19 @@ impl Step<'_> {
     }
 
     /// Every block over Preprocess's `streams` and `context`, received as the RunBlocks RPC
-    /// would receive them.
-    fn blocks_on(&self, streams: &Tensors, context: &Tensors) -> Result<Tensors, DenoiserError> {
+    /// would receive them, with the branch's `embedded` conditioning.
+    fn blocks_on(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        embedded: &Tensors,
+    ) -> Result<Tensors, DenoiserError> {
         let (model, info) = (self.model, self.model.info());
         let wire = output_dtype(self.wire())?;
         let stage = &info.run_blocks;
         let streams = as_received(streams, Some(wire), &stage.inputs, info)?;
         let context = as_received(context, None, &stage.context, info)?;
-        model.run_blocks(&streams, &context, 0..info.num_blocks)
+        model.run_blocks_embedded(&streams, &context, embedded, 0..info.num_blocks)
     }
 
     /// Postprocess of the image stream `hidden` with Preprocess's `context`, both received as

@@ -284,7 +284,7 @@ pub(crate) fn output_dtype(value: i32) -> Result<DType, DenoiserError> {
 /// Enforces this worker's per-call limits on the bound dimensions: the batch `B` at most
 /// `--max-batch`, and the tokens per sample (image `N` + text `T`) at most `--max-tokens`, which
 /// bounds the attention matrix.
-fn check_limits(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserError> {
+pub(crate) fn check_limits(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserError> {
     if let Some(b) = bindings.get("B")
         && b > limits.max_batch
     {
@@ -309,7 +309,7 @@ fn check_limits(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserErro
 }
 
 /// Decodes checked wire tensors onto the model's device; float tensors take the model dtype.
-fn decode_map(
+pub(crate) fn decode_map(
     map: &TensorMap,
     specs: &[TensorSpec],
     info: &ModelInfo,

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, parse_config, var_builder};
-use crate::models::flux::{Config, Flux, Inputs};
+use crate::models::flux::{ConditioningTerms, Config, Flux, Inputs, Preprocessed};
 use crate::registry::{
     DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
     attention_lists, hooked_result, required,
@@ -46,6 +46,47 @@ pub fn load_transformer(
     let model = Flux::new(&config, vb)
         .map_err(|e| DenoiserError::Load(format!("building FluxTransformer2DModel: {e}")))?;
     Ok(FluxAdapter::new(model, files.config_json.clone()))
+}
+
+/// Names of what [`FluxAdapter`] derives from a session's conditioning alone
+/// ([`ModelAdapter::embed_conditioning`]).
+const TEXT_STREAM: &str = "text_stream";
+const POOLED_TEXT: &str = "pooled_text";
+const GUIDANCE: &str = "guidance_embedding";
+const ROPE_COS: &str = "rope_cos";
+const ROPE_SIN: &str = "rope_sin";
+
+/// The named inputs as [`Flux`]'s typed inputs.
+fn typed(inputs: &Tensors) -> Result<Inputs, DenoiserError> {
+    Ok(Inputs {
+        hidden_states: required(inputs, "hidden_states")?.clone(),
+        encoder_hidden_states: required(inputs, "encoder_hidden_states")?.clone(),
+        pooled_projections: required(inputs, "pooled_projections")?.clone(),
+        timestep: required(inputs, "timestep")?.clone(),
+        img_ids: required(inputs, "img_ids")?.clone(),
+        txt_ids: required(inputs, "txt_ids")?.clone(),
+        guidance: inputs.get("guidance").cloned(),
+    })
+}
+
+/// Preprocess's typed result as named streams and context (the position ids travel as
+/// context, RunBlocks rebuilds the rotary tables from them).
+fn output(pre: Preprocessed, img_ids: Tensor, txt_ids: Tensor) -> PreprocessOutput {
+    PreprocessOutput {
+        modulated_input: pre.modulated_input,
+        streams: Tensors::from([
+            ("hidden_states".to_string(), pre.hidden_states),
+            (
+                "encoder_hidden_states".to_string(),
+                pre.encoder_hidden_states,
+            ),
+        ]),
+        context: Tensors::from([
+            ("temb".to_string(), pre.temb),
+            ("img_ids".to_string(), img_ids),
+            ("txt_ids".to_string(), txt_ids),
+        ]),
+    }
 }
 
 fn sym(s: &'static str) -> Dim {
@@ -143,6 +184,27 @@ impl FluxAdapter {
     pub fn model(&self) -> &Flux {
         &self.model
     }
+
+    /// The blocks `blocks` over the streams with the rotary tables `rope`.
+    fn blocks_with(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        rope: &(Tensor, Tensor),
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        let (img, txt) = self.model.run_blocks(
+            required(streams, "hidden_states")?,
+            required(streams, "encoder_hidden_states")?,
+            required(context, "temb")?,
+            rope,
+            blocks,
+        )?;
+        Ok(Tensors::from([
+            ("hidden_states".to_string(), img),
+            ("encoder_hidden_states".to_string(), txt),
+        ]))
+    }
 }
 
 impl ModelAdapter for FluxAdapter {
@@ -151,31 +213,52 @@ impl ModelAdapter for FluxAdapter {
     }
 
     fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
-        let typed = Inputs {
-            hidden_states: required(inputs, "hidden_states")?.clone(),
-            encoder_hidden_states: required(inputs, "encoder_hidden_states")?.clone(),
-            pooled_projections: required(inputs, "pooled_projections")?.clone(),
-            timestep: required(inputs, "timestep")?.clone(),
-            img_ids: required(inputs, "img_ids")?.clone(),
-            txt_ids: required(inputs, "txt_ids")?.clone(),
-            guidance: inputs.get("guidance").cloned(),
-        };
+        let typed = typed(inputs)?;
         let pre = self.model.preprocess(&typed)?;
-        Ok(PreprocessOutput {
-            modulated_input: pre.modulated_input,
-            streams: Tensors::from([
-                ("hidden_states".to_string(), pre.hidden_states),
-                (
-                    "encoder_hidden_states".to_string(),
-                    pre.encoder_hidden_states,
-                ),
-            ]),
-            context: Tensors::from([
-                ("temb".to_string(), pre.temb),
-                ("img_ids".to_string(), typed.img_ids),
-                ("txt_ids".to_string(), typed.txt_ids),
-            ]),
-        })
+        Ok(output(pre, typed.img_ids, typed.txt_ids))
+    }
+
+    fn embed_conditioning(&self, inputs: &Tensors) -> Result<Tensors, DenoiserError> {
+        let typed = typed(inputs)?;
+        let terms = self
+            .model
+            .conditioning_terms(&typed.pooled_projections, typed.guidance.as_ref())?;
+        let (cos, sin) = self.model.rope(&typed.txt_ids, &typed.img_ids)?;
+        let mut embedded = Tensors::from([
+            (
+                TEXT_STREAM.to_string(),
+                self.model.embed_text(&typed.encoder_hidden_states)?,
+            ),
+            (POOLED_TEXT.to_string(), terms.text),
+            (ROPE_COS.to_string(), cos),
+            (ROPE_SIN.to_string(), sin),
+        ]);
+        if let Some(g) = terms.guidance {
+            embedded.insert(GUIDANCE.to_string(), g);
+        }
+        Ok(embedded)
+    }
+
+    fn preprocess_embedded(
+        &self,
+        inputs: &Tensors,
+        embedded: &Tensors,
+    ) -> Result<PreprocessOutput, DenoiserError> {
+        let terms = ConditioningTerms {
+            guidance: embedded.get(GUIDANCE).cloned(),
+            text: required(embedded, POOLED_TEXT)?.clone(),
+        };
+        let pre = self.model.preprocess_embedded(
+            required(inputs, "hidden_states")?,
+            required(inputs, "timestep")?,
+            &terms,
+            required(embedded, TEXT_STREAM)?,
+        )?;
+        Ok(output(
+            pre,
+            required(inputs, "img_ids")?.clone(),
+            required(inputs, "txt_ids")?.clone(),
+        ))
     }
 
     fn run_blocks(
@@ -187,17 +270,21 @@ impl ModelAdapter for FluxAdapter {
         let rope = self
             .model
             .rope(required(context, "txt_ids")?, required(context, "img_ids")?)?;
-        let (img, txt) = self.model.run_blocks(
-            required(streams, "hidden_states")?,
-            required(streams, "encoder_hidden_states")?,
-            required(context, "temb")?,
-            &rope,
-            blocks,
-        )?;
-        Ok(Tensors::from([
-            ("hidden_states".to_string(), img),
-            ("encoder_hidden_states".to_string(), txt),
-        ]))
+        self.blocks_with(streams, context, &rope, blocks)
+    }
+
+    fn run_blocks_embedded(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        embedded: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        let rope = (
+            required(embedded, ROPE_COS)?.clone(),
+            required(embedded, ROPE_SIN)?.clone(),
+        );
+        self.blocks_with(streams, context, &rope, blocks)
     }
 
     fn run_blocks_attention(

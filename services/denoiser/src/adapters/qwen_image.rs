@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, parse_config, var_builder};
-use crate::models::qwen_image::{Config, Inputs, QwenImage};
+use crate::models::qwen_image::{Config, QwenImage};
 use crate::registry::{
     DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
     attention_lists, hooked_result, required,
@@ -153,28 +153,31 @@ fn img_shape(t: &Tensor, tokens: usize) -> Result<(usize, usize, usize), Denoise
     Ok((f, h, w))
 }
 
-impl ModelAdapter for QwenImageAdapter {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
+/// Names of what [`QwenImageAdapter`] derives from a session's conditioning alone
+/// ([`ModelAdapter::embed_conditioning`]).
+const TEXT_STREAM: &str = "text_stream";
+const ROPE_COS: &str = "rope_cos";
+const ROPE_SIN: &str = "rope_sin";
 
-    fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
-        let hidden_states = required(inputs, "hidden_states")?.clone();
+impl QwenImageAdapter {
+    /// Preprocess with the text stream `text` already embedded.
+    fn preprocess_with(
+        &self,
+        inputs: &Tensors,
+        text: &Tensor,
+    ) -> Result<PreprocessOutput, DenoiserError> {
+        let hidden_states = required(inputs, "hidden_states")?;
         let shapes = required(inputs, "img_shapes")?.clone();
-        let typed = Inputs {
-            img_shape: img_shape(&shapes, hidden_states.dim(1)?)?,
-            hidden_states,
-            encoder_hidden_states: required(inputs, "encoder_hidden_states")?.clone(),
-            encoder_hidden_states_mask: inputs.get("encoder_hidden_states_mask").cloned(),
-            timestep: required(inputs, "timestep")?.clone(),
-        };
-        let pre = self.model.preprocess(&typed)?;
+        img_shape(&shapes, hidden_states.dim(1)?)?;
+        let pre =
+            self.model
+                .preprocess_embedded(hidden_states, required(inputs, "timestep")?, text)?;
         let mut context = Tensors::from([
             ("temb".to_string(), pre.temb),
             ("img_shapes".to_string(), shapes),
         ]);
-        if let Some(mask) = typed.encoder_hidden_states_mask {
-            context.insert("encoder_hidden_states_mask".to_string(), mask);
+        if let Some(mask) = inputs.get("encoder_hidden_states_mask") {
+            context.insert("encoder_hidden_states_mask".to_string(), mask.clone());
         }
         Ok(PreprocessOutput {
             modulated_input: pre.modulated_input,
@@ -189,6 +192,63 @@ impl ModelAdapter for QwenImageAdapter {
         })
     }
 
+    /// The blocks `blocks` over the streams with the rotary tables `rope`.
+    fn blocks_with(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        rope: &(Tensor, Tensor),
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        let (img, txt) = self.model.run_blocks(
+            required(streams, "hidden_states")?,
+            required(streams, "encoder_hidden_states")?,
+            required(context, "temb")?,
+            rope,
+            context.get("encoder_hidden_states_mask"),
+            blocks,
+        )?;
+        Ok(Tensors::from([
+            ("hidden_states".to_string(), img),
+            ("encoder_hidden_states".to_string(), txt),
+        ]))
+    }
+}
+
+impl ModelAdapter for QwenImageAdapter {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn preprocess(&self, inputs: &Tensors) -> Result<PreprocessOutput, DenoiserError> {
+        let text = self
+            .model
+            .embed_text(required(inputs, "encoder_hidden_states")?)?;
+        self.preprocess_with(inputs, &text)
+    }
+
+    fn embed_conditioning(&self, inputs: &Tensors) -> Result<Tensors, DenoiserError> {
+        let text = self
+            .model
+            .embed_text(required(inputs, "encoder_hidden_states")?)?;
+        let tokens = required(inputs, "hidden_states")?.dim(1)?;
+        let shape = img_shape(required(inputs, "img_shapes")?, tokens)?;
+        let (cos, sin) = self.model.rope(shape, text.dim(1)?)?;
+        Ok(Tensors::from([
+            (TEXT_STREAM.to_string(), text),
+            (ROPE_COS.to_string(), cos),
+            (ROPE_SIN.to_string(), sin),
+        ]))
+    }
+
+    fn preprocess_embedded(
+        &self,
+        inputs: &Tensors,
+        embedded: &Tensors,
+    ) -> Result<PreprocessOutput, DenoiserError> {
+        self.preprocess_with(inputs, required(embedded, TEXT_STREAM)?)
+    }
+
     fn run_blocks(
         &self,
         streams: &Tensors,
@@ -199,18 +259,21 @@ impl ModelAdapter for QwenImageAdapter {
         let txt = required(streams, "encoder_hidden_states")?;
         let shape = img_shape(required(context, "img_shapes")?, img.dim(1)?)?;
         let rope = self.model.rope(shape, txt.dim(1)?)?;
-        let (img, txt) = self.model.run_blocks(
-            img,
-            txt,
-            required(context, "temb")?,
-            &rope,
-            context.get("encoder_hidden_states_mask"),
-            blocks,
-        )?;
-        Ok(Tensors::from([
-            ("hidden_states".to_string(), img),
-            ("encoder_hidden_states".to_string(), txt),
-        ]))
+        self.blocks_with(streams, context, &rope, blocks)
+    }
+
+    fn run_blocks_embedded(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        embedded: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        let rope = (
+            required(embedded, ROPE_COS)?.clone(),
+            required(embedded, ROPE_SIN)?.clone(),
+        );
+        self.blocks_with(streams, context, &rope, blocks)
     }
 
     fn run_blocks_attention(

@@ -113,6 +113,29 @@ impl ModelAdapter for TinyFluxAdapter {
         self.flux.preprocess(inputs)
     }
 
+    fn embed_conditioning(&self, inputs: &Tensors) -> Result<Tensors, DenoiserError> {
+        self.flux.embed_conditioning(inputs)
+    }
+
+    fn preprocess_embedded(
+        &self,
+        inputs: &Tensors,
+        embedded: &Tensors,
+    ) -> Result<PreprocessOutput, DenoiserError> {
+        self.flux.preprocess_embedded(inputs, embedded)
+    }
+
+    fn run_blocks_embedded(
+        &self,
+        streams: &Tensors,
+        context: &Tensors,
+        embedded: &Tensors,
+        blocks: Range<usize>,
+    ) -> Result<Tensors, DenoiserError> {
+        self.flux
+            .run_blocks_embedded(streams, context, embedded, blocks)
+    }
+
     fn run_blocks(
         &self,
         streams: &Tensors,

@@ -127,6 +127,15 @@ pub struct Preprocessed {
     pub temb: Tensor,
 }
 
+/// The step-invariant terms of `temb` ([`Flux::conditioning_terms`]).
+#[derive(Debug, Clone)]
+pub struct ConditioningTerms {
+    /// The guidance embedding `[B, inner_dim]` (models with `guidance_embeds`).
+    pub guidance: Option<Tensor>,
+    /// The pooled text projection `[B, inner_dim]`.
+    pub text: Tensor,
+}
+
 /// Rotary tables for position ids `[S, axes]`: `(cos, sin)`, each `[S, head_dim / 2]` in f32,
 /// one entry per rotated pair (diffusers repeats each twice; `rope_i` pairs adjacent channels).
 /// Frequencies and angles are computed in f64 as diffusers does.
@@ -316,20 +325,54 @@ impl Flux {
         pooled_projections: &Tensor,
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let embed = |mlp: &Mlp2, values: &Tensor| -> Result<Tensor> {
-            let proj = timestep_projection(values, 1000.0, 1.0)?
-                .to_device(&self.device)?
-                .to_dtype(self.dtype)?;
-            mlp.forward(&proj)
-        };
-        let mut temb = embed(&self.timestep_embedder, timestep)?;
-        match (&self.guidance_embedder, guidance) {
-            (Some(g), Some(guidance)) => temb = (temb + embed(g, guidance)?)?,
+        let terms = self.conditioning_terms(pooled_projections, guidance)?;
+        self.conditioning_from(timestep, &terms)
+    }
+
+    /// The terms of `temb` that do not change between steps: the guidance embedding (models
+    /// that embed guidance) and the pooled text projection.
+    pub fn conditioning_terms(
+        &self,
+        pooled_projections: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> Result<ConditioningTerms> {
+        let guidance = match (&self.guidance_embedder, guidance) {
+            (Some(g), Some(guidance)) => Some(self.embed_scalar(g, guidance)?),
             (Some(_), None) => candle_core::bail!("this model embeds guidance: pass `guidance`"),
             (None, Some(_)) => candle_core::bail!("this model does not embed guidance"),
-            (None, None) => {}
+            (None, None) => None,
+        };
+        Ok(ConditioningTerms {
+            guidance,
+            text: self.text_embedder.forward(pooled_projections)?,
+        })
+    }
+
+    /// `temb` at `timestep` from the step-invariant `terms`, with the same operations in the
+    /// same order as [`Flux::conditioning`] (so the same bits).
+    pub fn conditioning_from(
+        &self,
+        timestep: &Tensor,
+        terms: &ConditioningTerms,
+    ) -> Result<Tensor> {
+        let mut temb = self.embed_scalar(&self.timestep_embedder, timestep)?;
+        if let Some(g) = &terms.guidance {
+            temb = (temb + g)?;
         }
-        temb + self.text_embedder.forward(pooled_projections)?
+        temb + &terms.text
+    }
+
+    /// A per-sample scalar (sigma, guidance) through the sinusoidal projection and `mlp`.
+    fn embed_scalar(&self, mlp: &Mlp2, values: &Tensor) -> Result<Tensor> {
+        let proj = timestep_projection(values, 1000.0, 1.0)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?;
+        mlp.forward(&proj)
+    }
+
+    /// The text stream entering the blocks: `context_embedder(encoder_hidden_states)`.
+    pub fn embed_text(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
+        self.context_embedder.forward(encoder_hidden_states)
     }
 
     /// Rotary tables for `[text ; image]` tokens from their position ids.
@@ -344,15 +387,23 @@ impl Flux {
     /// Embeds the inputs; returns the streams entering the blocks, `temb` and TeaCache's
     /// modulated input.
     pub fn preprocess(&self, inputs: &Inputs) -> Result<Preprocessed> {
-        let hidden_states = self.x_embedder.forward(&inputs.hidden_states)?;
-        let temb = self.conditioning(
-            &inputs.timestep,
-            &inputs.pooled_projections,
-            inputs.guidance.as_ref(),
-        )?;
-        let encoder_hidden_states = self
-            .context_embedder
-            .forward(&inputs.encoder_hidden_states)?;
+        let terms =
+            self.conditioning_terms(&inputs.pooled_projections, inputs.guidance.as_ref())?;
+        let text = self.embed_text(&inputs.encoder_hidden_states)?;
+        self.preprocess_embedded(&inputs.hidden_states, &inputs.timestep, &terms, &text)
+    }
+
+    /// [`Flux::preprocess`] with what does not change between steps already computed: the
+    /// step-invariant `terms` of `temb` and the embedded text stream `text` (the same bits).
+    pub fn preprocess_embedded(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        terms: &ConditioningTerms,
+        text: &Tensor,
+    ) -> Result<Preprocessed> {
+        let hidden_states = self.x_embedder.forward(hidden_states)?;
+        let temb = self.conditioning_from(timestep, terms)?;
         let modulated_input = match self.double_blocks.first() {
             Some(block) => block.modulated_input(&hidden_states, &temb)?,
             None => candle_core::bail!("model has no double-stream block"),
@@ -360,7 +411,7 @@ impl Flux {
         Ok(Preprocessed {
             modulated_input,
             hidden_states,
-            encoder_hidden_states,
+            encoder_hidden_states: text.clone(),
             temb,
         })
     }

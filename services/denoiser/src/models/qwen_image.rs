@@ -298,11 +298,27 @@ impl QwenImage {
     /// Embeds the inputs; returns the streams entering the blocks, `temb` and TeaCache's
     /// modulated input.
     pub fn preprocess(&self, inputs: &Inputs) -> Result<Preprocessed> {
-        let hidden_states = self.img_in.forward(&inputs.hidden_states)?;
+        let text = self.embed_text(&inputs.encoder_hidden_states)?;
+        self.preprocess_embedded(&inputs.hidden_states, &inputs.timestep, &text)
+    }
+
+    /// The text stream entering the blocks: `txt_in(txt_norm(encoder_hidden_states))`.
+    pub fn embed_text(&self, encoder_hidden_states: &Tensor) -> Result<Tensor> {
         let (norm, gain) = &self.txt_norm;
-        let text = rms_norm(&inputs.encoder_hidden_states.contiguous()?, norm, gain)?;
-        let encoder_hidden_states = self.txt_in.forward(&text)?;
-        let temb = self.conditioning(&inputs.timestep)?;
+        let text = rms_norm(&encoder_hidden_states.contiguous()?, norm, gain)?;
+        self.txt_in.forward(&text)
+    }
+
+    /// [`QwenImage::preprocess`] with the text stream already embedded ([`QwenImage::embed_text`];
+    /// the same bits).
+    pub fn preprocess_embedded(
+        &self,
+        hidden_states: &Tensor,
+        timestep: &Tensor,
+        text: &Tensor,
+    ) -> Result<Preprocessed> {
+        let hidden_states = self.img_in.forward(hidden_states)?;
+        let temb = self.conditioning(timestep)?;
         let modulated_input = match self.blocks.first() {
             Some(b) => b.modulated_input(&hidden_states, &temb)?,
             None => candle_core::bail!("model has no transformer block"),
@@ -310,7 +326,7 @@ impl QwenImage {
         Ok(Preprocessed {
             modulated_input,
             hidden_states,
-            encoder_hidden_states,
+            encoder_hidden_states: text.clone(),
             temb,
         })
     }

@@ -19,14 +19,16 @@ use teaserve_proto::v1;
 use super::{Step, invalid, miss};
 use crate::error::DenoiserError;
 use crate::registry::Tensors;
-use crate::resident::Entry;
-use crate::server::{output_dtype, preprocess_tensors};
+use crate::resident::{Conditioned, Entry};
+use crate::server::output_dtype;
 
 /// One branch after Preprocess and its signal, before the blocks.
 struct Prepared {
     entry: Entry,
     /// The branch's conditioning (sent or kept), for recomputing a missing residual.
     cond: Arc<TensorMap>,
+    /// The same, checked, decoded and embedded.
+    conditioned: Arc<Conditioned>,
     /// Preprocess's streams and context as they came out (cast for a stage only when it runs).
     streams: Tensors,
     context: Tensors,
@@ -110,14 +112,9 @@ impl Step<'_> {
     fn prepare(&mut self, b: &v1::ResidentBranch) -> Result<Prepared, DenoiserError> {
         let mut entry = self.store.get(&self.key(b), self.req.generation);
         let cond = self.conditioning(b, &mut entry)?;
-        let inputs = Self::inputs(
-            &cond,
-            self.req.hidden_states.as_ref(),
-            self.req.timestep.as_ref(),
-            "STEP",
-        )?;
+        let conditioned = self.conditioned(&mut entry, &cond, "STEP")?;
         let wire = output_dtype(self.wire())?;
-        let pre = preprocess_tensors(self.model, &inputs, self.limits)?;
+        let pre = self.preprocess_conditioned(&conditioned, "STEP")?;
         let m = wire_f32(&pre.modulated_input, wire)?;
         let shape = m.dims().to_vec();
         let values: Arc<[f32]> = Arc::from(m.flatten_all()?.to_vec1::<f32>()?);
@@ -131,6 +128,7 @@ impl Step<'_> {
             context: pre.context,
             entry,
             cond,
+            conditioned,
             signal,
         })
     }
@@ -143,7 +141,7 @@ impl Step<'_> {
     ) -> Result<(v1::Tensor, Entry, v1::BranchSignal), DenoiserError> {
         let wire = output_dtype(self.wire())?;
         let hidden_out = if p.signal.computed {
-            let out = self.blocks_on(&p.streams, &p.context)?;
+            let out = self.blocks_on(&p.streams, &p.context, &p.conditioned.embedded)?;
             let out = hidden(&out, "RunBlocks")?;
             let residual = (wire_f32(out, wire)? - &p.hidden_in)?;
             p.entry.residual = Some((self.req.step, Arc::new(residual)));
