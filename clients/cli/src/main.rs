@@ -324,8 +324,22 @@ fn cache_adapter(adapter: Option<&str>, tea_cache_settings: &[&str]) -> anyhow::
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime starts any thread: the in-process reference of `teaserve bench`
+    // computes with the denoiser's thread setting (and its children inherit it).
+    teaserve_denoiser::config::pin_compute_threads(None);
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(cli_main()),
+        Err(e) => report(Err(
+            anyhow::Error::new(e).context("starting the async runtime")
+        )),
+    }
+}
+
+async fn cli_main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

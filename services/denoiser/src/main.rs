@@ -11,9 +11,18 @@ use teaserve_denoiser::config::Args;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Before the runtime starts any thread.
+    teaserve_denoiser::config::pin_compute_threads(args.compute_threads);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let telemetry = teaserve_telemetry::init(
         args.log_format,
         &teaserve_telemetry::OtelConfig::from_env("denoiser"),
