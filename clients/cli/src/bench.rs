@@ -153,6 +153,11 @@ const CAPTIONS: [&str; 8] = [
     "a black square on the right on a red background",
 ];
 
+/// Fresh service stacks (and in-process copies) the split-overhead pairs are spread over: each
+/// process instance computes a little faster or slower than another for its whole life (up to
+/// 3% on the bench host), so pairs on one instance share its luck.
+const INSTANCES: usize = 3;
+
 /// Architecture of the larger synthetic FLUX (random weights), sized so one step costs
 /// tens of milliseconds on a CPU core.
 fn synthetic_config() -> serde_json::Value {
@@ -180,6 +185,28 @@ struct BenchModel {
     flux: Flux,
     inputs: TensorMap,
     latents: Tensor,
+}
+
+/// The in-process copy of a bench model: the embedded one (`None`) or the one written to `dir`.
+fn load_flux(dir: Option<&Path>) -> anyhow::Result<Flux> {
+    let Some(dir) = dir else {
+        let files = loader::embedded()?;
+        let cfg: Config = loader::parse_config(&files, |_| Ok(()))?;
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            dtype: CDType::F32,
+            components: Vec::new(),
+        };
+        return Ok(Flux::new(&cfg, loader::var_builder(&files, &opts)?)?);
+    };
+    let cfg: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json"))?)?;
+    // The very file the denoiser loads.
+    let vb = VarBuilder::from_buffered_safetensors(
+        std::fs::read(dir.join("diffusion_pytorch_model.safetensors"))?,
+        CDType::F32,
+        &Device::Cpu,
+    )?;
+    Ok(Flux::new(&cfg, vb)?)
 }
 
 fn random(seed: u64, shape: &[usize]) -> anyhow::Result<Tensor> {
@@ -226,15 +253,8 @@ fn native_inputs(cfg: &Config, side: usize, text: usize) -> anyhow::Result<(Tens
 impl BenchModel {
     /// The embedded TinyFluxPipeline (8x8 tokens of 48 channels, 12 text tokens).
     fn embedded() -> anyhow::Result<Self> {
-        let files = loader::embedded()?;
-        let cfg: Config = loader::parse_config(&files, |_| Ok(()))?;
-        let opts = LoadOptions {
-            device: Device::Cpu,
-            dtype: CDType::F32,
-            components: Vec::new(),
-        };
-        let flux = Flux::new(&cfg, loader::var_builder(&files, &opts)?)?;
-        let (inputs, latents) = native_inputs(&cfg, 8, 12)?;
+        let flux = load_flux(None)?;
+        let (inputs, latents) = native_inputs(flux.config(), 8, 12)?;
         Ok(Self {
             name: "embedded TinyFlux (64 tokens, 0.5 M params)",
             dir: None,
@@ -278,13 +298,7 @@ impl BenchModel {
             dir.join("config.json"),
             serde_json::to_string_pretty(&json)?,
         )?;
-        // In-process: the very file the denoiser loads.
-        let vb = VarBuilder::from_buffered_safetensors(
-            std::fs::read(&weights)?,
-            CDType::F32,
-            &Device::Cpu,
-        )?;
-        let flux = Flux::new(&cfg, vb)?;
+        let flux = load_flux(Some(dir))?;
         let (inputs, latents) = native_inputs(&cfg, side, text)?;
         Ok(Self {
             name,
@@ -293,6 +307,18 @@ impl BenchModel {
             flux,
             inputs,
             latents,
+        })
+    }
+
+    /// The same model and inputs with a fresh in-process copy (its own allocations).
+    fn fresh_copy(&self) -> anyhow::Result<Self> {
+        Ok(Self {
+            name: self.name,
+            dir: self.dir.clone(),
+            model_type: self.model_type,
+            flux: load_flux(self.dir.as_deref())?,
+            inputs: self.inputs.clone(),
+            latents: self.latents.clone(),
         })
     }
 
@@ -348,7 +374,6 @@ impl BenchModel {
         Ok((latents, t.elapsed().as_secs_f64() * 1e3))
     }
 
-    /// The reference: one monolithic forward per step, Euler in f32, no network.
     /// The in-process reference: the denoising loop over the model in this process, with
     /// what does not change between steps (the text stream, the pooled text projection, the
     /// rotary tables) computed once, as resident mode keeps it; the same bits as `forward`.
@@ -646,7 +671,9 @@ impl Report {
 async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyhow::Result<()> {
     r.line("## Split overhead: services vs one in-process forward loop\n");
     r.line(format!(
-        "Caching off, {} steps, same inputs and sigmas; {} pairs. Wire mode runs \
+        "Caching off, {} steps, same inputs and sigmas; {} pairs, spread over {INSTANCES} \
+         fresh service stacks and in-process copies (each process instance computes a little \
+         faster or slower than another for its whole life). Wire mode runs \
          Preprocess / RunBlocks / Postprocess over loopback gRPC; resident mode (the default) \
          one ResidentStep call per step with the tensors kept on the denoiser; both with the \
          controller's Euler step. The reference runs the same model's stages back to back in \
@@ -663,21 +690,36 @@ async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyh
     ));
     r.line("| model | mode | in-process | services | ratio (target <= 1.03x) | middle half of pairs | outside the denoiser's calls, per step (% of an in-process step) | max abs diff of latents |");
     r.line("|---|---|---|---|---|---|---|---|");
-    for m in models {
+    for m0 in models {
         for mode in Mode::BOTH {
-            let mut s = stack_with(m.dir.as_deref(), m.model_type, 1, &[], mode, &[]).await?;
-            let req = m.request(a.steps, "none", 0.2, DType::F32)?;
-            generate(&mut s.client, req.clone()).await?; // warm-up
-            m.in_process(a.steps)?;
             let (mut split, mut mono, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
             let mut outside = Vec::new();
             let mut diff = 0.0f32;
-            for pair in 0..a.pairs.max(1) {
+            let pairs = a.pairs.max(1);
+            let per_instance = pairs.div_ceil(INSTANCES);
+            let (mut s, mut m) = (None, None);
+            for pair in 0..pairs {
+                if pair % per_instance == 0 {
+                    // A fresh service stack and a fresh in-process copy.
+                    drop(s.take());
+                    let fresh = m0.fresh_copy()?;
+                    let mut stack =
+                        stack_with(fresh.dir.as_deref(), fresh.model_type, 1, &[], mode, &[])
+                            .await?;
+                    let req = fresh.request(a.steps, "none", 0.2, DType::F32)?;
+                    generate(&mut stack.client, req).await?; // warm-up
+                    fresh.in_process(a.steps)?;
+                    (s, m) = (Some(stack), Some(fresh));
+                }
+                let (Some(s), Some(m)) = (s.as_mut(), m.as_ref()) else {
+                    bail!("no stack for pair {pair}");
+                };
+                let req = m.request(a.steps, "none", 0.2, DType::F32)?;
                 let (want, in_process, (run, busy_ms)) = if pair % 2 == 0 {
                     let (want, ms) = m.timed_in_process(a.steps)?;
-                    (want, ms, generate_busy(&mut s, &req).await?)
+                    (want, ms, generate_busy(s, &req).await?)
                 } else {
-                    let run = generate_busy(&mut s, &req).await?;
+                    let run = generate_busy(s, &req).await?;
                     let (want, ms) = m.timed_in_process(a.steps)?;
                     (want, ms, run)
                 };
@@ -693,14 +735,14 @@ async fn overhead(a: &BenchArgs, models: &[&BenchModel], r: &mut Report) -> anyh
             let step = mono / f64::from(a.steps);
             r.line(format!(
                 "| {} | {} | {mono:.1} ms ({step:.2} ms/step) | {split:.1} ms | **{ratio:.3}x** | {lo:.3}-{hi:.3}x | {outside:.2} ms ({:.1}%) | {diff:.1e} |",
-                m.name,
+                m0.name,
                 mode.name(),
                 100.0 * outside / step,
             ));
             r.summary.push(format!(
                 "split overhead, {}, {}: {ratio:.3}x (middle half of pairs {lo:.3}-{hi:.3}x); \
                  outside the denoiser's calls {outside:.2} ms per step",
-                m.name,
+                m0.name,
                 mode.name(),
             ));
         }
