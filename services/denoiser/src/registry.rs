@@ -337,6 +337,28 @@ pub trait ModelAdapter: Send {
     ) -> Result<Tensor, DenoiserError>;
 }
 
+/// Name of the embedded text stream in [`ModelAdapter::embed_conditioning`]'s result.
+pub const TEXT_STREAM: &str = "text_stream";
+/// Names of the rotary tables `(cos, sin)` in [`ModelAdapter::embed_conditioning`]'s result.
+pub const ROPE: [&str; 2] = ["rope_cos", "rope_sin"];
+
+/// The rotary tables `(cos, sin)` an embedded conditioning keeps.
+pub fn kept_rope(embedded: &Tensors) -> Result<(Tensor, Tensor), DenoiserError> {
+    Ok((
+        required(embedded, ROPE[0])?.clone(),
+        required(embedded, ROPE[1])?.clone(),
+    ))
+}
+
+/// An embedded conditioning of the text stream `text`, the rotary tables `rope` and `more`.
+pub fn embedded(text: Tensor, (cos, sin): (Tensor, Tensor), more: Tensors) -> Tensors {
+    let mut map = more;
+    map.insert(TEXT_STREAM.to_string(), text);
+    map.insert(ROPE[0].to_string(), cos);
+    map.insert(ROPE[1].to_string(), sin);
+    map
+}
+
 /// Attention outputs keyed `<block>.<k>` as one list per block of `blocks` (`per_block`
 /// outputs each); refuses missing, extra or malformed keys.
 pub fn attention_lists(
@@ -389,13 +411,16 @@ pub fn hooked_result(
             e.into()
         }
     })?;
-    Ok((
-        Tensors::from([
-            ("hidden_states".to_string(), img),
-            ("encoder_hidden_states".to_string(), txt),
-        ]),
-        attention_map(blocks, used),
-    ))
+    Ok((dual_streams(img, txt), attention_map(blocks, used)))
+}
+
+/// A dual-stream model's streams by name: the image stream `img` (`hidden_states`) and the
+/// text stream `txt` (`encoder_hidden_states`).
+pub fn dual_streams(img: Tensor, txt: Tensor) -> Tensors {
+    Tensors::from([
+        ("hidden_states".to_string(), img),
+        ("encoder_hidden_states".to_string(), txt),
+    ])
 }
 
 /// Every block's attention outputs keyed `<block>.<k>`.

@@ -501,7 +501,7 @@ impl Step<'_> {
         let made = entry.conditioned.is_none();
         let conditioned = self.conditioned(&mut entry, &cond, "FUSED")?;
         if made {
-            // Only new conditioning changes the entry (`get` already marked it used).
+            // Only newly made conditioning changes the entry (`get` already marked it used).
             self.store.put(key, entry);
         }
         self.forward(&conditioned)

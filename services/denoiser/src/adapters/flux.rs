@@ -12,8 +12,8 @@ use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::flux::{ConditioningTerms, Config, Flux, Inputs, Preprocessed};
 use crate::registry::{
-    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
-    attention_lists, hooked_result, required,
+    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, TEXT_STREAM,
+    Tensors, attention_lists, dual_streams, embedded, hooked_result, kept_rope, required,
 };
 use crate::spec::{Dim, Kind, TensorSpec};
 
@@ -49,12 +49,9 @@ pub fn load_transformer(
 }
 
 /// Names of what [`FluxAdapter`] derives from a session's conditioning alone
-/// ([`ModelAdapter::embed_conditioning`]).
-const TEXT_STREAM: &str = "text_stream";
+/// ([`ModelAdapter::embed_conditioning`]) besides the text stream and the rotary tables.
 const POOLED_TEXT: &str = "pooled_text";
 const GUIDANCE: &str = "guidance_embedding";
-const ROPE_COS: &str = "rope_cos";
-const ROPE_SIN: &str = "rope_sin";
 
 /// The named inputs as [`Flux`]'s typed inputs.
 fn typed(inputs: &Tensors) -> Result<Inputs, DenoiserError> {
@@ -74,13 +71,7 @@ fn typed(inputs: &Tensors) -> Result<Inputs, DenoiserError> {
 fn output(pre: Preprocessed, img_ids: Tensor, txt_ids: Tensor) -> PreprocessOutput {
     PreprocessOutput {
         modulated_input: pre.modulated_input,
-        streams: Tensors::from([
-            ("hidden_states".to_string(), pre.hidden_states),
-            (
-                "encoder_hidden_states".to_string(),
-                pre.encoder_hidden_states,
-            ),
-        ]),
+        streams: dual_streams(pre.hidden_states, pre.encoder_hidden_states),
         context: Tensors::from([
             ("temb".to_string(), pre.temb),
             ("img_ids".to_string(), img_ids),
@@ -200,10 +191,7 @@ impl FluxAdapter {
             rope,
             blocks,
         )?;
-        Ok(Tensors::from([
-            ("hidden_states".to_string(), img),
-            ("encoder_hidden_states".to_string(), txt),
-        ]))
+        Ok(dual_streams(img, txt))
     }
 }
 
@@ -223,20 +211,15 @@ impl ModelAdapter for FluxAdapter {
         let terms = self
             .model
             .conditioning_terms(&typed.pooled_projections, typed.guidance.as_ref())?;
-        let (cos, sin) = self.model.rope(&typed.txt_ids, &typed.img_ids)?;
-        let mut embedded = Tensors::from([
-            (
-                TEXT_STREAM.to_string(),
-                self.model.embed_text(&typed.encoder_hidden_states)?,
-            ),
-            (POOLED_TEXT.to_string(), terms.text),
-            (ROPE_COS.to_string(), cos),
-            (ROPE_SIN.to_string(), sin),
-        ]);
+        let mut more = Tensors::from([(POOLED_TEXT.to_string(), terms.text)]);
         if let Some(g) = terms.guidance {
-            embedded.insert(GUIDANCE.to_string(), g);
+            more.insert(GUIDANCE.to_string(), g);
         }
-        Ok(embedded)
+        Ok(embedded(
+            self.model.embed_text(&typed.encoder_hidden_states)?,
+            self.model.rope(&typed.txt_ids, &typed.img_ids)?,
+            more,
+        ))
     }
 
     fn preprocess_embedded(
@@ -280,11 +263,7 @@ impl ModelAdapter for FluxAdapter {
         embedded: &Tensors,
         blocks: Range<usize>,
     ) -> Result<Tensors, DenoiserError> {
-        let rope = (
-            required(embedded, ROPE_COS)?.clone(),
-            required(embedded, ROPE_SIN)?.clone(),
-        );
-        self.blocks_with(streams, context, &rope, blocks)
+        self.blocks_with(streams, context, &kept_rope(embedded)?, blocks)
     }
 
     fn run_blocks_attention(

@@ -13,8 +13,8 @@ use crate::error::DenoiserError;
 use crate::loader::{ModelFiles, parse_config, var_builder};
 use crate::models::qwen_image::{Config, QwenImage};
 use crate::registry::{
-    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, Tensors,
-    attention_lists, hooked_result, required,
+    DualStreamContract, LoadOptions, ModelAdapter, ModelInfo, PreprocessOutput, TEXT_STREAM,
+    Tensors, attention_lists, dual_streams, embedded, hooked_result, kept_rope, required,
 };
 use crate::spec::{Dim, InputError, Kind, TensorSpec};
 
@@ -153,12 +153,6 @@ fn img_shape(t: &Tensor, tokens: usize) -> Result<(usize, usize, usize), Denoise
     Ok((f, h, w))
 }
 
-/// Names of what [`QwenImageAdapter`] derives from a session's conditioning alone
-/// ([`ModelAdapter::embed_conditioning`]).
-const TEXT_STREAM: &str = "text_stream";
-const ROPE_COS: &str = "rope_cos";
-const ROPE_SIN: &str = "rope_sin";
-
 impl QwenImageAdapter {
     /// Preprocess with the text stream `text` already embedded.
     fn preprocess_with(
@@ -181,13 +175,7 @@ impl QwenImageAdapter {
         }
         Ok(PreprocessOutput {
             modulated_input: pre.modulated_input,
-            streams: Tensors::from([
-                ("hidden_states".to_string(), pre.hidden_states),
-                (
-                    "encoder_hidden_states".to_string(),
-                    pre.encoder_hidden_states,
-                ),
-            ]),
+            streams: dual_streams(pre.hidden_states, pre.encoder_hidden_states),
             context,
         })
     }
@@ -208,10 +196,7 @@ impl QwenImageAdapter {
             context.get("encoder_hidden_states_mask"),
             blocks,
         )?;
-        Ok(Tensors::from([
-            ("hidden_states".to_string(), img),
-            ("encoder_hidden_states".to_string(), txt),
-        ]))
+        Ok(dual_streams(img, txt))
     }
 }
 
@@ -233,12 +218,8 @@ impl ModelAdapter for QwenImageAdapter {
             .embed_text(required(inputs, "encoder_hidden_states")?)?;
         let tokens = required(inputs, "hidden_states")?.dim(1)?;
         let shape = img_shape(required(inputs, "img_shapes")?, tokens)?;
-        let (cos, sin) = self.model.rope(shape, text.dim(1)?)?;
-        Ok(Tensors::from([
-            (TEXT_STREAM.to_string(), text),
-            (ROPE_COS.to_string(), cos),
-            (ROPE_SIN.to_string(), sin),
-        ]))
+        let rope = self.model.rope(shape, text.dim(1)?)?;
+        Ok(embedded(text, rope, Tensors::new()))
     }
 
     fn preprocess_embedded(
@@ -269,11 +250,7 @@ impl ModelAdapter for QwenImageAdapter {
         embedded: &Tensors,
         blocks: Range<usize>,
     ) -> Result<Tensors, DenoiserError> {
-        let rope = (
-            required(embedded, ROPE_COS)?.clone(),
-            required(embedded, ROPE_SIN)?.clone(),
-        );
-        self.blocks_with(streams, context, &rope, blocks)
+        self.blocks_with(streams, context, &kept_rope(embedded)?, blocks)
     }
 
     fn run_blocks_attention(
