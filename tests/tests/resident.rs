@@ -453,6 +453,7 @@ async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
     assert_eq!(ok.rebuilt, 1);
     // The service is unharmed, and a denoiser with resident mode off says so.
     c.resident_step(good.clone()).await.unwrap();
+    later_steps_are_checked_against_the_kept_conditioning(&mut c, &good).await;
     let off =
         TestDenoiser::start(&["--model", fx.dir.to_str().unwrap(), "--resident-bytes", "0"]).await;
     let err = off.client().await.resident_step(good).await.unwrap_err();
@@ -463,6 +464,44 @@ async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
         err.message()
     );
     assert!(!teaserve_proto::serving::is_resident_miss(&err));
+}
+
+/// The conditioning is checked once, on a session's first step; later steps send only latents
+/// and a timestep, which are still checked against what it bound (token count, batch) and for
+/// NaN, and a refused step leaves the kept conditioning as it was.
+async fn later_steps_are_checked_against_the_kept_conditioning(
+    c: &mut teaserve_proto::v1::denoiser_client::DenoiserClient<tonic::transport::Channel>,
+    good: &v1::ResidentStepRequest,
+) {
+    let mut first = good.clone();
+    first.session_id = "kept-conditioning".into();
+    first.phase = v1::ResidentPhase::Fused as i32;
+    c.resident_step(first.clone()).await.unwrap();
+    let mut later = first.clone();
+    later.step = 1;
+    later.branches[0].conditioning.clear();
+    let latents = decode(later.hidden_states.as_ref().unwrap());
+    let tokens = latents.dim(1).unwrap();
+    let fewer = latents.narrow(1, 0, tokens - 1).unwrap();
+    let nan = (&latents * f64::NAN).unwrap();
+    for (bad, says) in [
+        (fewer, "but 'hidden_states of an earlier step' set N ="),
+        (nan, "'hidden_states': holds a non-finite value"),
+    ] {
+        let mut req = later.clone();
+        req.hidden_states = Some(encode_tensor(&bad, DType::F32).unwrap());
+        let err = c.resident_step(req).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+        assert!(err.message().contains(says), "{says}: {}", err.message());
+        assert!(err.message().len() < 1000);
+    }
+    let again = c.resident_step(later).await.unwrap().into_inner();
+    assert_eq!(again.samples.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

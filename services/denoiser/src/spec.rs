@@ -122,6 +122,17 @@ impl Bindings {
     pub fn get(&self, sym: &str) -> Option<usize> {
         self.0.get(sym).map(|(v, _)| *v)
     }
+
+    /// The same bindings with the symbols `from` bound said to be bound by `to` (how a later
+    /// error names them).
+    pub fn renamed(mut self, from: &str, to: &str) -> Self {
+        for (_, by) in self.0.values_mut() {
+            if by == from {
+                *by = to.to_string();
+            }
+        }
+        self
+    }
 }
 
 /// A request that does not meet the contract.

@@ -50,6 +50,10 @@ pub(crate) fn condition(
     let mut decoded = decode_map(&inputs, specs, info, limits.max_message_bytes)?;
     let embedded = model.embed_conditioning(&decoded)?;
     decoded.retain(|name, _| !STEP_INPUTS.contains(&name.as_str()));
+    // Later steps' latents are checked against these; name where the sizes came from.
+    let bindings = STEP_INPUTS.iter().fold(bindings, |b, name| {
+        b.renamed(name, &format!("{name} of an earlier step"))
+    });
     Ok(Conditioned {
         bindings,
         decoded,
