@@ -427,14 +427,7 @@ async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
         let mut req = good.clone();
         edit(&mut req);
         let err = c.resident_step(req).await.unwrap_err();
-        assert_eq!(
-            err.code(),
-            tonic::Code::InvalidArgument,
-            "{}",
-            err.message()
-        );
-        assert!(err.message().contains(says), "{says}: {}", err.message());
-        assert!(err.message().len() < 1000);
+        refused(&err, says);
     }
     // A step that needs what was never kept is a marked miss, not an error of the input.
     let mut advance = good.clone();
@@ -466,6 +459,18 @@ async fn bad_resident_steps_are_refused_clearly_and_misses_are_marked() {
     assert!(!teaserve_proto::serving::is_resident_miss(&err));
 }
 
+/// Asserts a clear refusal: INVALID_ARGUMENT, saying `says`, bounded.
+fn refused(err: &tonic::Status, says: &str) {
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains(says), "{says}: {}", err.message());
+    assert!(err.message().len() < 1000);
+}
+
 /// The conditioning is checked once, on a session's first step; later steps send only latents
 /// and a timestep, which are still checked against what it bound (token count, batch) and for
 /// NaN, and a refused step leaves the kept conditioning as it was.
@@ -491,14 +496,7 @@ async fn later_steps_are_checked_against_the_kept_conditioning(
         let mut req = later.clone();
         req.hidden_states = Some(encode_tensor(&bad, DType::F32).unwrap());
         let err = c.resident_step(req).await.unwrap_err();
-        assert_eq!(
-            err.code(),
-            tonic::Code::InvalidArgument,
-            "{}",
-            err.message()
-        );
-        assert!(err.message().contains(says), "{says}: {}", err.message());
-        assert!(err.message().len() < 1000);
+        refused(&err, says);
     }
     let again = c.resident_step(later).await.unwrap().into_inner();
     assert_eq!(again.samples.len(), 1);
