@@ -13,19 +13,18 @@ use crate::registry::{Component, LoadOptions, ModelAdapter, lookup};
 use crate::server::{Limits, ServeOptions};
 
 /// Fixes the threads per CPU tensor operation (`given`, else candle's default: the physical
-/// cores) in `RAYON_NUM_THREADS`, where candle looks at every matrix product; returns it.
+/// cores) in `RAYON_NUM_THREADS`, where candle looks at every matrix product.
 /// Unset, candle re-reads `/proc/cpuinfo` on each product (measured: 130 us of a 0.5 ms
 /// Preprocess of the bench's synthetic FLUX); set, the lookup is an environment read and the
 /// thread count is the same. Call it first thing in `main`, before any other thread starts.
 #[allow(unsafe_code)]
-pub fn pin_compute_threads(given: Option<usize>) -> usize {
+pub fn pin_compute_threads(given: Option<usize>) {
     let n = given
         .filter(|n| *n > 0)
         .unwrap_or_else(candle_core::utils::get_num_threads);
     // SAFETY: called before any other thread exists (the caller's contract), so nothing reads
     // or writes the environment concurrently.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    n
 }
 
 /// Compute dtype of the weights.

@@ -284,7 +284,7 @@ pub(crate) fn output_dtype(value: i32) -> Result<DType, DenoiserError> {
 /// Enforces this worker's per-call limits on the bound dimensions: the batch `B` at most
 /// `--max-batch`, and the tokens per sample (image `N` + text `T`) at most `--max-tokens`, which
 /// bounds the attention matrix.
-pub(crate) fn check_limits(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserError> {
+fn check_limits(bindings: &Bindings, limits: &Limits) -> Result<(), DenoiserError> {
     if let Some(b) = bindings.get("B")
         && b > limits.max_batch
     {
@@ -431,6 +431,17 @@ pub(crate) fn preprocess_tensors(
     inputs: &TensorMap,
     limits: Limits,
 ) -> Result<crate::registry::PreprocessOutput, DenoiserError> {
+    let (inputs, _) = preprocess_inputs(model, inputs, limits)?;
+    model.preprocess(&inputs)
+}
+
+/// Preprocess's wire inputs checked against the model's contract and this worker's limits,
+/// then decoded; with the sizes they bound (`B`, `N`, `T`, ...).
+pub(crate) fn preprocess_inputs(
+    model: &dyn ModelAdapter,
+    inputs: &TensorMap,
+    limits: Limits,
+) -> Result<(Tensors, Bindings), DenoiserError> {
     let info = model.info();
     let specs = &info.preprocess.inputs;
     let mut bindings = Bindings::default();
@@ -443,8 +454,8 @@ pub(crate) fn preprocess_tensors(
         &mut bindings,
     )?;
     check_limits(&bindings, &limits)?;
-    let inputs = decode_map(inputs, specs, info, limits.max_message_bytes)?;
-    model.preprocess(&inputs)
+    let decoded = decode_map(inputs, specs, info, limits.max_message_bytes)?;
+    Ok((decoded, bindings))
 }
 
 pub(crate) fn preprocess(

@@ -10,8 +10,8 @@ use teaserve_proto::v1;
 use crate::error::DenoiserError;
 use crate::registry::{ModelAdapter, PreprocessOutput};
 use crate::resident::Conditioned;
-use crate::server::{Limits, check_limits, decode_map};
-use crate::spec::{Bindings, check_map, check_tensor};
+use crate::server::{Limits, decode_map, preprocess_inputs};
+use crate::spec::check_tensor;
 
 /// The inputs that change from step to step; everything else is conditioning.
 const STEP_INPUTS: [&str; 2] = ["hidden_states", "timestep"];
@@ -33,21 +33,9 @@ pub(crate) fn condition(
     timestep: &v1::Tensor,
     limits: Limits,
 ) -> Result<Conditioned, DenoiserError> {
-    let info = model.info();
-    let specs = &info.preprocess.inputs;
     let mut inputs = conditioning.clone();
     inputs.extend(step_map(hidden_states, timestep));
-    let mut bindings = Bindings::default();
-    check_map(
-        "Preprocess",
-        "inputs",
-        specs,
-        &inputs,
-        limits.max_message_bytes,
-        &mut bindings,
-    )?;
-    check_limits(&bindings, &limits)?;
-    let mut decoded = decode_map(&inputs, specs, info, limits.max_message_bytes)?;
+    let (mut decoded, bindings) = preprocess_inputs(model, &inputs, limits)?;
     let embedded = model.embed_conditioning(&decoded)?;
     decoded.retain(|name, _| !STEP_INPUTS.contains(&name.as_str()));
     // Later steps' latents are checked against these; name where the sizes came from.
